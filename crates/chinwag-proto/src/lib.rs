@@ -1,0 +1,375 @@
+//! chinwag client protocol, version 1.
+//!
+//! Every frame is one WebSocket text message holding one JSON object whose `type` field names
+//! the frame. This crate only describes frames and turns text into frames and back; it owns
+//! no socket, no clock and no state, so the server, the CLI, the load generator and the
+//! fuzzers all share one definition. `docs/protocol.md` documents every frame and error code
+//! listed here, and a test keeps the two in step.
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this crate speaks; sent to the client in `welcome`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A frame sent by a client.
+///
+/// Unknown fields are ignored so that newer clients can talk to older servers; an unknown
+/// `type` is an error because the server cannot guess what the client meant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// Authenticate the connection; must be the first frame.
+    Login { token: String },
+    /// Send `text` to user `to`. `client_id` is the idempotency key: a retry with the same
+    /// `client_id` gets the same `sent` answer and is delivered at most once.
+    Send {
+        to: String,
+        client_id: String,
+        text: String,
+    },
+    /// Acknowledge receipt of pushed messages; acknowledged messages leave the mailbox.
+    Ack { ids: Vec<String> },
+    /// Application-level liveness check (browsers cannot send WebSocket pings).
+    Ping {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<u64>,
+    },
+}
+
+/// A frame sent by the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// Login succeeded. `connection` names this connection in the server's coordinates.
+    Welcome {
+        protocol: u32,
+        user: String,
+        dc: String,
+        node: String,
+        connection: String,
+        limits: Limits,
+    },
+    /// The message with this `client_id` is accepted: stored durably under `id`.
+    Sent {
+        client_id: String,
+        id: String,
+        /// Acceptance time, Unix milliseconds.
+        at: u64,
+    },
+    /// A message for the logged-in user. It is pushed again on a later connection until
+    /// one of the user's connections acknowledges it.
+    Message {
+        id: String,
+        from: String,
+        to: String,
+        text: String,
+        at: u64,
+        /// The sender's idempotency key, so the sender's other devices can recognise it.
+        client_id: String,
+    },
+    /// These acknowledgements are durable: the messages will not be pushed again.
+    Acked { ids: Vec<String> },
+    /// Answer to `ping`.
+    Pong {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<u64>,
+    },
+    /// Something the client sent could not be done. See [`ErrorCode`].
+    Error {
+        code: ErrorCode,
+        message: String,
+        /// Set when the error answers a `send`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_id: Option<String>,
+        /// Set with `rate_limited`: when a retry can succeed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    },
+}
+
+/// The limits that apply to this connection, announced in `welcome` so that a client can
+/// stay within them instead of discovering them by error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_frame_bytes: usize,
+    pub max_text_bytes: usize,
+    pub max_ack_ids: usize,
+    pub max_inflight: usize,
+    pub rate_per_sec: u32,
+    pub burst: u32,
+}
+
+/// Every error the server reports. The wire form is the snake_case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadJson,
+    UnknownType,
+    BadFrame,
+    BinaryFrame,
+    FrameTooLarge,
+    Unauthenticated,
+    AlreadyAuthenticated,
+    BadToken,
+    TokenExpired,
+    LoginTimeout,
+    BadRecipient,
+    BadClientId,
+    TextTooLarge,
+    TooManyIds,
+    RateLimited,
+    MailboxFull,
+    Unavailable,
+    ServerBusy,
+}
+
+impl ErrorCode {
+    /// All codes, for documentation checks and exhaustive tests.
+    pub const ALL: [ErrorCode; 18] = [
+        ErrorCode::BadJson,
+        ErrorCode::UnknownType,
+        ErrorCode::BadFrame,
+        ErrorCode::BinaryFrame,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::Unauthenticated,
+        ErrorCode::AlreadyAuthenticated,
+        ErrorCode::BadToken,
+        ErrorCode::TokenExpired,
+        ErrorCode::LoginTimeout,
+        ErrorCode::BadRecipient,
+        ErrorCode::BadClientId,
+        ErrorCode::TextTooLarge,
+        ErrorCode::TooManyIds,
+        ErrorCode::RateLimited,
+        ErrorCode::MailboxFull,
+        ErrorCode::Unavailable,
+        ErrorCode::ServerBusy,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::BinaryFrame => "binary_frame",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::AlreadyAuthenticated => "already_authenticated",
+            ErrorCode::BadToken => "bad_token",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::LoginTimeout => "login_timeout",
+            ErrorCode::BadRecipient => "bad_recipient",
+            ErrorCode::BadClientId => "bad_client_id",
+            ErrorCode::TextTooLarge => "text_too_large",
+            ErrorCode::TooManyIds => "too_many_ids",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::MailboxFull => "mailbox_full",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::ServerBusy => "server_busy",
+        }
+    }
+
+    /// The WebSocket close code the server sends after this error, if the error ends the
+    /// connection. Errors that return `None` leave the connection usable.
+    pub fn close_code(self) -> Option<u16> {
+        match self {
+            // 1009: "message too big" (RFC 6455 §7.4.1).
+            ErrorCode::FrameTooLarge => Some(1009),
+            // 1008: "policy violation": the peer is not allowed to continue.
+            ErrorCode::BadToken | ErrorCode::TokenExpired | ErrorCode::LoginTimeout => Some(1008),
+            // 1013: "try again later".
+            ErrorCode::ServerBusy => Some(1013),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a text frame is not a valid [`ClientFrame`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError {
+    /// `bad_json`, `unknown_type` or `bad_frame`.
+    pub code: ErrorCode,
+    pub detail: String,
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.detail)
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+const CLIENT_TYPES: [&str; 4] = ["login", "send", "ack", "ping"];
+
+/// Decodes one client text frame.
+///
+/// Valid frames take the fast path (one typed parse). Only when that fails is the text
+/// parsed again, untyped, to tell the client precisely what is wrong; bad input therefore
+/// costs the sender, not the well-behaved clients.
+pub fn decode_client(text: &str) -> Result<ClientFrame, DecodeError> {
+    match serde_json::from_str::<ClientFrame>(text) {
+        Ok(frame) => Ok(frame),
+        Err(typed) => Err(diagnose(text, typed)),
+    }
+}
+
+fn diagnose(text: &str, typed: serde_json::Error) -> DecodeError {
+    let value: serde_json::Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            return DecodeError {
+                code: ErrorCode::BadJson,
+                detail: e.to_string(),
+            };
+        }
+    };
+    let bad = |detail: String| DecodeError {
+        code: ErrorCode::BadFrame,
+        detail,
+    };
+    let Some(object) = value.as_object() else {
+        return bad("a frame must be a JSON object".into());
+    };
+    match object.get("type") {
+        None => bad("missing field `type`".into()),
+        Some(serde_json::Value::String(t)) if !CLIENT_TYPES.contains(&t.as_str()) => DecodeError {
+            code: ErrorCode::UnknownType,
+            detail: format!("unknown frame type `{t}`; expected one of {CLIENT_TYPES:?}"),
+        },
+        Some(serde_json::Value::String(_)) => bad(typed.to_string()),
+        Some(_) => bad("field `type` must be a string".into()),
+    }
+}
+
+/// Encodes a server frame as the JSON text that goes on the wire.
+pub fn encode_server(frame: &ServerFrame) -> String {
+    // Serialising these plain structs cannot fail: no maps with non-string keys, no
+    // non-finite floats.
+    serde_json::to_string(frame).expect("server frames always serialise")
+}
+
+/// A `message` frame serialised straight from borrowed fields, so pushing one message to
+/// many connections does not copy its text for each. Encodes exactly like
+/// [`ServerFrame::Message`].
+#[derive(Serialize)]
+#[serde(tag = "type", rename = "message")]
+pub struct MessageFrame<'a> {
+    pub id: &'a str,
+    pub from: &'a str,
+    pub to: &'a str,
+    pub text: &'a str,
+    pub at: u64,
+    pub client_id: &'a str,
+}
+
+impl MessageFrame<'_> {
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("message frames always serialise")
+    }
+}
+
+/// Encodes a client frame as the JSON text that goes on the wire.
+pub fn encode_client(frame: &ClientFrame) -> String {
+    serde_json::to_string(frame).expect("client frames always serialise")
+}
+
+/// Decodes one server text frame (used by clients).
+pub fn decode_server(text: &str) -> Result<ServerFrame, serde_json::Error> {
+    serde_json::from_str(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn valid_frames_decode() {
+        assert_eq!(
+            decode_client(r#"{"type":"send","to":"bob","client_id":"c1","text":"hi"}"#),
+            Ok(ClientFrame::Send {
+                to: "bob".into(),
+                client_id: "c1".into(),
+                text: "hi".into()
+            })
+        );
+        assert_eq!(
+            decode_client(r#"{"type":"ping"}"#),
+            Ok(ClientFrame::Ping { nonce: None })
+        );
+        // Unknown fields are ignored for forward compatibility.
+        assert_eq!(
+            decode_client(r#"{"type":"ack","ids":["a"],"extra":1}"#),
+            Ok(ClientFrame::Ack {
+                ids: vec!["a".into()]
+            })
+        );
+    }
+
+    fn code_of(text: &str) -> ErrorCode {
+        decode_client(text).unwrap_err().code
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        assert_eq!(code_of("{not json"), ErrorCode::BadJson);
+        assert_eq!(code_of(""), ErrorCode::BadJson);
+        assert_eq!(code_of(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
+        assert_eq!(code_of(r#"[1,2]"#), ErrorCode::BadFrame);
+        assert_eq!(code_of(r#"{"to":"bob"}"#), ErrorCode::BadFrame);
+        assert_eq!(code_of(r#"{"type":7}"#), ErrorCode::BadFrame);
+        assert_eq!(
+            code_of(r#"{"type":"send","to":"bob"}"#),
+            ErrorCode::BadFrame
+        );
+        assert_eq!(
+            code_of(r#"{"type":"send","to":5,"client_id":"c","text":"t"}"#),
+            ErrorCode::BadFrame
+        );
+        assert_eq!(code_of(r#"{"type":"ack","ids":"x"}"#), ErrorCode::BadFrame);
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let err = decode_client(r#"{"type":"send","to":"bob","text":"x"}"#).unwrap_err();
+        assert!(err.detail.contains("client_id"), "{err}");
+    }
+
+    #[test]
+    fn error_codes_round_trip_through_json() {
+        for code in ErrorCode::ALL {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert_eq!(serde_json::from_str::<ErrorCode>(&json).unwrap(), code);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn borrowed_message_frames_encode_like_owned_ones(text in ".{0,50}", at in any::<u64>()) {
+            let borrowed = MessageFrame { id: "east.1", from: "a", to: "b", text: &text, at, client_id: "c" };
+            let owned = ServerFrame::Message {
+                id: "east.1".into(), from: "a".into(), to: "b".into(), text: text.clone(), at, client_id: "c".into(),
+            };
+            prop_assert_eq!(borrowed.encode(), encode_server(&owned));
+        }
+
+        #[test]
+        fn decoder_never_panics(text in ".{0,300}") {
+            let _ = decode_client(&text);
+        }
+
+        #[test]
+        fn send_frames_round_trip(to in "[a-z]{1,10}", client_id in ".{0,20}", text in ".{0,100}") {
+            let frame = ClientFrame::Send { to, client_id, text };
+            prop_assert_eq!(decode_client(&encode_client(&frame)), Ok(frame));
+        }
+    }
+}

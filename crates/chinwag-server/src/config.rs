@@ -1,0 +1,311 @@
+//! Node configuration: built-in defaults, then a TOML file, then command-line and
+//! environment overrides, then [`Config::validate`]. Every key is documented in
+//! `docs/operations.md`; unknown keys are errors so that a typo cannot silently fall back
+//! to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chinwag_core::{DcName, NodeName, SessionLimits};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address for HTTP and WebSocket clients.
+    pub listen: SocketAddr,
+    /// Directory for the store and the token key.
+    pub data: PathBuf,
+    /// This node's datacenter.
+    pub dc: String,
+    /// This node's name within its DC.
+    pub node: String,
+    pub tokens: TokenConfig,
+    pub limits: LimitsConfig,
+    pub store: StoreConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// Token key file; empty means `<data>/token.key`.
+    pub key_file: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_connections: usize,
+    pub max_frame_bytes: usize,
+    pub max_text_bytes: usize,
+    pub max_ack_ids: usize,
+    pub max_inflight: usize,
+    pub max_pending_sends: usize,
+    pub push_buffer: usize,
+    pub send_queue: usize,
+    pub rate_per_sec: u32,
+    pub burst: u32,
+    #[serde(with = "duration_text")]
+    pub login_timeout: Duration,
+    pub mailbox_max_messages: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Most operations made durable by one commit (group commit).
+    pub commit_batch_max: usize,
+    /// Most operations waiting for the store writer before senders wait.
+    pub queue: usize,
+    /// How long a `(sender, client_id)` pair is remembered for deduplication.
+    #[serde(with = "duration_text")]
+    pub dedup_window: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `chinwag_server=debug,info`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            data: PathBuf::from("chinwag-data"),
+            dc: "local".into(),
+            node: "n1".into(),
+            tokens: TokenConfig::default(),
+            limits: LimitsConfig::default(),
+            store: StoreConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let session = SessionLimits::default();
+        Self {
+            max_connections: 100_000,
+            max_frame_bytes: session.max_frame_bytes,
+            max_text_bytes: session.max_text_bytes,
+            max_ack_ids: session.max_ack_ids,
+            max_inflight: session.max_inflight,
+            max_pending_sends: session.max_pending_sends,
+            push_buffer: session.push_buffer,
+            send_queue: 1024,
+            rate_per_sec: session.rate_per_sec,
+            burst: session.burst,
+            login_timeout: Duration::from_millis(session.login_timeout_ms),
+            mailbox_max_messages: 10_000,
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            commit_batch_max: 4096,
+            queue: 65_536,
+            dedup_window: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Checks everything that can be checked before starting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        if let Err(e) = DcName::parse(&self.dc) {
+            return bad(format!("dc {:?}: {e} ({})", self.dc, DcName::ALLOWED));
+        }
+        if let Err(e) = NodeName::parse(&self.node) {
+            return bad(format!("node {:?}: {e} ({})", self.node, NodeName::ALLOWED));
+        }
+        let l = &self.limits;
+        let positive = [
+            ("limits.max_connections", l.max_connections as u64),
+            ("limits.max_text_bytes", l.max_text_bytes as u64),
+            ("limits.max_ack_ids", l.max_ack_ids as u64),
+            ("limits.max_inflight", l.max_inflight as u64),
+            ("limits.max_pending_sends", l.max_pending_sends as u64),
+            ("limits.send_queue", l.send_queue as u64),
+            ("limits.rate_per_sec", u64::from(l.rate_per_sec)),
+            ("limits.burst", u64::from(l.burst)),
+            ("limits.mailbox_max_messages", l.mailbox_max_messages),
+            ("store.commit_batch_max", self.store.commit_batch_max as u64),
+            ("store.queue", self.store.queue as u64),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return bad(format!("{name} must be at least 1"));
+        }
+        // A frame must be able to carry a maximal text plus the JSON around it.
+        if l.max_frame_bytes < l.max_text_bytes + 1024 {
+            return bad(format!(
+                "limits.max_frame_bytes ({}) must exceed limits.max_text_bytes ({}) by at least 1024",
+                l.max_frame_bytes, l.max_text_bytes
+            ));
+        }
+        if l.max_frame_bytes > 16 * 1024 * 1024 {
+            return bad("limits.max_frame_bytes is capped at 16 MiB".into());
+        }
+        if l.login_timeout.is_zero() {
+            return bad("limits.login_timeout must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn dc_name(&self) -> DcName {
+        DcName::parse(&self.dc).expect("validated")
+    }
+
+    pub fn node_name(&self) -> NodeName {
+        NodeName::parse(&self.node).expect("validated")
+    }
+
+    pub fn token_key_path(&self) -> PathBuf {
+        self.tokens
+            .key_file
+            .clone()
+            .unwrap_or_else(|| self.data.join(chinwag_auth::KEY_FILE))
+    }
+
+    pub fn session_limits(&self) -> SessionLimits {
+        let l = &self.limits;
+        SessionLimits {
+            max_frame_bytes: l.max_frame_bytes,
+            max_text_bytes: l.max_text_bytes,
+            max_ack_ids: l.max_ack_ids,
+            max_inflight: l.max_inflight,
+            max_pending_sends: l.max_pending_sends,
+            push_buffer: l.push_buffer,
+            rate_per_sec: l.rate_per_sec,
+            burst: l.burst,
+            login_timeout_ms: l.login_timeout.as_millis().try_into().unwrap_or(u64::MAX),
+        }
+    }
+}
+
+/// Durations as human-readable text: `10s`, `250ms`, `24h`.
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip() {
+        let config = Config::default();
+        config.validate().unwrap();
+        let text = toml::to_string(&config).unwrap();
+        assert_eq!(Config::from_toml(&text).unwrap(), config);
+    }
+
+    #[test]
+    fn partial_files_keep_defaults() {
+        let config =
+            Config::from_toml("dc = \"east\"\n[limits]\nlogin_timeout = \"3s\"\n").unwrap();
+        assert_eq!(config.dc, "east");
+        assert_eq!(config.limits.login_timeout, Duration::from_secs(3));
+        assert_eq!(config.limits.burst, LimitsConfig::default().burst);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = Config::from_toml("[limits]\nmax_conections = 5\n").unwrap_err();
+        assert!(err.to_string().contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_explained() {
+        let mut config = Config::default();
+        config.dc = "East".into();
+        assert!(config.validate().unwrap_err().to_string().contains("dc"));
+        let mut config = Config::default();
+        config.limits.burst = 0;
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("limits.burst")
+        );
+        let mut config = Config::default();
+        config.limits.max_frame_bytes = 1000;
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_frame_bytes")
+        );
+    }
+}

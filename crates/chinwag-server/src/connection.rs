@@ -1,0 +1,245 @@
+//! The driver of one client connection: it carries a [`Session`]'s outputs to the
+//! WebSocket and the store, and feeds back what happens. All protocol decisions are the
+//! session's; this file only does I/O.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
+use chinwag_core::{
+    ClientMsgId, Coordinate, Output, Receipt, Session, SharedMessage, Store, StoreError,
+};
+use chinwag_proto::ServerFrame;
+use futures_util::stream::{FuturesOrdered, FuturesUnordered};
+use futures_util::{SinkExt, StreamExt};
+use tokio::time::Instant;
+
+use crate::node::NodeState;
+use crate::registry::Inbox;
+
+/// Wall-clock Unix milliseconds: what tokens and message timestamps are measured in.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis().try_into().unwrap_or(u64::MAX))
+}
+
+/// A store operation other than an append, finished.
+enum Done {
+    Joined(Result<(), StoreError>),
+    Scanned(Result<Vec<SharedMessage>, StoreError>, usize),
+    Acked(Vec<String>, Result<(), StoreError>),
+}
+
+type Pending<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Why the connection loop ended; only for the log.
+#[derive(Debug)]
+enum End {
+    ClientClosed,
+    SessionClosed,
+    Shutdown,
+    Transport(String),
+}
+
+pub async fn serve<S: Store>(node: Arc<NodeState<S>>, socket: WebSocket) {
+    let (coordinate, inbox) = node.registry.open();
+    let mut session = Session::new(
+        node.limits.clone(),
+        node.auth.clone(),
+        coordinate.clone(),
+        now_ms(),
+    );
+    let end = Driver {
+        node: &node,
+        session: &mut session,
+        inbox,
+        socket,
+    }
+    .run()
+    .await;
+    node.registry.close(&coordinate);
+    match &end {
+        End::Transport(error) => {
+            tracing::debug!(user = ?session.user(), conn = coordinate.conn, %error, "connection lost")
+        }
+        _ => {
+            tracing::debug!(user = ?session.user(), conn = coordinate.conn, ?end, "connection closed")
+        }
+    }
+    if let Some(user) = session.user() {
+        forget(&node, user.clone(), coordinate).await;
+    }
+}
+
+async fn forget<S: Store>(node: &NodeState<S>, user: chinwag_core::UserId, at: Coordinate) {
+    if let Err(e) = node.store.remove_coordinate(user, at).await {
+        // The coordinate names a closed connection; pushes to it report `Gone` and the
+        // next start of this node removes it.
+        tracing::warn!(error = %e, "could not remove a coordinate");
+    }
+}
+
+struct Driver<'a, S> {
+    node: &'a Arc<NodeState<S>>,
+    session: &'a mut Session,
+    inbox: Inbox,
+    socket: WebSocket,
+}
+
+impl<S: Store> Driver<'_, S> {
+    async fn run(mut self) -> End {
+        let mut appends: FuturesOrdered<Pending<(ClientMsgId, Result<Receipt, StoreError>)>> =
+            FuturesOrdered::new();
+        let mut ops: FuturesUnordered<Pending<Done>> = FuturesUnordered::new();
+        let mut shutdown = self.node.shutdown.clone();
+        loop {
+            if let Err(e) = self.flush_outputs(&mut appends, &mut ops).await {
+                return End::Transport(e.to_string());
+            }
+            if self.session.is_closed() {
+                return End::SessionClosed;
+            }
+            let deadline = self.session.poll_timeout().map(deadline_instant);
+            let wants_input = self.session.wants_input();
+            tokio::select! {
+                frame = self.socket.recv(), if wants_input => match frame {
+                    Some(Ok(WsMessage::Text(text))) => self.session.on_text(text.as_str(), now_ms()),
+                    Some(Ok(WsMessage::Binary(_))) => self.session.on_binary(),
+                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                    Some(Ok(WsMessage::Close(_))) | None => return End::ClientClosed,
+                    Some(Err(e)) if is_oversized(&e) => self.session.on_oversized(),
+                    Some(Err(e)) => return End::Transport(e.to_string()),
+                },
+                Some((client_id, result)) = appends.next() => {
+                    if matches!(&result, Ok(r) if !r.duplicate) {
+                        self.node.metrics.messages_in.inc();
+                    }
+                    self.session.on_appended(&client_id, result);
+                }
+                Some(done) = ops.next() => match done {
+                    Done::Joined(result) => {
+                        if result.is_ok() {
+                            self.node.metrics.logins.inc();
+                        }
+                        self.session.on_joined(result);
+                    }
+                    Done::Scanned(result, limit) => self.session.on_scanned(result, limit),
+                    Done::Acked(ids, result) => self.session.on_acked(ids, result),
+                },
+                Some(msg) = self.inbox.messages.recv() => {
+                    if self.inbox.signal.take() {
+                        self.session.on_push_dropped();
+                    }
+                    self.session.on_push(msg);
+                }
+                () = self.inbox.signal.notify.notified() => {
+                    if self.inbox.signal.take() {
+                        self.session.on_push_dropped();
+                    }
+                }
+                () = sleep_until(deadline), if deadline.is_some() => self.session.on_timeout(now_ms()),
+                _ = shutdown.changed() => {
+                    let _ = self.close(1001, "server shutting down").await;
+                    return End::Shutdown;
+                }
+            }
+        }
+    }
+
+    /// Carries out everything the session asked for, then flushes the socket once.
+    async fn flush_outputs(
+        &mut self,
+        appends: &mut FuturesOrdered<Pending<(ClientMsgId, Result<Receipt, StoreError>)>>,
+        ops: &mut FuturesUnordered<Pending<Done>>,
+    ) -> Result<(), axum::Error> {
+        let mut wrote = false;
+        while let Some(output) = self.session.poll_output() {
+            let store = self.node.store.clone();
+            match output {
+                Output::Frame(frame) => {
+                    if let ServerFrame::Error { code, .. } = &frame {
+                        self.node.metrics.error(*code);
+                    }
+                    self.socket
+                        .feed(text(chinwag_proto::encode_server(&frame)))
+                        .await?;
+                    wrote = true;
+                }
+                Output::Deliver(msg) => {
+                    self.node.metrics.messages_out.inc();
+                    self.socket.feed(text(msg.encode_frame())).await?;
+                    wrote = true;
+                }
+                Output::Close { code, reason } => {
+                    return self.close(code, reason).await;
+                }
+                Output::Join { user } => {
+                    let at = self.session.coordinate().clone();
+                    ops.push(Box::pin(async move {
+                        Done::Joined(store.add_coordinate(user, at).await)
+                    }));
+                }
+                Output::Append(new) => {
+                    let client_id = new.client_id.clone();
+                    appends.push_back(Box::pin(
+                        async move { (client_id, store.append(new).await) },
+                    ));
+                }
+                Output::Scan { user, after, limit } => {
+                    ops.push(Box::pin(async move {
+                        Done::Scanned(store.scan(user, after, limit).await, limit)
+                    }));
+                }
+                Output::Ack { user, seqs, ids } => {
+                    ops.push(Box::pin(async move {
+                        Done::Acked(ids, store.ack(user, seqs).await)
+                    }));
+                }
+            }
+        }
+        if wrote {
+            self.socket.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self, code: u16, reason: &'static str) -> Result<(), axum::Error> {
+        let frame = CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        };
+        self.socket.send(WsMessage::Close(Some(frame))).await
+    }
+}
+
+fn text(s: String) -> WsMessage {
+    WsMessage::Text(Utf8Bytes::from(s))
+}
+
+fn deadline_instant(deadline_ms: u64) -> Instant {
+    let wait = deadline_ms.saturating_sub(now_ms());
+    Instant::now() + std::time::Duration::from_millis(wait)
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether the transport refused a frame for exceeding the configured size.
+fn is_oversized(e: &axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(Error::Capacity(_)) = err.downcast_ref::<Error>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}

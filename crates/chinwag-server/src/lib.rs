@@ -1,0 +1,17 @@
+//! The chinwag access node.
+//!
+//! This crate is the edge: sockets, tasks, timers and the wiring of a node. It holds no
+//! protocol logic of its own: client sessions are `chinwag_core::Session`s, storage is
+//! whatever implements `chinwag_core::Store`, and delivery goes through the
+//! `chinwag_core::Router` implemented by this node's connection [`registry`].
+
+pub mod config;
+mod connection;
+mod http;
+pub mod metrics;
+pub mod node;
+pub mod registry;
+
+pub use config::{Config, ConfigError, LogFormat};
+pub use connection::now_ms;
+pub use node::{NodeError, run};

@@ -1,0 +1,187 @@
+//! Prometheus metrics, served at `GET /metrics`. Names and meanings are listed in
+//! `docs/operations.md`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chinwag_core::DeliveryStats;
+use chinwag_proto::ErrorCode;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: &'static str,
+}
+
+/// Metrics updated on the hot path. Values that already live elsewhere (store sizes,
+/// delivery counts) are read at scrape time by [`Snapshotter`] instead of being copied
+/// on every change.
+pub struct Metrics {
+    registry: Registry,
+    pub logins: Counter,
+    pub messages_in: Counter,
+    pub messages_out: Counter,
+    pub errors: Family<CodeLabel, Counter>,
+}
+
+/// Store commit metrics. Created before the store, which reports into them from its
+/// writer thread.
+#[derive(Clone)]
+pub struct CommitMetrics {
+    seconds: Histogram,
+    ops: Histogram,
+}
+
+impl Default for CommitMetrics {
+    fn default() -> Self {
+        Self {
+            // 50 µs .. ~0.8 s: fsync latency on anything from NVMe to a congested network disk.
+            seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 15)),
+            ops: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+        }
+    }
+}
+
+impl CommitMetrics {
+    pub fn observe(&self, took: Duration, ops: usize) {
+        self.seconds.observe(took.as_secs_f64());
+        self.ops.observe(ops as f64);
+    }
+}
+
+/// Point-in-time values gathered at each scrape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Snapshot {
+    pub connections: u64,
+    pub mailbox_depth: u64,
+    pub coordinates: u64,
+}
+
+/// Reads a [`Snapshot`] and the delivery counters when Prometheus scrapes.
+pub struct Snapshotter {
+    pub read: Box<dyn Fn() -> Snapshot + Send + Sync>,
+    pub delivery: Arc<DeliveryStats>,
+}
+
+impl std::fmt::Debug for Snapshotter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Snapshotter")
+    }
+}
+
+impl Metrics {
+    pub fn new(snapshotter: Snapshotter, commit: CommitMetrics) -> Self {
+        let mut registry = Registry::with_prefix("chinwag");
+        let logins = Counter::default();
+        registry.register("logins", "Successful logins", logins.clone());
+        let messages_in = Counter::default();
+        registry.register(
+            "messages_in",
+            "Messages accepted from senders (retries of an accepted message not counted)",
+            messages_in.clone(),
+        );
+        let messages_out = Counter::default();
+        registry.register(
+            "messages_out",
+            "Message frames written to recipients",
+            messages_out.clone(),
+        );
+        let errors = Family::<CodeLabel, Counter>::default();
+        registry.register(
+            "errors",
+            "Error frames sent to clients, by code",
+            errors.clone(),
+        );
+        registry.register(
+            "store_commit_seconds",
+            "Time to make one batch of store writes durable",
+            commit.seconds.clone(),
+        );
+        registry.register(
+            "store_commit_ops",
+            "Operations made durable per commit",
+            commit.ops.clone(),
+        );
+        registry.register_collector(Box::new(snapshotter));
+        Self {
+            registry,
+            logins,
+            messages_in,
+            messages_out,
+            errors,
+        }
+    }
+
+    pub fn error(&self, code: ErrorCode) {
+        self.errors
+            .get_or_create(&CodeLabel {
+                code: code.as_str(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+impl Collector for Snapshotter {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snap = (self.read)();
+        let gauges = [
+            (
+                "connections",
+                "Open client connections on this node",
+                snap.connections,
+            ),
+            (
+                "mailbox_depth",
+                "Unacknowledged messages in all mailboxes",
+                snap.mailbox_depth,
+            ),
+            (
+                "coordinates",
+                "Online coordinates (connections) in the store",
+                snap.coordinates,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        let stats = &self.delivery;
+        let outcomes = [
+            ("queued", &stats.queued),
+            ("overflowed", &stats.overflowed),
+            ("gone", &stats.gone),
+            ("unroutable", &stats.unroutable),
+        ];
+        let mut family = encoder.encode_descriptor(
+            "pushes",
+            "Pushes of committed messages to coordinates, by outcome",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (outcome, counter) in outcomes {
+            let value = ConstCounter::new(counter.load(Ordering::Relaxed));
+            value.encode(family.encode_family(&OutcomeLabel { outcome })?)?;
+        }
+        Ok(())
+    }
+}

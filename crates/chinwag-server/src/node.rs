@@ -1,0 +1,157 @@
+//! One access node: composition of store, router, sessions and the HTTP front end.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chinwag_auth::{KeyError, TokenKey, TokenPolicy, Verifier};
+use chinwag_core::{Authenticate, CommitListener, Delivery, SessionLimits, Store};
+use chinwag_store::{EmbeddedStore, OpenError, StoreOptions};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::config::{Config, ConfigError};
+use crate::metrics::{CommitMetrics, Metrics, Snapshot, Snapshotter};
+use crate::registry::Registry;
+
+/// Everything connections and HTTP handlers share.
+pub struct NodeState<S> {
+    pub config: Config,
+    pub store: Arc<S>,
+    pub registry: Arc<Registry>,
+    pub auth: Arc<dyn Authenticate>,
+    pub limits: Arc<SessionLimits>,
+    pub metrics: Arc<Metrics>,
+    /// Changes once, when the node begins to shut down.
+    pub shutdown: watch::Receiver<bool>,
+    /// One permit per allowed connection.
+    pub connection_slots: Arc<Semaphore>,
+    pub incarnation: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    TokenKey(#[from] KeyError),
+    #[error(transparent)]
+    Store(#[from] OpenError),
+    #[error("serving HTTP failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// How long shutdown waits for connections to close before closing the store anyway.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs a node on `listener` until `shutdown` completes, then closes every connection and
+/// the store.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data).map_err(|source| NodeError::DataDir {
+        path: config.data.clone(),
+        source,
+    })?;
+    let key = TokenKey::load_or_create(&config.token_key_path())?;
+    let policy = TokenPolicy {
+        issuer: config.tokens.issuer.clone(),
+        audience: config.tokens.audience.clone(),
+    };
+
+    let registry = Arc::new(Registry::new(
+        config.dc_name(),
+        config.node_name(),
+        config.limits.send_queue,
+    ));
+    let delivery = Arc::new(Delivery::new(registry.clone()));
+    let commit_metrics = CommitMetrics::default();
+    let observer = commit_metrics.clone();
+    let store = Arc::new(EmbeddedStore::open(
+        &config.data,
+        store_options(&config),
+        delivery.clone() as Arc<dyn CommitListener>,
+        Box::new(move |took, ops| observer.observe(took, ops)),
+    )?);
+    let incarnation = store.incarnation();
+    registry.set_incarnation(incarnation);
+
+    let snapshotter = Snapshotter {
+        read: {
+            let (store, registry) = (store.clone(), registry.clone());
+            Box::new(move || {
+                let stats = store.stats();
+                Snapshot {
+                    connections: registry.len() as u64,
+                    mailbox_depth: stats.mailbox_depth,
+                    coordinates: stats.coordinates,
+                }
+            })
+        },
+        delivery: delivery.stats(),
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let state = Arc::new(NodeState {
+        limits: Arc::new(config.session_limits()),
+        connection_slots: Arc::new(Semaphore::new(config.limits.max_connections)),
+        config,
+        store: store.clone(),
+        registry,
+        auth: Arc::new(Verifier::new(&key, &policy)),
+        metrics: Arc::new(Metrics::new(snapshotter, commit_metrics)),
+        shutdown: stop_rx,
+        incarnation,
+    });
+    tracing::info!(
+        dc = %state.config.dc,
+        node = %state.config.node,
+        incarnation,
+        data = %state.config.data.display(),
+        "node started"
+    );
+
+    let app = crate::http::router(state.clone());
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            // Tell every connection to close; axum waits for them before returning.
+            let _ = stop_tx.send(true);
+        })
+        .await;
+    drain(&state).await;
+    store.close();
+    tracing::info!("node stopped");
+    served.map_err(NodeError::Serve)
+}
+
+async fn drain<S: Store>(state: &NodeState<S>) {
+    let all = u32::try_from(state.config.limits.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(DRAIN_TIMEOUT, state.connection_slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = state.registry.len(),
+            "connections still open at shutdown"
+        );
+    }
+}
+
+fn store_options(config: &Config) -> StoreOptions {
+    StoreOptions {
+        dc: config.dc_name(),
+        node: config.node_name(),
+        mailbox_max_messages: config.limits.mailbox_max_messages,
+        commit_batch_max: config.store.commit_batch_max,
+        queue: config.store.queue,
+        dedup_window: config.store.dedup_window,
+    }
+}

@@ -1,0 +1,409 @@
+use std::sync::Mutex;
+
+use chinwag_core::ClientMsgId;
+
+use super::*;
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<(u64, usize)>>);
+
+impl CommitListener for Recorder {
+    fn committed(&self, msg: &SharedMessage, online: &[Coordinate]) {
+        self.0.lock().unwrap().push((msg.seq, online.len()));
+    }
+}
+
+impl Recorder {
+    fn seqs(&self) -> Vec<u64> {
+        self.0.lock().unwrap().iter().map(|(s, _)| *s).collect()
+    }
+}
+
+fn options(mailbox_max_messages: u64) -> StoreOptions {
+    options_with_window(mailbox_max_messages, Duration::from_secs(3600))
+}
+
+fn options_with_window(mailbox_max_messages: u64, dedup_window: Duration) -> StoreOptions {
+    StoreOptions {
+        dc: DcName::parse("local").unwrap(),
+        node: NodeName::parse("n1").unwrap(),
+        mailbox_max_messages,
+        commit_batch_max: 64,
+        queue: 1024,
+        dedup_window,
+    }
+}
+
+fn open(dir: &Path, max: u64) -> (EmbeddedStore, Arc<Recorder>) {
+    let recorder = Arc::new(Recorder::default());
+    let store =
+        EmbeddedStore::open(dir, options(max), recorder.clone(), Box::new(|_, _| {})).unwrap();
+    (store, recorder)
+}
+
+fn user(s: &str) -> UserId {
+    UserId::parse(s).unwrap()
+}
+
+fn new(from: &str, to: &str, client_id: &str, text: &str) -> NewMessage {
+    NewMessage {
+        from: user(from),
+        to: user(to),
+        client_id: ClientMsgId::parse(client_id).unwrap(),
+        text: text.into(),
+        at_ms: unix_ms(),
+    }
+}
+
+fn coordinate(incarnation: u64, conn: u64) -> Coordinate {
+    Coordinate {
+        dc: DcName::parse("local").unwrap(),
+        node: NodeName::parse("n1").unwrap(),
+        incarnation,
+        conn,
+    }
+}
+
+#[tokio::test]
+async fn append_scan_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, recorder) = open(dir.path(), 100);
+    let a = store
+        .append(new("alice", "bob", "c1", "one"))
+        .await
+        .unwrap();
+    let b = store
+        .append(new("alice", "bob", "c2", "two"))
+        .await
+        .unwrap();
+    store
+        .append(new("alice", "carol", "c3", "other"))
+        .await
+        .unwrap();
+    assert!(!a.duplicate && a.id.seq < b.id.seq);
+    assert_eq!(a.id.to_string(), format!("local.{}", a.id.seq));
+
+    let page = store.scan(user("bob"), 0, 10).await.unwrap();
+    let texts: Vec<&str> = page.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["one", "two"]);
+    assert_eq!(page[0].from, user("alice"));
+    assert_eq!(page[0].id, a.id);
+    assert_eq!(
+        store
+            .scan(user("bob"), page[0].seq, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(store.scan(user("bob"), 0, 1).await.unwrap().len(), 1);
+    assert_eq!(store.stats().mailbox_depth, 3);
+
+    store
+        .ack(user("bob"), vec![page[0].seq, 9_999])
+        .await
+        .unwrap();
+    let left = store.scan(user("bob"), 0, 10).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].text, "two");
+    assert_eq!(store.stats().mailbox_depth, 2);
+    // Another user cannot acknowledge bob's messages.
+    store.ack(user("carol"), vec![left[0].seq]).await.unwrap();
+    assert_eq!(store.scan(user("bob"), 0, 10).await.unwrap().len(), 1);
+    assert_eq!(recorder.seqs().len(), 3);
+}
+
+#[tokio::test]
+async fn retries_are_deduplicated() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, recorder) = open(dir.path(), 100);
+    let first = store
+        .append(new("alice", "bob", "same", "hello"))
+        .await
+        .unwrap();
+    let again = store
+        .append(new("alice", "bob", "same", "hello"))
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!((again.id, again.at_ms), (first.id.clone(), first.at_ms));
+    assert_eq!(store.scan(user("bob"), 0, 10).await.unwrap().len(), 1);
+    assert_eq!(recorder.seqs(), vec![first.id.seq]);
+    // The same client id from another sender is a different message.
+    let other = store
+        .append(new("dave", "bob", "same", "hi"))
+        .await
+        .unwrap();
+    assert!(!other.duplicate);
+    // Still a duplicate after the original was acknowledged.
+    store.ack(user("bob"), vec![first.id.seq]).await.unwrap();
+    assert!(
+        store
+            .append(new("alice", "bob", "same", "hello"))
+            .await
+            .unwrap()
+            .duplicate
+    );
+}
+
+#[tokio::test]
+async fn concurrent_retries_in_one_batch_store_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), 100);
+    let store = Arc::new(store);
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.append(new("alice", "bob", "x", "t")).await.unwrap() })
+        })
+        .collect();
+    let mut fresh = 0;
+    for t in tasks {
+        if !t.await.unwrap().duplicate {
+            fresh += 1;
+        }
+    }
+    assert_eq!(fresh, 1);
+    assert_eq!(store.scan(user("bob"), 0, 100).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn full_mailbox_refuses_then_accepts_after_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), 2);
+    store.append(new("a", "bob", "1", "x")).await.unwrap();
+    let second = store.append(new("a", "bob", "2", "x")).await.unwrap();
+    let err = store.append(new("a", "bob", "3", "x")).await.unwrap_err();
+    assert_eq!(
+        err,
+        StoreError::MailboxFull {
+            user: user("bob"),
+            limit: 2
+        }
+    );
+    // A refused message is not remembered as sent: the retry can succeed later.
+    store.ack(user("bob"), vec![second.id.seq]).await.unwrap();
+    assert!(
+        !store
+            .append(new("a", "bob", "3", "x"))
+            .await
+            .unwrap()
+            .duplicate
+    );
+}
+
+#[tokio::test]
+async fn commits_reach_the_listener_in_seq_order_with_coordinates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, recorder) = open(dir.path(), 10_000);
+    let store = Arc::new(store);
+    store
+        .add_coordinate(user("bob"), coordinate(1, 1))
+        .await
+        .unwrap();
+    store
+        .add_coordinate(user("bob"), coordinate(1, 2))
+        .await
+        .unwrap();
+    assert_eq!(store.coordinates(&user("bob")).len(), 2);
+    assert_eq!(store.stats().coordinates, 2);
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .append(new("alice", "bob", &format!("c{i}"), "t"))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let seen = recorder.0.lock().unwrap().clone();
+    assert_eq!(seen.len(), 200);
+    assert!(
+        seen.windows(2).all(|w| w[0].0 < w[1].0),
+        "listener saw seqs out of order"
+    );
+    assert!(seen.iter().all(|(_, online)| *online == 2));
+    store
+        .remove_coordinate(user("bob"), coordinate(1, 1))
+        .await
+        .unwrap();
+    assert_eq!(store.coordinates(&user("bob")), vec![coordinate(1, 2)]);
+}
+
+#[tokio::test]
+async fn reopening_keeps_messages_and_drops_old_coordinates() {
+    let dir = tempfile::tempdir().unwrap();
+    let last = {
+        let (store, _) = open(dir.path(), 100);
+        assert_eq!(store.incarnation(), 1);
+        store
+            .add_coordinate(user("bob"), coordinate(1, 1))
+            .await
+            .unwrap();
+        let last = store
+            .append(new("alice", "carol", "c1", "kept"))
+            .await
+            .unwrap();
+        // Not closed: as after a crash, only what was committed counts.
+        drop(store);
+        last
+    };
+    // The writer thread may still hold the file for a moment after the drop.
+    let (store, _) = reopen(dir.path()).await;
+    assert_eq!(store.incarnation(), 2);
+    assert!(store.coordinates(&user("bob")).is_empty());
+    assert_eq!(
+        store.stats(),
+        StoreStats {
+            mailbox_depth: 1,
+            coordinates: 0
+        }
+    );
+    let page = store.scan(user("carol"), 0, 10).await.unwrap();
+    assert_eq!(page[0].text, "kept");
+    let next = store
+        .append(new("alice", "carol", "c2", "new"))
+        .await
+        .unwrap();
+    assert!(next.id.seq > last.id.seq, "seqs must never be reused");
+    assert!(
+        store
+            .append(new("alice", "carol", "c1", "kept"))
+            .await
+            .unwrap()
+            .duplicate
+    );
+}
+
+async fn reopen(dir: &Path) -> (EmbeddedStore, Arc<Recorder>) {
+    for _ in 0..100 {
+        let recorder = Arc::new(Recorder::default());
+        match EmbeddedStore::open(dir, options(100), recorder.clone(), Box::new(|_, _| {})) {
+            Ok(store) => return (store, recorder),
+            Err(OpenError::Locked { .. }) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("store stayed locked")
+}
+
+#[tokio::test]
+async fn a_second_open_is_refused_while_the_first_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, _) = open(dir.path(), 100);
+    let err = EmbeddedStore::open(
+        dir.path(),
+        options(100),
+        Arc::new(Recorder::default()),
+        Box::new(|_, _| {}),
+    )
+    .err()
+    .expect("second open must fail");
+    assert!(matches!(err, OpenError::Locked { .. }), "{err}");
+}
+
+#[test]
+fn garbage_and_truncated_files_are_reported_as_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(STORE_FILE),
+        b"this is not a database at all, not even close",
+    )
+    .unwrap();
+    let err = EmbeddedStore::open(
+        dir.path(),
+        options(100),
+        Arc::new(Recorder::default()),
+        Box::new(|_, _| {}),
+    )
+    .err()
+    .expect("garbage must not open");
+    assert!(matches!(err, OpenError::Corrupt { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn closed_store_refuses_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), 100);
+    let store = Arc::new(store);
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || s.close())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.append(new("a", "b", "c", "t")).await,
+        Err(StoreError::Closed)
+    );
+}
+
+#[tokio::test]
+async fn dedup_entries_expire_after_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(
+        dir.path(),
+        options_with_window(100, Duration::from_secs(60)),
+        Arc::new(Recorder::default()),
+        Box::new(|_, _| {}),
+    )
+    .unwrap();
+    // Stamped at 1 s after the epoch: far outside the window. The first commit sweeps.
+    let old = NewMessage {
+        at_ms: 1_000,
+        ..new("alice", "bob", "old", "x")
+    };
+    let first = store.append(old.clone()).await.unwrap();
+    store.ack(user("bob"), vec![first.id.seq]).await.unwrap();
+    let again = store.append(old).await.unwrap();
+    assert!(
+        !again.duplicate,
+        "an expired idempotency key is a new message"
+    );
+    // A recent one is still remembered.
+    let recent = new("alice", "bob", "recent", "x");
+    store.append(recent.clone()).await.unwrap();
+    assert!(store.append(recent).await.unwrap().duplicate);
+}
+
+#[tokio::test]
+async fn truncated_files_are_reported_not_panicked_on() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = open(dir.path(), 100_000);
+        for i in 0..500 {
+            store
+                .append(new("alice", "bob", &format!("c{i}"), &"x".repeat(200)))
+                .await
+                .unwrap();
+        }
+        let store = Arc::new(store);
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.close())
+            .await
+            .unwrap();
+    }
+    let path = dir.path().join(STORE_FILE);
+    let len = std::fs::metadata(&path).unwrap().len();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(len / 3).unwrap();
+    drop(file);
+    let result = EmbeddedStore::open(
+        dir.path(),
+        options(100),
+        Arc::new(Recorder::default()),
+        Box::new(|_, _| {}),
+    );
+    match result {
+        Err(OpenError::Corrupt { .. }) => {}
+        Err(e) => panic!("expected a corruption report, got {e}"),
+        Ok(store) => {
+            // Recovery from the last good commit is acceptable only if nothing was lost.
+            let page = store.scan(user("bob"), 0, 1000).await.unwrap();
+            assert_eq!(page.len(), 500, "truncation silently lost messages");
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! The `chinwag` command: the server and its command-line clients in one binary.
+
+mod chat;
+mod clients;
+mod serve;
+mod token;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "chinwag",
+    version,
+    about = "Instant messaging, active-active across datacenters"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node (zero config: a single-DC node on 127.0.0.1:7700, data in ./chinwag-data).
+    Serve(serve::Args),
+    /// Print a login token for a user, signed with the data directory's token key.
+    Token(token::Args),
+    /// Send one message and print the server's acceptance as JSON.
+    Send(clients::SendArgs),
+    /// Print received messages as JSON lines, acknowledging each.
+    Listen(clients::ListenArgs),
+    /// Chat interactively in the terminal.
+    Chat(chat::Args),
+}
+
+/// Where a client finds the server and its token.
+#[derive(clap::Args, Clone)]
+pub struct ServerArgs {
+    /// Server address: `host:port`, `http://host:port` or a full `ws://` URL.
+    #[arg(long, env = "CHINWAG_SERVER", default_value = "127.0.0.1:7700")]
+    pub server: String,
+    /// Login token (see `chinwag token`).
+    #[arg(long, env = "CHINWAG_TOKEN", hide_env_values = true)]
+    pub token: String,
+}
+
+/// Parses durations such as `500ms`, `10s`, `24h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// The default data directory, shared by `serve` and `token`.
+pub fn default_data() -> PathBuf {
+    PathBuf::from("chinwag-data")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("chinwag: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Token(args) => token::run(args),
+            Command::Send(args) => clients::send(args).await,
+            Command::Listen(args) => clients::listen(args).await,
+            Command::Chat(args) => chat::run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("chinwag: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! `chinwag serve`.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use chinwag_server::{Config, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// TOML config file; keys are documented in docs/operations.md.
+    #[arg(long, env = "CHINWAG_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address for HTTP and WebSocket clients (overrides `listen`).
+    #[arg(long, env = "CHINWAG_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Data directory (overrides `data`).
+    #[arg(long, env = "CHINWAG_DATA")]
+    data: Option<PathBuf>,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(data) = args.data {
+        config.data = data;
+    }
+    config.validate()?;
+    init_logging(&config)?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    // One line on stdout for people and scripts; logs go to stderr.
+    println!(
+        "chinwag listening on http://{addr} (dc {}, node {}), WebSocket at ws://{addr}/v1/ws",
+        config.dc, config.node
+    );
+    std::io::stdout().flush()?;
+    chinwag_server::run(config, listener, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging(config: &Config) -> anyhow::Result<()> {
+    // RUST_LOG, when set, wins over the config file: it is how one debugs a running setup.
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .with_context(|| format!("log.level {:?} is not a valid filter", config.log.level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(e) => {
+                    tracing::warn!(error = %e, "SIGTERM handler unavailable; stop with Ctrl-C");
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    tracing::info!("shutting down");
+}
