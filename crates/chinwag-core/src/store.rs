@@ -31,6 +31,9 @@ pub enum StoreError {
 /// - `append` returns only once the message is durable. It assigns the message a mailbox
 ///   `seq` greater than any seq assigned before, and is idempotent on `(from, client_id)`:
 ///   a repeat returns the first receipt with `duplicate = true` and stores nothing.
+/// - An append takes its place in the commit order when `append` is *called*, not when
+///   its future is first polled: appends called one after another commit in that order.
+///   This is what keeps one sender's pipelined messages in order.
 /// - After an append commits and before it returns, the store hands the message to its
 ///   [`CommitListener`], together with the recipient's coordinates, in commit (seq)
 ///   order. Listener calls for one store never overlap.

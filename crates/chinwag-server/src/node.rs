@@ -127,7 +127,7 @@ pub async fn run(
         })
         .await;
     drain(&state).await;
-    store.close();
+    store.close().await;
     tracing::info!("node stopped");
     served.map_err(NodeError::Serve)
 }

@@ -10,9 +10,10 @@
 mod schema;
 mod writer;
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chinwag_core::{
@@ -20,6 +21,7 @@ use chinwag_core::{
     StoreError, UserId,
 };
 use redb::{Database, ReadableDatabase, ReadableTable};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 pub use writer::CommitObserver;
@@ -92,7 +94,6 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     shared: Arc<Shared>,
     ops: mpsc::Sender<Op>,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     dc: DcName,
     incarnation: u64,
 }
@@ -128,7 +129,8 @@ impl EmbeddedStore {
                 .checked_sub(writer::DEDUP_SWEEP_EVERY)
                 .unwrap_or_else(Instant::now),
         };
-        let handle = std::thread::Builder::new()
+        // The thread ends by itself once the store is closed or dropped (its queue closes).
+        std::thread::Builder::new()
             .name("chinwag-store-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| OpenError::Io {
@@ -140,7 +142,6 @@ impl EmbeddedStore {
             db,
             shared,
             ops,
-            writer: Mutex::new(Some(handle)),
             dc: options.dc,
             incarnation,
         })
@@ -165,23 +166,35 @@ impl EmbeddedStore {
 
     /// Finishes every queued write and stops the writer. Later writes fail with
     /// [`StoreError::Closed`].
-    pub fn close(&self) {
-        let Some(handle) = self.writer.lock().expect("writer lock").take() else {
-            return;
-        };
-        // If the queue is full this waits for room, which the writer is busy making.
-        if self.ops.blocking_send(Op::Shutdown).is_ok() {
-            let _ = handle.join();
+    pub async fn close(&self) {
+        let (done, finished) = oneshot::channel();
+        if self.ops.send(Op::Shutdown(done)).await.is_ok() {
+            let _ = finished.await;
         }
     }
 
-    async fn call<T>(&self, op: impl FnOnce(writer::Reply<T>) -> Op) -> Result<T, StoreError> {
+    /// Queues `op` when called, not when the returned future is first polled, so that
+    /// operations called one after another commit in that order.
+    fn call<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(writer::Reply<T>) -> Op,
+        when_full: WhenFull,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + '_ {
         let (reply, answer) = oneshot::channel();
-        self.ops
-            .send(op(reply))
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        let queued = self.ops.try_send(op(reply));
+        async move {
+            match queued {
+                Ok(()) => {}
+                Err(TrySendError::Closed(_)) => return Err(StoreError::Closed),
+                Err(TrySendError::Full(op)) => match when_full {
+                    WhenFull::Refuse => {
+                        return Err(StoreError::Unavailable("store write queue is full".into()));
+                    }
+                    WhenFull::Wait => self.ops.send(op).await.map_err(|_| StoreError::Closed)?,
+                },
+            }
+            answer.await.map_err(|_| StoreError::Closed)?
+        }
     }
 
     fn read_page(
@@ -213,22 +226,21 @@ impl EmbeddedStore {
     }
 }
 
-impl Drop for EmbeddedStore {
-    fn drop(&mut self) {
-        if let Ok(mut writer) = self.writer.lock()
-            && let Some(handle) = writer.take()
-        {
-            // Dropping the store inside a runtime must not block it: ask the writer to stop
-            // and let it finish on its own.
-            let _ = self.ops.try_send(Op::Shutdown);
-            drop(handle);
-        }
-    }
+/// What a write does when the writer's queue is full.
+#[derive(Clone, Copy)]
+enum WhenFull {
+    /// Fail at once. Appends do this: waiting for room could let a later append from the
+    /// same sender overtake this one, and a full queue means the node is overloaded, so
+    /// shedding load is right; the sender retries with the same idempotency key.
+    Refuse,
+    /// Wait for room; used where order does not matter and giving up would leave state
+    /// behind (a coordinate that is never removed).
+    Wait,
 }
 
 impl Store for EmbeddedStore {
-    async fn append(&self, msg: NewMessage) -> Result<Receipt, StoreError> {
-        self.call(|reply| Op::Append(msg, reply)).await
+    fn append(&self, msg: NewMessage) -> impl Future<Output = Result<Receipt, StoreError>> + Send {
+        self.call(|reply| Op::Append(msg, reply), WhenFull::Refuse)
     }
 
     async fn scan(
@@ -241,17 +253,31 @@ impl Store for EmbeddedStore {
             .map_err(StoreError::Unavailable)
     }
 
-    async fn ack(&self, user: UserId, seqs: Vec<u64>) -> Result<(), StoreError> {
-        self.call(|reply| Op::Ack(user, seqs, reply)).await
+    fn ack(
+        &self,
+        user: UserId,
+        seqs: Vec<u64>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.call(|reply| Op::Ack(user, seqs, reply), WhenFull::Wait)
     }
 
-    async fn add_coordinate(&self, user: UserId, at: Coordinate) -> Result<(), StoreError> {
-        self.call(|reply| Op::AddCoordinate(user, at, reply)).await
+    fn add_coordinate(
+        &self,
+        user: UserId,
+        at: Coordinate,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.call(|reply| Op::AddCoordinate(user, at, reply), WhenFull::Wait)
     }
 
-    async fn remove_coordinate(&self, user: UserId, at: Coordinate) -> Result<(), StoreError> {
-        self.call(|reply| Op::RemoveCoordinate(user, at, reply))
-            .await
+    fn remove_coordinate(
+        &self,
+        user: UserId,
+        at: Coordinate,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.call(
+            |reply| Op::RemoveCoordinate(user, at, reply),
+            WhenFull::Wait,
+        )
     }
 
     fn coordinates(&self, user: &UserId) -> Vec<Coordinate> {

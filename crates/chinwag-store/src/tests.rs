@@ -330,11 +330,7 @@ fn garbage_and_truncated_files_are_reported_as_corrupt() {
 async fn closed_store_refuses_writes() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = open(dir.path(), 100);
-    let store = Arc::new(store);
-    let s = store.clone();
-    tokio::task::spawn_blocking(move || s.close())
-        .await
-        .unwrap();
+    store.close().await;
     assert_eq!(
         store.append(new("a", "b", "c", "t")).await,
         Err(StoreError::Closed)
@@ -380,11 +376,7 @@ async fn truncated_files_are_reported_not_panicked_on() {
                 .await
                 .unwrap();
         }
-        let store = Arc::new(store);
-        let s = store.clone();
-        tokio::task::spawn_blocking(move || s.close())
-            .await
-            .unwrap();
+        store.close().await;
     }
     let path = dir.path().join(STORE_FILE);
     let len = std::fs::metadata(&path).unwrap().len();
@@ -406,4 +398,18 @@ async fn truncated_files_are_reported_not_panicked_on() {
             assert_eq!(page.len(), 500, "truncation silently lost messages");
         }
     }
+}
+
+#[tokio::test]
+async fn appends_commit_in_call_order_not_poll_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), 1_000);
+    let pending: Vec<_> = (0..50).map(|i| store.append(new("alice", "bob", &format!("c{i}"), "t"))).collect();
+    let mut seqs = Vec::new();
+    // Await the last call first.
+    for fut in pending.into_iter().rev() {
+        seqs.push(fut.await.unwrap().id.seq);
+    }
+    seqs.reverse();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
 }

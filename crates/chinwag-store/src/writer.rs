@@ -27,8 +27,8 @@ pub enum Op {
     Ack(UserId, Vec<u64>, Reply<()>),
     AddCoordinate(UserId, Coordinate, Reply<()>),
     RemoveCoordinate(UserId, Coordinate, Reply<()>),
-    /// Finish everything queued before this, then stop.
-    Shutdown,
+    /// Finish everything queued before this, answer, then stop.
+    Shutdown(oneshot::Sender<()>),
 }
 
 /// Receives what one commit did, for metrics.
@@ -60,6 +60,7 @@ struct Effects {
 enum Answer {
     Receipt(Reply<Receipt>, Result<Receipt, StoreError>),
     Done(Reply<()>),
+    Stopped(oneshot::Sender<()>),
 }
 
 impl Writer {
@@ -76,8 +77,11 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let stop = self.commit_batch(&mut batch);
-            if stop {
+            if let Some(done) = self.commit_batch(&mut batch) {
+                // Let go of the database before saying so: whoever closed the store may
+                // want to open the file again.
+                drop(self);
+                let _ = done.send(());
                 return;
             }
             if self.last_sweep.elapsed() >= DEDUP_SWEEP_EVERY {
@@ -86,12 +90,12 @@ impl Writer {
         }
     }
 
-    /// Applies and commits `batch`, answers every operation in it, and says whether a
-    /// shutdown was requested.
-    fn commit_batch(&mut self, batch: &mut Vec<Op>) -> bool {
+    /// Applies and commits `batch` and answers every operation in it, except a shutdown
+    /// request, which is returned.
+    fn commit_batch(&mut self, batch: &mut Vec<Op>) -> Option<oneshot::Sender<()>> {
         let started = Instant::now();
-        let stop = batch.iter().any(|op| matches!(op, Op::Shutdown));
         let ops = batch.len();
+        let mut stop = None;
         let seq_before = self.next_seq;
         let mut effects = Effects::default();
         let mut answers = Vec::with_capacity(ops);
@@ -109,6 +113,7 @@ impl Writer {
                 match answer {
                     Answer::Receipt(reply, _) => drop(reply.send(Err(err.clone()))),
                     Answer::Done(reply) => drop(reply.send(Err(err.clone()))),
+                    Answer::Stopped(done) => stop = Some(done),
                 }
             }
             return stop;
@@ -121,6 +126,7 @@ impl Writer {
             match answer {
                 Answer::Receipt(reply, result) => drop(reply.send(result)),
                 Answer::Done(reply) => drop(reply.send(Ok(()))),
+                Answer::Stopped(done) => stop = Some(done),
             }
         }
         stop
@@ -166,7 +172,7 @@ impl Writer {
                         effects.coordinates.push((user, at, false));
                         answers.push(Answer::Done(reply));
                     }
-                    Op::Shutdown => {}
+                    Op::Shutdown(done) => answers.push(Answer::Stopped(done)),
                 }
             }
             tables

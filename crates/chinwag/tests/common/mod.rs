@@ -1,0 +1,261 @@
+//! Test harness: real `chinwag` processes on loopback ports, real WebSocket clients.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use chinwag_auth::{TokenKey, TokenPolicy};
+use chinwag_client::{ClientError, Connection};
+use chinwag_core::UserId;
+use chinwag_proto::ServerFrame;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_chinwag");
+
+/// Generous bound for anything that should happen "at once"; only reached on failure.
+pub const SOON: Duration = Duration::from_secs(10);
+
+/// A running `chinwag serve` process with its own data directory.
+pub struct Node {
+    child: Child,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    config: String,
+}
+
+impl Node {
+    /// Starts a node in `dir` with these extra config lines (TOML).
+    pub fn start_in(dir: &Path, extra_config: &str) -> Node {
+        Self::start_on(dir, extra_config, "127.0.0.1:0".parse().unwrap())
+    }
+
+    fn start_on(dir: &Path, extra_config: &str, listen: SocketAddr) -> Node {
+        let config = format!(
+            "listen = \"{listen}\"\ndata = \"{}\"\n{extra_config}\n[log]\nlevel = \"warn\"\n",
+            dir.join("data").display()
+        );
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, &config).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start chinwag serve");
+        let addr = read_listen_line(&mut child);
+        Node {
+            child,
+            addr,
+            dir: dir.to_owned(),
+            config: extra_config.to_owned(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        token_for(&self.dir.join("data"), user, Duration::from_secs(3600))
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Starts the node again on the same port and data directory.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let node = Self::start_on(&self.dir, &self.config.clone(), self.addr);
+        *self = node;
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe_kill(self.child.id(), "TERM");
+        self.child.wait().unwrap()
+    }
+
+    pub async fn login(&self, user: &str) -> Connection {
+        let (conn, welcome) = Connection::login(&self.url(), &self.token(user))
+            .await
+            .expect("login");
+        assert_eq!(welcome.user, user);
+        conn
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let body = http_get(&self.http("/metrics")).await;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("no metric {name} in\n{body}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_kill(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits for the `chinwag listening on http://ADDR ...` line.
+fn read_listen_line(child: &mut Child) -> SocketAddr {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        // Keep draining so the node never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("node did not start");
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line: {line}"));
+    addr.parse().unwrap()
+}
+
+pub fn token_for(data: &Path, user: &str, ttl: Duration) -> String {
+    let key = TokenKey::load_or_create(&data.join(chinwag_auth::KEY_FILE)).unwrap();
+    chinwag_auth::mint(
+        &key,
+        &UserId::parse(user).unwrap(),
+        ttl,
+        chinwag_server::now_ms(),
+        &TokenPolicy::default(),
+    )
+}
+
+pub async fn http_get(url: &str) -> String {
+    let output = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", url])
+        .output()
+        .await
+        .expect("curl is installed");
+    assert!(
+        output.status.success(),
+        "GET {url}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// The next frame, failing the test if none comes soon.
+pub async fn next(conn: &mut Connection) -> ServerFrame {
+    match tokio::time::timeout(SOON, conn.recv()).await {
+        Ok(Ok(frame)) => frame,
+        Ok(Err(e)) => panic!("connection failed: {e}"),
+        Err(_) => panic!("no frame within {SOON:?}"),
+    }
+}
+
+/// The next frame, or the error the connection ended with.
+pub async fn next_or_close(conn: &mut Connection) -> Result<ServerFrame, ClientError> {
+    tokio::time::timeout(SOON, conn.recv())
+        .await
+        .expect("no frame or close in time")
+}
+
+/// Asserts nothing arrives for `quiet`.
+pub async fn assert_silent(conn: &mut Connection, quiet: Duration) {
+    if let Ok(result) = tokio::time::timeout(quiet, conn.recv()).await {
+        panic!("expected silence, got {result:?}");
+    }
+}
+
+/// A received `message` frame's id and text.
+pub async fn next_message(conn: &mut Connection) -> (String, String, String) {
+    loop {
+        match next(conn).await {
+            ServerFrame::Message { id, from, text, .. } => return (id, from, text),
+            ServerFrame::Acked { .. } | ServerFrame::Sent { .. } => {}
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+}
+
+pub async fn next_error(conn: &mut Connection) -> (chinwag_proto::ErrorCode, Option<String>) {
+    match next(conn).await {
+        ServerFrame::Error {
+            code, client_id, ..
+        } => (code, client_id),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+/// Proves the node still serves everyone else: a fresh pair logs in and exchanges a
+/// message both ways.
+pub async fn assert_others_unaffected(node: &Node, tag: &str) {
+    let (a, b) = (format!("{tag}-x"), format!("{tag}-y"));
+    let mut x = node.login(&a).await;
+    let mut y = node.login(&b).await;
+    x.send_message(&b, "probe-1", "are you there?")
+        .await
+        .expect("send x→y");
+    let (id, from, text) = next_message(&mut y).await;
+    assert_eq!(
+        (from.as_str(), text.as_str()),
+        (a.as_str(), "are you there?")
+    );
+    y.ack(vec![id]).await.unwrap();
+    y.send_message(&a, "probe-2", "yes")
+        .await
+        .expect("send y→x");
+    let (_, _, text) = next_message(&mut x).await;
+    assert_eq!(text, "yes");
+}
+
+/// Runs the `chinwag` binary with these arguments and returns (exit code, stdout).
+pub async fn run_cli(args: &[&str]) -> (i32, String) {
+    let output = tokio::process::Command::new(BIN)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    if !output.stderr.is_empty() {
+        eprintln!(
+            "chinwag {}: {}",
+            args.first().unwrap_or(&""),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8(output.stdout).unwrap(),
+    )
+}
