@@ -236,8 +236,9 @@ pub async fn assert_others_unaffected(node: &Node, tag: &str) {
     y.send_message(&a, "probe-2", "yes")
         .await
         .expect("send y→x");
-    let (_, _, text) = next_message(&mut x).await;
+    let (id, _, text) = next_message(&mut x).await;
     assert_eq!(text, "yes");
+    x.ack(vec![id]).await.unwrap();
 }
 
 /// Runs the `chinwag` binary with these arguments and returns (exit code, stdout).
