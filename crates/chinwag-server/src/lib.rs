@@ -14,4 +14,4 @@ pub mod registry;
 
 pub use config::{Config, ConfigError, LogFormat};
 pub use connection::now_ms;
-pub use node::{NodeError, run};
+pub use node::{Node, NodeError, run};

@@ -49,87 +49,121 @@ pub enum NodeError {
 /// How long shutdown waits for connections to close before closing the store anyway.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Runs a node on `listener` until `shutdown` completes, then closes every connection and
-/// the store.
+/// A node that has opened its store and is ready to accept connections.
+pub struct Node {
+    state: Arc<NodeState<EmbeddedStore>>,
+    listener: TcpListener,
+    stop: watch::Sender<bool>,
+}
+
+impl Node {
+    /// Prepares a node: validates the config, loads the token key, opens the store and
+    /// begins this node's incarnation. Nothing is served until [`Node::serve`].
+    pub async fn start(config: Config, listener: TcpListener) -> Result<Node, NodeError> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data).map_err(|source| NodeError::DataDir {
+            path: config.data.clone(),
+            source,
+        })?;
+        let key = TokenKey::load_or_create(&config.token_key_path())?;
+        let policy = TokenPolicy {
+            issuer: config.tokens.issuer.clone(),
+            audience: config.tokens.audience.clone(),
+        };
+
+        let registry = Arc::new(Registry::new(
+            config.dc_name(),
+            config.node_name(),
+            config.limits.send_queue,
+        ));
+        let delivery = Arc::new(Delivery::new(registry.clone()));
+        let commit_metrics = CommitMetrics::default();
+        let observer = commit_metrics.clone();
+        let store = Arc::new(EmbeddedStore::open(
+            &config.data,
+            store_options(&config),
+            delivery.clone() as Arc<dyn CommitListener>,
+            Box::new(move |took, ops| observer.observe(took, ops)),
+        )?);
+        let incarnation = store.incarnation();
+        registry.set_incarnation(incarnation);
+
+        let snapshotter = Snapshotter {
+            read: {
+                let (store, registry) = (store.clone(), registry.clone());
+                Box::new(move || {
+                    let stats = store.stats();
+                    Snapshot {
+                        connections: registry.len() as u64,
+                        mailbox_depth: stats.mailbox_depth,
+                        coordinates: stats.coordinates,
+                    }
+                })
+            },
+            delivery: delivery.stats(),
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let state = Arc::new(NodeState {
+            limits: Arc::new(config.session_limits()),
+            connection_slots: Arc::new(Semaphore::new(config.limits.max_connections)),
+            config,
+            store,
+            registry,
+            auth: Arc::new(Verifier::new(&key, &policy)),
+            metrics: Arc::new(Metrics::new(snapshotter, commit_metrics)),
+            shutdown: stop_rx,
+            incarnation,
+        });
+        tracing::info!(
+            dc = %state.config.dc,
+            node = %state.config.node,
+            incarnation,
+            data = %state.config.data.display(),
+            "node started"
+        );
+        Ok(Node {
+            state,
+            listener,
+            stop,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then closes every connection and the store.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), NodeError> {
+        let Node {
+            state,
+            listener,
+            stop,
+        } = self;
+        let app = crate::http::router(state.clone());
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                // Tell every connection to close; axum waits for them before returning.
+                let _ = stop.send(true);
+            })
+            .await;
+        drain(&state).await;
+        state.store.close().await;
+        tracing::info!("node stopped");
+        served.map_err(NodeError::Serve)
+    }
+}
+
+/// Runs a node on `listener` until `shutdown` completes.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
-    config.validate()?;
-    std::fs::create_dir_all(&config.data).map_err(|source| NodeError::DataDir {
-        path: config.data.clone(),
-        source,
-    })?;
-    let key = TokenKey::load_or_create(&config.token_key_path())?;
-    let policy = TokenPolicy {
-        issuer: config.tokens.issuer.clone(),
-        audience: config.tokens.audience.clone(),
-    };
-
-    let registry = Arc::new(Registry::new(
-        config.dc_name(),
-        config.node_name(),
-        config.limits.send_queue,
-    ));
-    let delivery = Arc::new(Delivery::new(registry.clone()));
-    let commit_metrics = CommitMetrics::default();
-    let observer = commit_metrics.clone();
-    let store = Arc::new(EmbeddedStore::open(
-        &config.data,
-        store_options(&config),
-        delivery.clone() as Arc<dyn CommitListener>,
-        Box::new(move |took, ops| observer.observe(took, ops)),
-    )?);
-    let incarnation = store.incarnation();
-    registry.set_incarnation(incarnation);
-
-    let snapshotter = Snapshotter {
-        read: {
-            let (store, registry) = (store.clone(), registry.clone());
-            Box::new(move || {
-                let stats = store.stats();
-                Snapshot {
-                    connections: registry.len() as u64,
-                    mailbox_depth: stats.mailbox_depth,
-                    coordinates: stats.coordinates,
-                }
-            })
-        },
-        delivery: delivery.stats(),
-    };
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let state = Arc::new(NodeState {
-        limits: Arc::new(config.session_limits()),
-        connection_slots: Arc::new(Semaphore::new(config.limits.max_connections)),
-        config,
-        store: store.clone(),
-        registry,
-        auth: Arc::new(Verifier::new(&key, &policy)),
-        metrics: Arc::new(Metrics::new(snapshotter, commit_metrics)),
-        shutdown: stop_rx,
-        incarnation,
-    });
-    tracing::info!(
-        dc = %state.config.dc,
-        node = %state.config.node,
-        incarnation,
-        data = %state.config.data.display(),
-        "node started"
-    );
-
-    let app = crate::http::router(state.clone());
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            // Tell every connection to close; axum waits for them before returning.
-            let _ = stop_tx.send(true);
-        })
-        .await;
-    drain(&state).await;
-    store.close().await;
-    tracing::info!("node stopped");
-    served.map_err(NodeError::Serve)
+    Node::start(config, listener).await?.serve(shutdown).await
 }
 
 async fn drain<S: Store>(state: &NodeState<S>) {

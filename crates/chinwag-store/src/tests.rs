@@ -404,7 +404,9 @@ async fn truncated_files_are_reported_not_panicked_on() {
 async fn appends_commit_in_call_order_not_poll_order() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = open(dir.path(), 1_000);
-    let pending: Vec<_> = (0..50).map(|i| store.append(new("alice", "bob", &format!("c{i}"), "t"))).collect();
+    let pending: Vec<_> = (0..50)
+        .map(|i| store.append(new("alice", "bob", &format!("c{i}"), "t")))
+        .collect();
     let mut seqs = Vec::new();
     // Await the last call first.
     for fut in pending.into_iter().rev() {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use chinwag_server::{Config, LogFormat};
+use chinwag_server::{Config, LogFormat, Node};
 use tracing_subscriber::EnvFilter;
 
 #[derive(clap::Args)]
@@ -39,14 +39,15 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr()?;
-    // One line on stdout for people and scripts; logs go to stderr.
+    let (dc, node_name) = (config.dc.clone(), config.node.clone());
+    let node = Node::start(config, listener).await?;
+    let addr = node.local_addr()?;
+    // One line on stdout, once the node is ready, for people and scripts; logs go to stderr.
     println!(
-        "chinwag listening on http://{addr} (dc {}, node {}), WebSocket at ws://{addr}/v1/ws",
-        config.dc, config.node
+        "chinwag listening on http://{addr} (dc {dc}, node {node_name}), WebSocket at ws://{addr}/v1/ws"
     );
     std::io::stdout().flush()?;
-    chinwag_server::run(config, listener, shutdown_signal()).await?;
+    node.serve(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -28,7 +28,9 @@ async fn raw_error(conn: &mut Connection, text: &str) -> ErrorCode {
 
 /// The connection still works after an error that must not close it.
 async fn assert_still_usable(conn: &mut Connection) {
-    conn.send(&ClientFrame::Ping { nonce: Some(7) }).await.unwrap();
+    conn.send(&ClientFrame::Ping { nonce: Some(7) })
+        .await
+        .unwrap();
     assert_eq!(next(conn).await, ServerFrame::Pong { nonce: Some(7) });
 }
 
@@ -47,8 +49,14 @@ async fn assert_closed_with(conn: &mut Connection, code: u16) {
 async fn malformed_json() {
     let (_dir, node) = node();
     let mut conn = node.login("mallory").await;
-    assert_eq!(raw_error(&mut conn, "{\"type\": \"send\", ").await, ErrorCode::BadJson);
-    assert_eq!(raw_error(&mut conn, "not json at all").await, ErrorCode::BadJson);
+    assert_eq!(
+        raw_error(&mut conn, "{\"type\": \"send\", ").await,
+        ErrorCode::BadJson
+    );
+    assert_eq!(
+        raw_error(&mut conn, "not json at all").await,
+        ErrorCode::BadJson
+    );
     assert_still_usable(&mut conn).await;
     assert_others_unaffected(&node, "json").await;
 }
@@ -57,7 +65,10 @@ async fn malformed_json() {
 async fn unknown_frame_type() {
     let (_dir, node) = node();
     let mut conn = node.login("mallory").await;
-    assert_eq!(raw_error(&mut conn, r#"{"type":"subscribe","topic":"x"}"#).await, ErrorCode::UnknownType);
+    assert_eq!(
+        raw_error(&mut conn, r#"{"type":"subscribe","topic":"x"}"#).await,
+        ErrorCode::UnknownType
+    );
     assert_still_usable(&mut conn).await;
     assert_others_unaffected(&node, "unknown").await;
 }
@@ -66,9 +77,18 @@ async fn unknown_frame_type() {
 async fn missing_fields() {
     let (_dir, node) = node();
     let mut conn = node.login("mallory").await;
-    assert_eq!(raw_error(&mut conn, r#"{"type":"send","to":"bob","text":"no id"}"#).await, ErrorCode::BadFrame);
-    assert_eq!(raw_error(&mut conn, r#"{"to":"bob"}"#).await, ErrorCode::BadFrame);
-    assert_eq!(raw_error(&mut conn, r#"{"type":"ack"}"#).await, ErrorCode::BadFrame);
+    assert_eq!(
+        raw_error(&mut conn, r#"{"type":"send","to":"bob","text":"no id"}"#).await,
+        ErrorCode::BadFrame
+    );
+    assert_eq!(
+        raw_error(&mut conn, r#"{"to":"bob"}"#).await,
+        ErrorCode::BadFrame
+    );
+    assert_eq!(
+        raw_error(&mut conn, r#"{"type":"ack"}"#).await,
+        ErrorCode::BadFrame
+    );
     assert_still_usable(&mut conn).await;
     assert_others_unaffected(&node, "missing").await;
 }
@@ -86,7 +106,11 @@ async fn mistyped_fields() {
         r#"[1,2,3]"#,
     ];
     for case in cases {
-        assert_eq!(raw_error(&mut conn, case).await, ErrorCode::BadFrame, "{case}");
+        assert_eq!(
+            raw_error(&mut conn, case).await,
+            ErrorCode::BadFrame,
+            "{case}"
+        );
     }
     assert_still_usable(&mut conn).await;
     assert_others_unaffected(&node, "mistyped").await;
@@ -96,11 +120,20 @@ async fn mistyped_fields() {
 async fn invalid_values_in_a_send() {
     let (_dir, node) = node_with("[limits]\nmax_text_bytes = 100\n");
     let mut conn = node.login("mallory").await;
-    let err = conn.send_message("not a user!", "c1", "x").await.unwrap_err();
+    let err = conn
+        .send_message("not a user!", "c1", "x")
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("bad_recipient"), "{err}");
-    let err = conn.send_message("bob", "has space", "x").await.unwrap_err();
+    let err = conn
+        .send_message("bob", "has space", "x")
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("bad_client_id"), "{err}");
-    let err = conn.send_message("bob", "c3", &"x".repeat(101)).await.unwrap_err();
+    let err = conn
+        .send_message("bob", "c3", &"x".repeat(101))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("text_too_large"), "{err}");
     let ids: Vec<String> = (0..1025).map(|i| format!("local.{i}")).collect();
     conn.send(&ClientFrame::Ack { ids }).await.unwrap();
@@ -113,7 +146,9 @@ async fn invalid_values_in_a_send() {
 async fn binary_frames() {
     let (_dir, node) = node();
     let mut conn = node.login("mallory").await;
-    conn.send_raw(WsMessage::binary(vec![0u8, 159, 146, 150])).await.unwrap();
+    conn.send_raw(WsMessage::binary(vec![0u8, 159, 146, 150]))
+        .await
+        .unwrap();
     assert_eq!(next_error(&mut conn).await.0, ErrorCode::BinaryFrame);
     assert_still_usable(&mut conn).await;
     assert_others_unaffected(&node, "binary").await;
@@ -124,7 +159,10 @@ async fn frame_over_the_limit_closes_with_1009() {
     let (_dir, node) = node();
     let mut bystander = node.login("bystander").await;
     let mut conn = node.login("mallory").await;
-    let huge = format!(r#"{{"type":"send","to":"bystander","client_id":"c","text":"{}"}}"#, "x".repeat(70 * 1024));
+    let huge = format!(
+        r#"{{"type":"send","to":"bystander","client_id":"c","text":"{}"}}"#,
+        "x".repeat(70 * 1024)
+    );
     conn.send_raw(WsMessage::text(huge)).await.unwrap();
     assert_eq!(next_error(&mut conn).await.0, ErrorCode::FrameTooLarge);
     assert_closed_with(&mut conn, 1009).await;
@@ -150,14 +188,19 @@ async fn garbage_and_forged_tokens_close_with_1008() {
     let other_dir = tempfile::tempdir().unwrap();
     let forged = token_for(other_dir.path(), "alice", Duration::from_secs(60));
     for token in ["garbage", "", "a.b.c", forged.as_str()] {
-        let err = Connection::login(&node.url(), token).await.err().expect("login must fail");
+        let err = Connection::login(&node.url(), token)
+            .await
+            .err()
+            .expect("login must fail");
         match err {
             ClientError::Server { code, .. } => assert_eq!(code, ErrorCode::BadToken, "{token}"),
             other => panic!("expected bad_token for {token:?}, got {other}"),
         }
     }
     let mut conn = Connection::connect(&node.url()).await.unwrap();
-    conn.send(&ClientFrame::Login { token: forged }).await.unwrap();
+    conn.send(&ClientFrame::Login { token: forged })
+        .await
+        .unwrap();
     assert_eq!(next_error(&mut conn).await.0, ErrorCode::BadToken);
     assert_closed_with(&mut conn, 1008).await;
     assert_others_unaffected(&node, "token").await;
@@ -169,7 +212,9 @@ async fn expired_token_closes_with_1008() {
     let (_dir, node) = node();
     let expired = token_for(&node.dir.join("data"), "alice", Duration::ZERO);
     let mut conn = Connection::connect(&node.url()).await.unwrap();
-    conn.send(&ClientFrame::Login { token: expired }).await.unwrap();
+    conn.send(&ClientFrame::Login { token: expired })
+        .await
+        .unwrap();
     assert_eq!(next_error(&mut conn).await.0, ErrorCode::TokenExpired);
     assert_closed_with(&mut conn, 1008).await;
     assert_others_unaffected(&node, "expired").await;
@@ -186,11 +231,22 @@ async fn sending_before_login_is_refused() {
     })
     .await
     .unwrap();
-    assert_eq!(next_error(&mut conn).await, (ErrorCode::Unauthenticated, Some("early".into())));
-    conn.send(&ClientFrame::Ack { ids: vec!["local.1".into()] }).await.unwrap();
+    assert_eq!(
+        next_error(&mut conn).await,
+        (ErrorCode::Unauthenticated, Some("early".into()))
+    );
+    conn.send(&ClientFrame::Ack {
+        ids: vec!["local.1".into()],
+    })
+    .await
+    .unwrap();
     assert_eq!(next_error(&mut conn).await.0, ErrorCode::Unauthenticated);
     // Logging in afterwards still works, and nothing was stored.
-    conn.send(&ClientFrame::Login { token: node.token("late") }).await.unwrap();
+    conn.send(&ClientFrame::Login {
+        token: node.token("late"),
+    })
+    .await
+    .unwrap();
     assert!(matches!(next(&mut conn).await, ServerFrame::Welcome { .. }));
     assert_eq!(node.metric("chinwag_mailbox_depth").await, 0.0);
     assert_others_unaffected(&node, "early").await;
@@ -200,8 +256,15 @@ async fn sending_before_login_is_refused() {
 async fn logging_in_twice_is_refused() {
     let (_dir, node) = node();
     let mut conn = node.login("alice").await;
-    conn.send(&ClientFrame::Login { token: node.token("bob") }).await.unwrap();
-    assert_eq!(next_error(&mut conn).await.0, ErrorCode::AlreadyAuthenticated);
+    conn.send(&ClientFrame::Login {
+        token: node.token("bob"),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        next_error(&mut conn).await.0,
+        ErrorCode::AlreadyAuthenticated
+    );
     assert_still_usable(&mut conn).await;
 }
 
@@ -223,7 +286,12 @@ async fn a_client_over_its_rate_limit_is_throttled_alone() {
     while sent + limited < 30 {
         match next(&mut flooder).await {
             ServerFrame::Sent { .. } => sent += 1,
-            ServerFrame::Error { code: ErrorCode::RateLimited, retry_after_ms, client_id, .. } => {
+            ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                retry_after_ms,
+                client_id,
+                ..
+            } => {
                 assert!(client_id.is_some());
                 retry_hint = retry_after_ms;
                 limited += 1;
@@ -237,7 +305,10 @@ async fn a_client_over_its_rate_limit_is_throttled_alone() {
     assert_others_unaffected(&node, "rate").await;
     // The limit refills.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    flooder.send_message("victim", "later", "ok now").await.unwrap();
+    flooder
+        .send_message("victim", "later", "ok now")
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -248,7 +319,10 @@ async fn silent_connections_are_dropped_at_the_login_timeout() {
     assert_eq!(next_error(&mut idle).await.0, ErrorCode::LoginTimeout);
     assert_closed_with(&mut idle, 1008).await;
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(5), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
     assert_others_unaffected(&node, "slow").await;
 }
 
@@ -267,7 +341,10 @@ async fn invalid_utf8_in_a_text_frame_drops_only_that_connection() {
         true,
     );
     conn.send_raw(WsMessage::Frame(frame)).await.unwrap();
-    assert!(next_or_close(&mut conn).await.is_err(), "connection must end");
+    assert!(
+        next_or_close(&mut conn).await.is_err(),
+        "connection must end"
+    );
     assert_silent(&mut bob, Duration::from_millis(200)).await;
     assert_others_unaffected(&node, "utf8").await;
 }
@@ -276,7 +353,14 @@ async fn invalid_utf8_in_a_text_frame_drops_only_that_connection() {
 async fn plain_http_to_the_websocket_path_is_refused() {
     let (_dir, node) = node();
     let output = tokio::process::Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &node.http("/v1/ws")])
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &node.http("/v1/ws"),
+        ])
         .output()
         .await
         .unwrap();
