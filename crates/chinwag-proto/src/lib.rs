@@ -343,6 +343,26 @@ mod tests {
     }
 
     #[test]
+    fn every_error_code_is_documented() {
+        let doc = include_str!("../../../docs/protocol.md");
+        for code in ErrorCode::ALL {
+            assert!(
+                doc.contains(&format!("| `{}` |", code.as_str())),
+                "{code} missing from docs/protocol.md"
+            );
+        }
+        for frame in CLIENT_TYPES
+            .iter()
+            .chain(&["welcome", "message", "sent", "acked", "pong", "error"])
+        {
+            assert!(
+                doc.contains(&format!("### `{frame}`")),
+                "frame {frame} missing from docs/protocol.md"
+            );
+        }
+    }
+
+    #[test]
     fn error_codes_round_trip_through_json() {
         for code in ErrorCode::ALL {
             let json = serde_json::to_string(&code).unwrap();

@@ -293,9 +293,21 @@ mod tests {
         assert!(config.validate().unwrap_err().to_string().contains("dc"));
         let mut config = Config::default();
         config.limits.burst = 0;
-        assert!(config.validate().unwrap_err().to_string().contains("limits.burst"));
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("limits.burst")
+        );
         let mut config = Config::default();
         config.limits.max_frame_bytes = 1000;
-        assert!(config.validate().unwrap_err().to_string().contains("max_frame_bytes"));
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_frame_bytes")
+        );
     }
 }

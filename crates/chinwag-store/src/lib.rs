@@ -1,15 +1,18 @@
-//! chinwag's embedded store: one DC's mailboxes and coordinates in a single redb file.
+//! chinwag's embedded store: one DC's mailboxes and coordinates in a fjall database (an
+//! LSM tree with a write-ahead journal) inside the data directory.
 //!
 //! Writes are made durable by group commit on a dedicated thread (see [`writer`]); reads
 //! are snapshot reads that never wait for the writer. Coordinates are kept durably and
 //! mirrored in memory, because every delivery looks them up.
 //!
-//! Why redb: see ARCHITECTURE.md ("The embedded store") and
-//! `tools/store-compare/README.md` for the measured comparison with fjall and SQLite.
+//! Why fjall: see ARCHITECTURE.md ("The embedded store") and
+//! `tools/store-compare/README.md` for the measured comparison with redb and SQLite.
 
 mod schema;
+mod watermark;
 mod writer;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,15 +23,15 @@ use chinwag_core::{
     CommitListener, Coordinate, DcName, NewMessage, NodeName, Receipt, SharedMessage, Store,
     StoreError, UserId,
 };
-use redb::{Database, ReadableDatabase, ReadableTable};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 pub use writer::CommitObserver;
 use writer::{CoordinateMap, Op, Writer};
 
-/// File name of the store inside the data directory.
-pub const STORE_FILE: &str = "store.redb";
+/// Directory of the store inside the data directory.
+pub const STORE_DIR: &str = "store";
 
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -79,19 +82,48 @@ pub struct Shared {
 }
 
 impl Shared {
-    fn add_depth(&self, delta: i64) {
+    fn add_depth(&self, delta: i128) {
+        let amount = u64::try_from(delta.unsigned_abs()).unwrap_or(u64::MAX);
         if delta >= 0 {
-            self.mailbox_depth
-                .fetch_add(delta.unsigned_abs(), Ordering::Relaxed);
+            self.mailbox_depth.fetch_add(amount, Ordering::Relaxed);
         } else {
-            self.mailbox_depth
-                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+            self.mailbox_depth.fetch_sub(amount, Ordering::Relaxed);
         }
     }
 }
 
+/// Memtable size per keyspace. Every append searches and inserts into the memtables of
+/// its keyspaces on the writer thread, and a smaller skiplist is searched faster (see
+/// docs/performance.md); flushing it to disk happens on fjall's background threads.
+const MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
+
+/// The database and its keyspaces (each is a cheap, shared handle).
+#[derive(Clone)]
+pub struct Tables {
+    db: Database,
+    mailbox: Keyspace,
+    dedup: Keyspace,
+    depth: Keyspace,
+    coords: Keyspace,
+    meta: Keyspace,
+}
+
+impl Tables {
+    fn open(db: Database) -> Result<Self, fjall::Error> {
+        let ks = |name| db.keyspace(name, || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES));
+        Ok(Self {
+            mailbox: ks(schema::MAILBOX)?,
+            dedup: ks(schema::DEDUP)?,
+            depth: ks(schema::DEPTH)?,
+            coords: ks(schema::COORDS)?,
+            meta: ks(schema::META)?,
+            db,
+        })
+    }
+}
+
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    tables: Tables,
     shared: Arc<Shared>,
     ops: mpsc::Sender<Op>,
     dc: DcName,
@@ -107,27 +139,44 @@ impl EmbeddedStore {
         listener: Arc<dyn CommitListener>,
         observer: CommitObserver,
     ) -> Result<Self, OpenError> {
-        let path = dir.join(STORE_FILE);
-        let db = open_database(&path)?;
-        let io = |e: redb::Error| classify(&path, e);
-        let (next_seq, incarnation, coordinates, depth) = recover(&db, &options).map_err(io)?;
+        let path = dir.join(STORE_DIR);
+        let fail = |e: fjall::Error| classify(&path, e);
+        let db = Database::builder(&path).open().map_err(fail)?;
+        let tables = Tables::open(db).map_err(fail)?;
+        let recovered = recover(&tables, &options).map_err(|e| match e {
+            Recovery::Storage(e) => fail(e),
+            Recovery::Damaged(detail) => OpenError::Corrupt {
+                path: path.clone(),
+                detail,
+            },
+            Recovery::Format(found) => OpenError::Format {
+                path: path.clone(),
+                found,
+                expected: schema::FORMAT_VERSION,
+            },
+        })?;
+        let watermark = check_watermark(&path, recovered.commits)?;
+        let depth_total = recovered.depths.values().sum();
         let shared = Arc::new(Shared {
-            coordinates: RwLock::new(coordinates),
-            mailbox_depth: AtomicU64::new(depth),
+            coordinates: RwLock::new(recovered.coordinates),
+            mailbox_depth: AtomicU64::new(depth_total),
         });
-        let db = Arc::new(db);
         let (ops, rx) = mpsc::channel(options.queue);
         let writer = Writer {
-            db: db.clone(),
+            tables: tables.clone(),
             shared: shared.clone(),
             options: options.clone(),
             listener,
             observer,
-            next_seq,
+            next_seq: recovered.next_seq,
+            commits: recovered.commits,
+            watermark,
+            depths: recovered.depths,
             // Sweep after the first commit: a node restarted after a long stop has a backlog.
             last_sweep: Instant::now()
                 .checked_sub(writer::DEDUP_SWEEP_EVERY)
                 .unwrap_or_else(Instant::now),
+            sweep_from: Vec::new(),
         };
         // The thread ends by itself once the store is closed or dropped (its queue closes).
         std::thread::Builder::new()
@@ -137,9 +186,10 @@ impl EmbeddedStore {
                 path: path.clone(),
                 detail: format!("cannot start the writer thread: {e}"),
             })?;
-        tracing::info!(path = %path.display(), incarnation, mailbox_depth = depth, "store open");
+        let incarnation = recovered.incarnation;
+        tracing::info!(path = %path.display(), incarnation, mailbox_depth = depth_total, "store open");
         Ok(Self {
-            db,
+            tables,
             shared,
             ops,
             dc: options.dc,
@@ -203,23 +253,20 @@ impl EmbeddedStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<SharedMessage>, String> {
-        let txn = self.db.begin_read().map_err(|e| e.to_string())?;
-        let table = txn.open_table(schema::MAILBOX).map_err(|e| e.to_string())?;
         let Some(first) = after.checked_add(1) else {
             return Ok(Vec::new());
         };
         let lo = schema::mailbox_key(user, first);
         let hi = schema::mailbox_key(user, u64::MAX);
+        // One snapshot for the whole page: batches are atomic, so a page never shows a
+        // later message without the earlier ones committed before it.
+        let snapshot = self.tables.db.snapshot();
         let mut page = Vec::with_capacity(limit.min(256));
-        for entry in table
-            .range(lo.as_slice()..=hi.as_slice())
-            .map_err(|e| e.to_string())?
-            .take(limit)
-        {
-            let (key, value) = entry.map_err(|e| e.to_string())?;
-            let seq = schema::mailbox_seq(key.value()).ok_or("short mailbox key")?;
-            let record: schema::MessageRecord = postcard::from_bytes(value.value())
-                .map_err(|e| format!("mailbox record {seq}: {e}"))?;
+        for entry in snapshot.range(&self.tables.mailbox, lo..=hi).take(limit) {
+            let (key, value) = entry.into_inner().map_err(|e| e.to_string())?;
+            let seq = schema::mailbox_seq(&key).ok_or("short mailbox key")?;
+            let record: schema::MessageRecord =
+                postcard::from_bytes(&value).map_err(|e| format!("mailbox record {seq}: {e}"))?;
             page.push(Arc::new(record.into_message(user, seq, &self.dc)?));
         }
         Ok(page)
@@ -290,89 +337,131 @@ impl Store for EmbeddedStore {
     }
 }
 
-fn open_database(path: &Path) -> Result<Database, OpenError> {
-    Database::create(path).map_err(|e| classify(path, e.into()))
-}
-
-fn classify(path: &Path, e: redb::Error) -> OpenError {
+fn classify(path: &Path, e: fjall::Error) -> OpenError {
     let path = path.to_owned();
+    let detail = e.to_string();
     match e {
-        redb::Error::DatabaseAlreadyOpen => OpenError::Locked { path },
-        redb::Error::Corrupted(detail) => OpenError::Corrupt { path, detail },
-        other => {
-            let detail = other.to_string();
-            // redb reports files it cannot make sense of in several ways (bad magic number,
-            // impossible lengths); all of them mean the file is not a usable store.
-            if detail.contains("orrupt") || detail.contains("magic") || detail.contains("invalid") {
-                OpenError::Corrupt { path, detail }
-            } else {
-                OpenError::Io { path, detail }
-            }
-        }
+        fjall::Error::Locked => OpenError::Locked { path },
+        fjall::Error::Io(_) => OpenError::Io { path, detail },
+        // Everything else fjall reports at open (a journal that cannot be replayed, bad
+        // checksums, unknown tags or versions, unrecoverable state) means the files are
+        // not a usable store.
+        _ => OpenError::Corrupt { path, detail },
     }
 }
 
-type Recovered = (u64, u64, CoordinateMap, u64);
+/// Opens the watermark and refuses a store whose journal has fewer commits than were
+/// acknowledged.
+fn check_watermark(path: &Path, commits: u64) -> Result<watermark::Watermark, OpenError> {
+    let io = |e: std::io::Error| OpenError::Io {
+        path: path.join(watermark::FILE),
+        detail: e.to_string(),
+    };
+    let (mark, reading) = watermark::Watermark::open(path).map_err(io)?;
+    let corrupt = |detail: String| OpenError::Corrupt {
+        path: path.to_owned(),
+        detail,
+    };
+    match reading {
+        watermark::Reading::Commits(acknowledged) if acknowledged > commits => {
+            Err(corrupt(format!(
+                "the journal holds {commits} commits but {acknowledged} were made durable: files were truncated or damaged"
+            )))
+        }
+        watermark::Reading::Damaged => Err(corrupt(format!("{} is damaged", watermark::FILE))),
+        // Absent: a new store, or one from before watermarks; nothing to compare.
+        _ => Ok(mark),
+    }
+}
+
+enum Recovery {
+    Storage(fjall::Error),
+    Damaged(String),
+    Format(u64),
+}
+
+impl From<fjall::Error> for Recovery {
+    fn from(e: fjall::Error) -> Self {
+        Recovery::Storage(e)
+    }
+}
+
+struct Recovered {
+    next_seq: u64,
+    commits: u64,
+    incarnation: u64,
+    coordinates: CoordinateMap,
+    depths: HashMap<UserId, u64>,
+}
+
+fn read_u64(ks: &Keyspace, key: &str) -> Result<Option<u64>, Recovery> {
+    match ks.get(key)? {
+        None => Ok(None),
+        Some(v) => schema::decode_u64(&v)
+            .map(Some)
+            .ok_or_else(|| Recovery::Damaged(format!("meta {key} is not a counter"))),
+    }
+}
 
 /// Reads the counters, begins the incarnation and drops stale coordinates, in one durable
-/// transaction.
-fn recover(db: &Database, options: &StoreOptions) -> Result<Recovered, redb::Error> {
-    let mut txn = db.begin_write()?;
-    txn.set_durability(redb::Durability::Immediate)?;
-    let mut coordinates = CoordinateMap::default();
-    let (next_seq, incarnation, depth);
-    {
-        let mut meta = txn.open_table(schema::META)?;
-        let format = meta.get(schema::FORMAT)?.map(|v| v.value());
-        match format {
-            None => {
-                meta.insert(schema::FORMAT, schema::FORMAT_VERSION)?;
-            }
-            Some(v) if v == schema::FORMAT_VERSION => {}
-            Some(found) => {
-                return Err(redb::Error::Corrupted(format!(
-                    "store format {found}, this build reads format {}",
-                    schema::FORMAT_VERSION
-                )));
-            }
-        }
-        next_seq = meta.get(schema::NEXT_SEQ)?.map_or(1, |v| v.value());
-        let key = schema::incarnation_key(options.node.as_str());
-        incarnation = meta.get(key.as_str())?.map_or(0, |v| v.value()) + 1;
-        meta.insert(key.as_str(), incarnation)?;
-
-        let mut coords = txn.open_table(schema::COORDS)?;
-        let mut stale = Vec::new();
-        for entry in coords.iter()? {
-            let (key, ()) = entry.map(|(k, v)| (k.value().to_vec(), v.value()))?;
-            match schema::split_coord_key(&key) {
-                Some((user, at)) if at.node != options.node || at.dc != options.dc => {
-                    coordinates.apply(user, at, true)
-                }
-                _ => stale.push(key),
-            }
-        }
-        for key in &stale {
-            coords.remove(key.as_slice())?;
-        }
-        if !stale.is_empty() {
-            tracing::info!(
-                dropped = stale.len(),
-                "dropped coordinates of earlier incarnations"
-            );
-        }
-        let depths = txn.open_table(schema::DEPTH)?;
-        depth = depths
-            .iter()?
-            .map(|e| e.map(|(_, v)| v.value()))
-            .sum::<Result<u64, _>>()?;
-        // Create the remaining tables so readers never find one missing.
-        txn.open_table(schema::MAILBOX)?;
-        txn.open_table(schema::DEDUP)?;
-        txn.open_table(schema::DEDUP_AGE)?;
+/// batch.
+fn recover(t: &Tables, options: &StoreOptions) -> Result<Recovered, Recovery> {
+    let mut batch = t.db.batch().durability(Some(PersistMode::SyncAll));
+    match read_u64(&t.meta, schema::FORMAT)? {
+        None => batch.insert(
+            &t.meta,
+            schema::FORMAT,
+            schema::encode_u64(schema::FORMAT_VERSION),
+        ),
+        Some(schema::FORMAT_VERSION) => {}
+        Some(found) => return Err(Recovery::Format(found)),
     }
-    txn.commit()?;
-    Ok((next_seq, incarnation, coordinates, depth))
+    let next_seq = read_u64(&t.meta, schema::NEXT_SEQ)?.unwrap_or(1);
+    let commits = read_u64(&t.meta, schema::COMMITS)?.unwrap_or(0);
+    let key = schema::incarnation_key(options.node.as_str());
+    let incarnation = read_u64(&t.meta, &key)?.unwrap_or(0) + 1;
+    batch.insert(&t.meta, key.as_str(), schema::encode_u64(incarnation));
+
+    let mut coordinates = CoordinateMap::default();
+    let mut stale = 0;
+    for entry in t.coords.iter() {
+        let key = entry.key()?;
+        match schema::split_coord_key(&key) {
+            Some((user, at)) if at.node != options.node || at.dc != options.dc => {
+                coordinates.apply(user, at, true)
+            }
+            _ => {
+                batch.remove(&t.coords, key);
+                stale += 1;
+            }
+        }
+    }
+    if stale > 0 {
+        tracing::info!(
+            dropped = stale,
+            "dropped coordinates of earlier incarnations"
+        );
+    }
+    let mut depths = HashMap::new();
+    for entry in t.depth.iter() {
+        let (key, value) = entry.into_inner()?;
+        let user = std::str::from_utf8(&key)
+            .ok()
+            .and_then(|u| UserId::parse(u).ok());
+        let depth = schema::decode_u64(&value);
+        match (user, depth) {
+            (Some(user), Some(depth)) => drop(depths.insert(user, depth)),
+            _ => return Err(Recovery::Damaged("unreadable mailbox depth entry".into())),
+        }
+    }
+    batch.commit()?;
+    Ok(Recovered {
+        next_seq,
+        commits,
+        incarnation,
+        coordinates,
+        depths,
+    })
 }
 
 fn unix_ms() -> u64 {

@@ -5,26 +5,33 @@
 //! read with a single range scan in seq order (seqs are big-endian).
 
 use chinwag_core::{ClientMsgId, Coordinate, DcName, Message, MessageId, UserId};
-use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
 
-/// `user ++ seq` → [`MessageRecord`].
-pub const MAILBOX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mailbox");
-/// `sender ++ client_id` → [`DedupRecord`].
-pub const DEDUP: TableDefinition<&[u8], &[u8]> = TableDefinition::new("dedup");
-/// `at_ms ++ sender ++ client_id` → (); lets expired dedup entries be found oldest first.
-pub const DEDUP_AGE: TableDefinition<&[u8], ()> = TableDefinition::new("dedup_age");
-/// user → number of messages in the mailbox.
-pub const DEPTH: TableDefinition<&str, u64> = TableDefinition::new("depth");
-/// `user ++ postcard(coordinate)` → ().
-pub const COORDS: TableDefinition<&[u8], ()> = TableDefinition::new("coords");
-/// Counters: [`NEXT_SEQ`], [`INCARNATION`] prefix + node.
-pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Keyspace `user ++ seq` → [`MessageRecord`].
+pub const MAILBOX: &str = "mailbox";
+/// Keyspace `sender ++ client_id` → [`DedupRecord`].
+pub const DEDUP: &str = "dedup";
+/// Keyspace user → number of messages in the mailbox (u64, big-endian).
+pub const DEPTH: &str = "depth";
+/// Keyspace `user ++ postcard(coordinate)` → nothing.
+pub const COORDS: &str = "coords";
+/// Keyspace of counters (u64, big-endian): [`NEXT_SEQ`], [`FORMAT`], incarnations.
+pub const META: &str = "meta";
 
 pub const NEXT_SEQ: &str = "next_seq";
+/// Number of durable write batches; see `watermark`.
+pub const COMMITS: &str = "commits";
 pub const FORMAT: &str = "format";
 /// Bumped whenever the layout changes incompatibly.
 pub const FORMAT_VERSION: u64 = 1;
+
+pub fn encode_u64(v: u64) -> [u8; 8] {
+    v.to_be_bytes()
+}
+
+pub fn decode_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
 
 pub fn incarnation_key(node: &str) -> String {
     format!("incarnation/{node}")
@@ -55,19 +62,6 @@ pub fn dedup_key(sender: &UserId, client_id: &ClientMsgId) -> Vec<u8> {
     let mut key = user_prefix(sender);
     key.extend_from_slice(client_id.as_str().as_bytes());
     key
-}
-
-pub fn dedup_age_key(at_ms: u64, dedup_key: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(8 + dedup_key.len());
-    key.extend_from_slice(&at_ms.to_be_bytes());
-    key.extend_from_slice(dedup_key);
-    key
-}
-
-/// Splits a dedup-age key into the time and the dedup key.
-pub fn split_dedup_age(key: &[u8]) -> Option<(u64, &[u8])> {
-    let (at, rest) = key.split_at_checked(8)?;
-    Some((u64::from_be_bytes(at.try_into().ok()?), rest))
 }
 
 pub fn coord_key(user: &UserId, at: &Coordinate) -> Vec<u8> {

@@ -307,14 +307,13 @@ async fn a_second_open_is_refused_while_the_first_is_open() {
     assert!(matches!(err, OpenError::Locked { .. }), "{err}");
 }
 
-#[test]
-fn garbage_and_truncated_files_are_reported_as_corrupt() {
+#[tokio::test]
+async fn a_damaged_version_file_is_reported_as_corrupt() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join(STORE_FILE),
-        b"this is not a database at all, not even close",
-    )
-    .unwrap();
+    let (store, _) = open(dir.path(), 100);
+    store.close().await;
+    drop(store);
+    std::fs::write(dir.path().join(STORE_DIR).join("version"), b"garbage!").unwrap();
     let err = EmbeddedStore::open(
         dir.path(),
         options(100),
@@ -322,7 +321,7 @@ fn garbage_and_truncated_files_are_reported_as_corrupt() {
         Box::new(|_, _| {}),
     )
     .err()
-    .expect("garbage must not open");
+    .expect("a damaged store must not open");
     assert!(matches!(err, OpenError::Corrupt { .. }), "{err}");
 }
 
@@ -365,37 +364,63 @@ async fn dedup_entries_expire_after_the_window() {
     assert!(store.append(recent).await.unwrap().duplicate);
 }
 
+/// Damage to the journal: the store must either refuse to open with a clear error or
+/// open with every acknowledged message; it must never panic or silently lose data.
 #[tokio::test]
-async fn truncated_files_are_reported_not_panicked_on() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let (store, _) = open(dir.path(), 100_000);
-        for i in 0..500 {
-            store
-                .append(new("alice", "bob", &format!("c{i}"), &"x".repeat(200)))
-                .await
-                .unwrap();
+async fn damaged_journals_are_reported_or_fully_recovered() {
+    for (name, damage) in [
+        ("truncated", Damage::Truncate),
+        ("overwritten", Damage::Garbage),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, _) = open(dir.path(), 100_000);
+            for i in 0..500 {
+                store
+                    .append(new("alice", "bob", &format!("c{i}"), &"x".repeat(200)))
+                    .await
+                    .unwrap();
+            }
+            store.close().await;
         }
-        store.close().await;
+        let journal = std::fs::read_dir(dir.path().join(STORE_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "jnl"))
+            .expect("a journal file");
+        damage.apply(&journal);
+        let result = EmbeddedStore::open(
+            dir.path(),
+            options(100_000),
+            Arc::new(Recorder::default()),
+            Box::new(|_, _| {}),
+        );
+        match result {
+            Err(OpenError::Corrupt { .. }) => {}
+            Err(e) => panic!("{name}: expected a corruption report, got {e}"),
+            Ok(store) => {
+                let page = store.scan(user("bob"), 0, 1000).await.unwrap();
+                assert_eq!(page.len(), 500, "{name}: damage silently lost messages");
+            }
+        }
     }
-    let path = dir.path().join(STORE_FILE);
-    let len = std::fs::metadata(&path).unwrap().len();
-    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    file.set_len(len / 3).unwrap();
-    drop(file);
-    let result = EmbeddedStore::open(
-        dir.path(),
-        options(100),
-        Arc::new(Recorder::default()),
-        Box::new(|_, _| {}),
-    );
-    match result {
-        Err(OpenError::Corrupt { .. }) => {}
-        Err(e) => panic!("expected a corruption report, got {e}"),
-        Ok(store) => {
-            // Recovery from the last good commit is acceptable only if nothing was lost.
-            let page = store.scan(user("bob"), 0, 1000).await.unwrap();
-            assert_eq!(page.len(), 500, "truncation silently lost messages");
+}
+
+enum Damage {
+    Truncate,
+    Garbage,
+}
+
+impl Damage {
+    fn apply(&self, path: &Path) {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        match self {
+            Damage::Truncate => file.set_len(40_000).unwrap(),
+            Damage::Garbage => {
+                file.seek(SeekFrom::Start(20_000)).unwrap();
+                file.write_all(&[0xAB; 4096]).unwrap();
+            }
         }
     }
 }

@@ -1,24 +1,29 @@
 //! The single writer thread and its group commit.
 //!
 //! Every write goes through one thread, which takes whatever operations are waiting (up to
-//! `commit_batch_max`), applies them in one redb transaction and makes it durable with one
-//! fsync. Throughput therefore grows with load instead of being capped at one fsync per
-//! message, and the order of commits is the order of this thread's loop: that is what
-//! gives seqs, and the commit listener, a single total order.
+//! `commit_batch_max`), turns them into one atomic fjall write batch and makes it durable
+//! with one fsync of the journal. Throughput therefore grows with load instead of being
+//! capped at one fsync per message, and the order of commits is the order of this
+//! thread's loop: that is what gives seqs, and the commit listener, a single total order.
+//!
+//! Because only this thread writes, the state that decides a write — the next seq, each
+//! mailbox's depth, which idempotency keys exist — is known here exactly; a batch keeps
+//! its own changes aside and applies them only once the batch is durable.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chinwag_core::{
-    CommitListener, Coordinate, Message, MessageId, NewMessage, Receipt, SharedMessage, StoreError,
-    UserId,
+    CommitListener, Coordinate, DcName, Message, MessageId, NewMessage, Receipt, SharedMessage,
+    StoreError, UserId,
 };
-use redb::{Database, Durability, ReadableTable, WriteTransaction};
+use fjall::{OwnedWriteBatch as WriteBatch, PersistMode};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::schema::{self, DedupRecord, MessageRecord};
-use crate::{Shared, StoreOptions};
+use crate::watermark::Watermark;
+use crate::{Shared, StoreOptions, Tables};
 
 pub type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -34,33 +39,47 @@ pub enum Op {
 /// Receives what one commit did, for metrics.
 pub type CommitObserver = Box<dyn Fn(Duration, usize) + Send + Sync>;
 
-/// How often expired dedup entries are swept, and how many at most per sweep (so a sweep
-/// never delays appends noticeably).
+/// How often expired dedup entries are swept, and how many are examined at most per sweep
+/// (so a sweep never delays appends noticeably).
 pub const DEDUP_SWEEP_EVERY: Duration = Duration::from_secs(10);
 const DEDUP_SWEEP_MAX: usize = 10_000;
 
 pub struct Writer {
-    pub db: Arc<Database>,
+    pub tables: Tables,
     pub shared: Arc<Shared>,
     pub options: StoreOptions,
     pub listener: Arc<dyn CommitListener>,
     pub observer: CommitObserver,
     pub next_seq: u64,
+    /// Durable batches so far, also recorded in the watermark.
+    pub commits: u64,
+    pub watermark: Watermark,
+    /// Messages per mailbox, for users with a non-empty mailbox.
+    pub depths: HashMap<UserId, u64>,
     pub last_sweep: Instant,
+    /// Where the next dedup sweep resumes; empty means from the start.
+    pub sweep_from: Vec<u8>,
 }
 
-/// The result of applying one batch, kept until the commit is known to have succeeded.
+/// What one batch will change once it is durable.
 #[derive(Default)]
-struct Effects {
+struct Pending {
     committed: Vec<SharedMessage>,
     coordinates: Vec<(UserId, Coordinate, bool)>,
-    depth_delta: i64,
+    /// New depth of each mailbox the batch touched.
+    depths: HashMap<UserId, u64>,
+    /// Idempotency keys first used in this batch (a batch cannot read its own writes).
+    dedup: HashMap<Vec<u8>, Receipt>,
+    /// Mailbox keys deleted in this batch, so two devices acknowledging the same message
+    /// at once count it once.
+    deleted: std::collections::HashSet<Vec<u8>>,
+    answers: Vec<Answer>,
+    stop: Option<oneshot::Sender<()>>,
 }
 
 enum Answer {
     Receipt(Reply<Receipt>, Result<Receipt, StoreError>),
     Done(Reply<()>),
-    Stopped(oneshot::Sender<()>),
 }
 
 impl Writer {
@@ -77,9 +96,9 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if let Some(done) = self.commit_batch(&mut batch) {
+            if let Some(done) = self.commit(batch.drain(..)) {
                 // Let go of the database before saying so: whoever closed the store may
-                // want to open the file again.
+                // want to open the directory again.
                 drop(self);
                 let _ = done.send(());
                 return;
@@ -90,112 +109,131 @@ impl Writer {
         }
     }
 
-    /// Applies and commits `batch` and answers every operation in it, except a shutdown
-    /// request, which is returned.
-    fn commit_batch(&mut self, batch: &mut Vec<Op>) -> Option<oneshot::Sender<()>> {
+    /// Applies and commits a batch of operations and answers each; returns a shutdown
+    /// request if the batch held one.
+    fn commit(&mut self, ops: impl Iterator<Item = Op>) -> Option<oneshot::Sender<()>> {
         let started = Instant::now();
-        let ops = batch.len();
-        let mut stop = None;
         let seq_before = self.next_seq;
-        let mut effects = Effects::default();
-        let mut answers = Vec::with_capacity(ops);
-        let outcome = self
+        let mut pending = Pending::default();
+        let mut batch = self
+            .tables
             .db
-            .begin_write()
-            .map_err(|e| e.to_string())
-            .and_then(|txn| self.apply(txn, batch.drain(..), &mut effects, &mut answers));
-        if let Err(e) = outcome {
-            // Nothing is durable: roll back what the batch consumed and fail it all.
-            tracing::error!(error = %e, ops, "store commit failed");
-            self.next_seq = seq_before;
-            let err = StoreError::Unavailable(e);
-            for answer in answers {
-                match answer {
-                    Answer::Receipt(reply, _) => drop(reply.send(Err(err.clone()))),
-                    Answer::Done(reply) => drop(reply.send(Err(err.clone()))),
-                    Answer::Stopped(done) => stop = Some(done),
+            .batch()
+            .durability(Some(PersistMode::SyncAll));
+        let mut count = 0;
+        let mut result = Ok(());
+        for op in ops {
+            count += 1;
+            if let Err(e) = self.apply(&mut batch, op, &mut pending) {
+                result = Err(e);
+            }
+        }
+        let result = result.and_then(|()| {
+            batch.insert(
+                &self.tables.meta,
+                schema::NEXT_SEQ,
+                schema::encode_u64(self.next_seq),
+            );
+            batch.insert(
+                &self.tables.meta,
+                schema::COMMITS,
+                schema::encode_u64(self.commits + 1),
+            );
+            batch.commit()
+        });
+        match result {
+            Ok(()) => {
+                self.commits += 1;
+                if let Err(e) = self.watermark.record(self.commits) {
+                    // Only the detection of later damage is weakened; the data is safe.
+                    tracing::warn!(error = %e, "cannot record the commit watermark");
+                }
+                (self.observer)(started.elapsed(), count);
+                self.publish(&mut pending);
+                for answer in pending.answers {
+                    // A caller that went away (its connection closed) no longer needs the
+                    // answer; the operation is durable all the same.
+                    match answer {
+                        Answer::Receipt(reply, result) => drop(reply.send(result)),
+                        Answer::Done(reply) => drop(reply.send(Ok(()))),
+                    }
                 }
             }
-            return stop;
-        }
-        (self.observer)(started.elapsed(), ops);
-        self.publish(effects);
-        for answer in answers {
-            // A caller that went away (its connection closed) no longer needs the answer;
-            // the operation is durable all the same.
-            match answer {
-                Answer::Receipt(reply, result) => drop(reply.send(result)),
-                Answer::Done(reply) => drop(reply.send(Ok(()))),
-                Answer::Stopped(done) => stop = Some(done),
+            Err(e) => {
+                // Nothing is durable: forget what the batch would have changed, fail it all.
+                tracing::error!(error = %e, ops = count, "store commit failed");
+                self.next_seq = seq_before;
+                let err = StoreError::Unavailable(format!("commit failed: {e}"));
+                for answer in pending.answers {
+                    match answer {
+                        Answer::Receipt(reply, _) => drop(reply.send(Err(err.clone()))),
+                        Answer::Done(reply) => drop(reply.send(Err(err.clone()))),
+                    }
+                }
             }
         }
-        stop
+        pending.stop
     }
 
+    /// Adds one operation to the batch. `Err` is a storage failure that fails the batch.
     fn apply(
         &mut self,
-        mut txn: WriteTransaction,
-        batch: impl Iterator<Item = Op>,
-        effects: &mut Effects,
-        answers: &mut Vec<Answer>,
-    ) -> Result<(), String> {
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| e.to_string())?;
-        {
-            let mut tables = Tables::open(&txn).map_err(|e| e.to_string())?;
-            for op in batch {
-                match op {
-                    Op::Append(new, reply) => {
-                        let result = self
-                            .append(&mut tables, new, effects)
-                            .map_err(|e| e.to_string())?;
-                        answers.push(Answer::Receipt(reply, result));
-                    }
-                    Op::Ack(user, seqs, reply) => {
-                        effects.depth_delta -=
-                            tables.ack(&user, &seqs).map_err(|e| e.to_string())?;
-                        answers.push(Answer::Done(reply));
-                    }
-                    Op::AddCoordinate(user, at, reply) => {
-                        tables
-                            .coords
-                            .insert(schema::coord_key(&user, &at).as_slice(), ())
-                            .map_err(|e| e.to_string())?;
-                        effects.coordinates.push((user, at, true));
-                        answers.push(Answer::Done(reply));
-                    }
-                    Op::RemoveCoordinate(user, at, reply) => {
-                        tables
-                            .coords
-                            .remove(schema::coord_key(&user, &at).as_slice())
-                            .map_err(|e| e.to_string())?;
-                        effects.coordinates.push((user, at, false));
-                        answers.push(Answer::Done(reply));
-                    }
-                    Op::Shutdown(done) => answers.push(Answer::Stopped(done)),
-                }
+        batch: &mut WriteBatch,
+        op: Op,
+        pending: &mut Pending,
+    ) -> Result<(), fjall::Error> {
+        match op {
+            Op::Append(new, reply) => {
+                let result = self.append(batch, new, pending)?;
+                pending.answers.push(Answer::Receipt(reply, result));
             }
-            tables
-                .meta
-                .insert(schema::NEXT_SEQ, self.next_seq)
-                .map_err(|e| e.to_string())?;
+            Op::Ack(user, seqs, reply) => {
+                self.ack(batch, user, &seqs, pending)?;
+                pending.answers.push(Answer::Done(reply));
+            }
+            Op::AddCoordinate(user, at, reply) => {
+                batch.insert(&self.tables.coords, schema::coord_key(&user, &at), []);
+                pending.coordinates.push((user, at, true));
+                pending.answers.push(Answer::Done(reply));
+            }
+            Op::RemoveCoordinate(user, at, reply) => {
+                batch.remove(&self.tables.coords, schema::coord_key(&user, &at));
+                pending.coordinates.push((user, at, false));
+                pending.answers.push(Answer::Done(reply));
+            }
+            Op::Shutdown(done) => pending.stop = Some(done),
         }
-        txn.commit().map_err(|e| e.to_string())
+        Ok(())
     }
 
-    /// Stores one message unless it is a retry or the mailbox is full. `Err` is a storage
-    /// failure that aborts the batch; `Ok(Err)` is this message's own refusal.
+    fn depth(&self, user: &UserId, pending: &Pending) -> u64 {
+        pending
+            .depths
+            .get(user)
+            .or_else(|| self.depths.get(user))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Stores one message unless it is a retry or the mailbox is full. `Ok(Err)` is this
+    /// message's own refusal; `Err` a storage failure.
     fn append(
         &mut self,
-        t: &mut Tables<'_>,
+        batch: &mut WriteBatch,
         new: NewMessage,
-        effects: &mut Effects,
-    ) -> Result<Result<Receipt, StoreError>, redb::Error> {
+        pending: &mut Pending,
+    ) -> Result<Result<Receipt, StoreError>, fjall::Error> {
         let dedup_key = schema::dedup_key(&new.from, &new.client_id);
-        if let Some(previous) = t.dedup.get(dedup_key.as_slice())? {
-            return Ok(Ok(self.earlier_receipt(previous.value())));
+        if let Some(receipt) = pending.dedup.get(&dedup_key) {
+            return Ok(Ok(Receipt {
+                duplicate: true,
+                ..receipt.clone()
+            }));
         }
-        let depth = t.depth.get(new.to.as_str())?.map_or(0, |d| d.value());
+        if let Some(previous) = self.tables.dedup.get(&dedup_key)? {
+            return Ok(Ok(self.earlier_receipt(&previous)));
+        }
+        let depth = self.depth(&new.to, pending);
         if depth >= self.options.mailbox_max_messages {
             return Ok(Err(StoreError::MailboxFull {
                 user: new.to,
@@ -216,85 +254,116 @@ impl Writer {
             text: new.text,
             at_ms: new.at_ms,
         };
-        t.mailbox.insert(
-            schema::mailbox_key(&msg.to, seq).as_slice(),
-            MessageRecord::of(&msg).encode().as_slice(),
-        )?;
+        batch.insert(
+            &self.tables.mailbox,
+            schema::mailbox_key(&msg.to, seq),
+            MessageRecord::of(&msg).encode(),
+        );
         let dedup = DedupRecord {
             origin: msg.id.origin.as_str(),
             origin_seq: seq,
             at_ms: msg.at_ms,
         };
-        t.dedup.insert(
-            dedup_key.as_slice(),
-            postcard::to_stdvec(&dedup).expect("encodes").as_slice(),
-        )?;
-        t.dedup_age
-            .insert(schema::dedup_age_key(msg.at_ms, &dedup_key).as_slice(), ())?;
-        t.depth.insert(msg.to.as_str(), depth + 1)?;
-        effects.depth_delta += 1;
+        batch.insert(
+            &self.tables.dedup,
+            dedup_key.clone(),
+            postcard::to_stdvec(&dedup).expect("encodes"),
+        );
+        self.set_depth(batch, &msg.to, depth + 1, pending);
         let receipt = Receipt {
             id: msg.id.clone(),
             at_ms: msg.at_ms,
             duplicate: false,
         };
-        effects.committed.push(Arc::new(msg));
+        pending.dedup.insert(dedup_key, receipt.clone());
+        pending.committed.push(Arc::new(msg));
         Ok(Ok(receipt))
     }
 
+    fn set_depth(&self, batch: &mut WriteBatch, user: &UserId, depth: u64, pending: &mut Pending) {
+        let key = user.as_str().as_bytes();
+        if depth == 0 {
+            batch.remove(&self.tables.depth, key);
+        } else {
+            batch.insert(&self.tables.depth, key, schema::encode_u64(depth));
+        }
+        pending.depths.insert(user.clone(), depth);
+    }
+
+    /// Deletes acknowledged messages that are still there.
+    fn ack(
+        &mut self,
+        batch: &mut WriteBatch,
+        user: UserId,
+        seqs: &[u64],
+        pending: &mut Pending,
+    ) -> Result<(), fjall::Error> {
+        let mut removed = 0;
+        for &seq in seqs {
+            let key = schema::mailbox_key(&user, seq);
+            // Acks of messages that are gone (acknowledged on another device, or never
+            // there) must not drive the depth count down.
+            if !pending.deleted.contains(&key) && self.tables.mailbox.contains_key(&key)? {
+                batch.remove(&self.tables.mailbox, key.clone());
+                pending.deleted.insert(key);
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            let depth = self.depth(&user, pending).saturating_sub(removed);
+            self.set_depth(batch, &user, depth, pending);
+        }
+        Ok(())
+    }
+
     fn earlier_receipt(&self, record: &[u8]) -> Receipt {
-        // A record this process cannot read would mean a corrupt file; answering with the
-        // retry as if new would risk a duplicate, so it is reported as a receipt of
-        // an unknown id instead of being stored again.
-        match postcard::from_bytes::<DedupRecord>(record) {
-            Ok(r) => Receipt {
-                id: MessageId {
-                    origin: chinwag_core::DcName::parse(r.origin)
-                        .unwrap_or_else(|_| self.options.dc.clone()),
-                    seq: r.origin_seq,
-                },
-                at_ms: r.at_ms,
-                duplicate: true,
-            },
+        // An unreadable record would mean a damaged store. Storing the retry again could
+        // deliver it twice, so it is answered as a duplicate of an unknown message.
+        let (origin, seq, at_ms) = match postcard::from_bytes::<DedupRecord>(record) {
+            Ok(r) => (DcName::parse(r.origin).ok(), r.origin_seq, r.at_ms),
             Err(e) => {
                 tracing::error!(error = %e, "unreadable dedup record");
-                Receipt {
-                    id: MessageId {
-                        origin: self.options.dc.clone(),
-                        seq: 0,
-                    },
-                    at_ms: 0,
-                    duplicate: true,
-                }
+                (None, 0, 0)
             }
+        };
+        Receipt {
+            id: MessageId {
+                origin: origin.unwrap_or_else(|| self.options.dc.clone()),
+                seq,
+            },
+            at_ms,
+            duplicate: true,
         }
     }
 
-    /// Makes a committed batch visible: coordinates first, so a message committed in the
-    /// same batch as its recipient's login is pushed to the new connection too.
-    fn publish(&self, effects: Effects) {
+    /// Makes a durable batch visible: coordinates first, so a message committed in the same
+    /// batch as its recipient's login is pushed to the new connection too.
+    fn publish(&mut self, pending: &mut Pending) {
         {
             let mut coords = self.shared.coordinates.write().expect("coordinates lock");
-            for (user, at, added) in effects.coordinates {
+            for (user, at, added) in pending.coordinates.drain(..) {
                 coords.apply(user, at, added);
             }
         }
-        self.shared.add_depth(effects.depth_delta);
+        for (user, depth) in pending.depths.drain() {
+            let before = if depth == 0 {
+                self.depths.remove(&user)
+            } else {
+                self.depths.insert(user, depth)
+            };
+            self.shared
+                .add_depth(i128::from(depth) - i128::from(before.unwrap_or(0)));
+        }
         let coords = self.shared.coordinates.read().expect("coordinates lock");
-        for msg in &effects.committed {
+        for msg in &pending.committed {
             self.listener.committed(msg, coords.of(&msg.to));
         }
     }
 
     fn sweep_dedup(&mut self) {
         self.last_sweep = Instant::now();
-        let horizon = crate::unix_ms().saturating_sub(
-            self.options
-                .dedup_window
-                .as_millis()
-                .try_into()
-                .unwrap_or(u64::MAX),
-        );
+        let window_ms = u64::try_from(self.options.dedup_window.as_millis()).unwrap_or(u64::MAX);
+        let horizon = crate::unix_ms().saturating_sub(window_ms);
         match self.sweep_dedup_before(horizon) {
             Ok(0) => {}
             Ok(n) => tracing::debug!(removed = n, "swept expired dedup entries"),
@@ -302,75 +371,39 @@ impl Writer {
         }
     }
 
-    fn sweep_dedup_before(&self, horizon_ms: u64) -> Result<usize, redb::Error> {
-        let mut txn = self.db.begin_write()?;
-        // Losing a sweep in a crash only means sweeping again.
-        txn.set_durability(Durability::None)?;
+    /// Examines up to [`DEDUP_SWEEP_MAX`] dedup entries from where the last sweep stopped
+    /// and removes those older than `horizon_ms`.
+    fn sweep_dedup_before(&mut self, horizon_ms: u64) -> Result<usize, fjall::Error> {
+        // Losing a sweep in a crash only means sweeping again: no fsync.
+        let mut batch = self.tables.db.batch().durability(Some(PersistMode::Buffer));
         let mut removed = 0;
-        {
-            let mut age = txn.open_table(schema::DEDUP_AGE)?;
-            let mut dedup = txn.open_table(schema::DEDUP)?;
-            let expired: Vec<Vec<u8>> = age
-                .range::<&[u8]>(..horizon_ms.to_be_bytes().as_slice())?
-                .take(DEDUP_SWEEP_MAX)
-                .map(|entry| entry.map(|(k, _)| k.value().to_vec()))
-                .collect::<Result<_, _>>()?;
-            for key in expired {
-                age.remove(key.as_slice())?;
-                if let Some((_, dedup_key)) = schema::split_dedup_age(&key) {
-                    dedup.remove(dedup_key)?;
-                }
+        let mut examined = 0;
+        let mut last = None;
+        for entry in self.tables.dedup.range(self.sweep_from.as_slice()..) {
+            let (key, value) = entry.into_inner()?;
+            examined += 1;
+            let expired =
+                postcard::from_bytes::<DedupRecord>(&value).is_ok_and(|r| r.at_ms < horizon_ms);
+            if expired {
+                batch.remove(&self.tables.dedup, key.clone());
                 removed += 1;
             }
+            last = Some(key);
+            if examined == DEDUP_SWEEP_MAX {
+                break;
+            }
         }
-        txn.commit()?;
+        self.sweep_from = match (examined == DEDUP_SWEEP_MAX, last) {
+            // Resume just after the last key examined.
+            (true, Some(key)) => {
+                let mut next = key.to_vec();
+                next.push(0);
+                next
+            }
+            _ => Vec::new(),
+        };
+        batch.commit()?;
         Ok(removed)
-    }
-}
-
-struct Tables<'t> {
-    mailbox: redb::Table<'t, &'static [u8], &'static [u8]>,
-    dedup: redb::Table<'t, &'static [u8], &'static [u8]>,
-    dedup_age: redb::Table<'t, &'static [u8], ()>,
-    depth: redb::Table<'t, &'static str, u64>,
-    coords: redb::Table<'t, &'static [u8], ()>,
-    meta: redb::Table<'t, &'static str, u64>,
-}
-
-impl<'t> Tables<'t> {
-    fn open(txn: &'t WriteTransaction) -> Result<Self, redb::TableError> {
-        Ok(Self {
-            mailbox: txn.open_table(schema::MAILBOX)?,
-            dedup: txn.open_table(schema::DEDUP)?,
-            dedup_age: txn.open_table(schema::DEDUP_AGE)?,
-            depth: txn.open_table(schema::DEPTH)?,
-            coords: txn.open_table(schema::COORDS)?,
-            meta: txn.open_table(schema::META)?,
-        })
-    }
-
-    /// Deletes acknowledged messages; returns how many were there.
-    fn ack(&mut self, user: &UserId, seqs: &[u64]) -> Result<i64, redb::Error> {
-        let mut removed = 0;
-        for &seq in seqs {
-            if self
-                .mailbox
-                .remove(schema::mailbox_key(user, seq).as_slice())?
-                .is_some()
-            {
-                removed += 1;
-            }
-        }
-        if removed > 0 {
-            let depth = self.depth.get(user.as_str())?.map_or(0, |d| d.value());
-            let left = depth.saturating_sub(removed);
-            if left == 0 {
-                self.depth.remove(user.as_str())?;
-            } else {
-                self.depth.insert(user.as_str(), left)?;
-            }
-        }
-        Ok(i64::try_from(removed).unwrap_or(i64::MAX))
     }
 }
 
