@@ -28,15 +28,9 @@ const KEY_BYTES: usize = 32;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read token key {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("cannot write token key {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
     #[error("token key {path} is not valid: {why}")]
     Invalid { path: PathBuf, why: &'static str },
     #[error("no randomness available to make a token key: {0}")]
@@ -83,9 +77,7 @@ impl TokenKey {
     /// racing to create it: exactly one key wins and both end up using it.
     pub fn load_or_create(path: &Path) -> Result<Self, KeyError> {
         match Self::load(path) {
-            Err(KeyError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                Self::create(path)
-            }
+            Err(KeyError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Self::create(path),
             other => other,
         }
     }
@@ -148,10 +140,7 @@ fn private_file(path: &Path) -> std::io::Result<fs::File> {
 
 #[cfg(not(unix))]
 fn private_file(path: &Path) -> std::io::Result<fs::File> {
-    fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
+    fs::OpenOptions::new().write(true).create_new(true).open(path)
 }
 
 fn encode_hex(bytes: &[u8]) -> String {
@@ -203,13 +192,7 @@ pub struct TokenPolicy {
 }
 
 /// Makes a token for `user`, valid from `now_ms` for `ttl`.
-pub fn mint(
-    key: &TokenKey,
-    user: &UserId,
-    ttl: Duration,
-    now_ms: u64,
-    policy: &TokenPolicy,
-) -> String {
+pub fn mint(key: &TokenKey, user: &UserId, ttl: Duration, now_ms: u64, policy: &TokenPolicy) -> String {
     let now_s = now_ms / 1000;
     let claims = Claims {
         sub: user.to_string(),
@@ -261,8 +244,7 @@ impl Verifier {
 
     /// Verifies `token` at time `now_ms` and returns its user.
     pub fn verify(&self, token: &str, now_ms: u64) -> Result<UserId, TokenError> {
-        let data = jsonwebtoken::decode::<CheckedClaims>(token, &self.key, &self.validation)
-            .map_err(classify)?;
+        let data = jsonwebtoken::decode::<CheckedClaims>(token, &self.key, &self.validation).map_err(classify)?;
         let claims = data.claims;
         let missing = |claim: &str| TokenError::MissingClaim(claim.into());
         let exp = claims.exp.ok_or_else(|| missing("exp"))?;
@@ -281,9 +263,9 @@ impl Verifier {
 fn classify(e: jsonwebtoken::errors::Error) -> TokenError {
     match e.into_kind() {
         ErrorKind::InvalidSignature => TokenError::BadSignature,
-        ErrorKind::InvalidAlgorithm
-        | ErrorKind::InvalidAlgorithmName
-        | ErrorKind::MissingAlgorithm => TokenError::WrongAlgorithm,
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName | ErrorKind::MissingAlgorithm => {
+            TokenError::WrongAlgorithm
+        }
         ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
         ErrorKind::InvalidAudience => TokenError::WrongAudience,
         ErrorKind::MissingRequiredClaim(claim) => TokenError::MissingClaim(claim),

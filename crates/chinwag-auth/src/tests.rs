@@ -41,13 +41,7 @@ fn claims(exp_s: u64) -> Claims {
 
 #[test]
 fn minted_tokens_verify() {
-    let token = mint(
-        &key(),
-        &bob(),
-        Duration::from_secs(60),
-        NOW_MS,
-        &TokenPolicy::default(),
-    );
+    let token = mint(&key(), &bob(), Duration::from_secs(60), NOW_MS, &TokenPolicy::default());
     let v = Verifier::new(&key(), &TokenPolicy::default());
     assert_eq!(v.verify(&token, NOW_MS), Ok(bob()));
     assert_eq!(v.verify(&token, NOW_MS + 59_000), Ok(bob()));
@@ -72,11 +66,7 @@ fn other_algorithms_are_refused_even_with_the_right_key() {
     let v = Verifier::new(&key(), &TokenPolicy::default());
     for alg in [Algorithm::HS384, Algorithm::HS512] {
         let token = sign_claims(&claims(exp), alg, &key().secret);
-        assert_eq!(
-            v.verify(&token, NOW_MS),
-            Err(TokenError::WrongAlgorithm),
-            "{alg:?}"
-        );
+        assert_eq!(v.verify(&token, NOW_MS), Err(TokenError::WrongAlgorithm), "{alg:?}");
     }
 }
 
@@ -89,16 +79,9 @@ fn a_different_key_is_a_bad_signature() {
 
 #[test]
 fn a_tampered_payload_is_a_bad_signature() {
-    let token = mint(
-        &key(),
-        &bob(),
-        Duration::from_secs(60),
-        NOW_MS,
-        &TokenPolicy::default(),
-    );
+    let token = mint(&key(), &bob(), Duration::from_secs(60), NOW_MS, &TokenPolicy::default());
     let parts: Vec<&str> = token.split('.').collect();
-    let forged_claims =
-        URL_SAFE_NO_PAD.encode(format!(r#"{{"sub":"alice","exp":{}}}"#, NOW_MS / 1000 + 60));
+    let forged_claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"sub":"alice","exp":{}}}"#, NOW_MS / 1000 + 60));
     let forged = format!("{}.{}.{}", parts[0], forged_claims, parts[2]);
     let v = Verifier::new(&key(), &TokenPolicy::default());
     assert_eq!(v.verify(&forged, NOW_MS), Err(TokenError::BadSignature));
@@ -127,10 +110,7 @@ fn missing_exp_or_sub_is_refused() {
         )
         .unwrap();
         let r = v.verify(&token, NOW_MS);
-        assert!(
-            matches!(r, Err(TokenError::MissingClaim(_))),
-            "{body} {header} {r:?}"
-        );
+        assert!(matches!(r, Err(TokenError::MissingClaim(_))), "{body} {header} {r:?}");
     }
 }
 
@@ -222,13 +202,7 @@ fn bad_key_files_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(KEY_FILE);
     fs::write(&path, "zz").unwrap();
-    assert!(matches!(
-        TokenKey::load(&path),
-        Err(KeyError::Invalid { .. })
-    ));
+    assert!(matches!(TokenKey::load(&path), Err(KeyError::Invalid { .. })));
     fs::write(&path, "abcd").unwrap();
-    assert!(matches!(
-        TokenKey::load(&path),
-        Err(KeyError::Invalid { .. })
-    ));
+    assert!(matches!(TokenKey::load(&path), Err(KeyError::Invalid { .. })));
 }

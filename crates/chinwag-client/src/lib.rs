@@ -88,10 +88,7 @@ impl Connection {
     /// Connects and logs in.
     pub async fn login(server: &str, token: &str) -> Result<(Self, Welcome), ClientError> {
         let mut conn = Self::connect(server).await?;
-        conn.send(&ClientFrame::Login {
-            token: token.into(),
-        })
-        .await?;
+        conn.send(&ClientFrame::Login { token: token.into() }).await?;
         loop {
             match conn.recv().await? {
                 ServerFrame::Welcome {
@@ -153,12 +150,7 @@ impl Connection {
 
     /// Sends a message and waits for the server to accept or refuse it. Frames that arrive
     /// meanwhile are kept for [`Connection::recv`].
-    pub async fn send_message(
-        &mut self,
-        to: &str,
-        client_id: &str,
-        text: &str,
-    ) -> Result<Sent, ClientError> {
+    pub async fn send_message(&mut self, to: &str, client_id: &str, text: &str) -> Result<Sent, ClientError> {
         let frame = ClientFrame::Send {
             to: to.into(),
             client_id: client_id.into(),
@@ -168,16 +160,8 @@ impl Connection {
         let mut held = Vec::new();
         let result = loop {
             match self.next_from_wire().await {
-                Ok(ServerFrame::Sent {
-                    client_id: c,
-                    id,
-                    at,
-                }) if c == client_id => {
-                    break Ok(Sent {
-                        client_id: c,
-                        id,
-                        at,
-                    });
+                Ok(ServerFrame::Sent { client_id: c, id, at }) if c == client_id => {
+                    break Ok(Sent { client_id: c, id, at });
                 }
                 Ok(ServerFrame::Error {
                     code,

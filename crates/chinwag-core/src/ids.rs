@@ -178,10 +178,7 @@ mod tests {
         assert!(UserId::parse("a.b-c_d@example.org").is_ok());
         assert_eq!(UserId::parse(""), Err(IdError::Empty));
         assert_eq!(UserId::parse(&"x".repeat(65)), Err(IdError::TooLong));
-        assert!(matches!(
-            UserId::parse("bob smith"),
-            Err(IdError::BadChar(' ', _))
-        ));
+        assert!(matches!(UserId::parse("bob smith"), Err(IdError::BadChar(' ', _))));
         assert!(UserId::parse("bøb").is_err());
     }
 

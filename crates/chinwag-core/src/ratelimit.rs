@@ -15,10 +15,7 @@ impl TokenBucket {
     /// A full bucket. `rate_per_sec` and `burst` must be at least 1 (the config validates
     /// this).
     pub fn new(rate_per_sec: u32, burst: u32, now_ms: u64) -> Self {
-        assert!(
-            rate_per_sec >= 1 && burst >= 1,
-            "rate and burst must be positive"
-        );
+        assert!(rate_per_sec >= 1 && burst >= 1, "rate and burst must be positive");
         Self {
             milli_tokens: u64::from(burst) * 1000,
             capacity_milli: u64::from(burst) * 1000,

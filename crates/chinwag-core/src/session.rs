@@ -96,11 +96,7 @@ pub enum Output {
     /// order the appends were asked for.
     Append(NewMessage),
     /// Read `user`'s mailbox after `after`, then call [`Session::on_scanned`].
-    Scan {
-        user: UserId,
-        after: u64,
-        limit: usize,
-    },
+    Scan { user: UserId, after: u64, limit: usize },
     /// Delete these messages from `user`'s mailbox, then call [`Session::on_acked`].
     Ack {
         user: UserId,
@@ -144,12 +140,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(
-        limits: Arc<SessionLimits>,
-        auth: Arc<dyn Authenticate>,
-        coordinate: Coordinate,
-        now_ms: u64,
-    ) -> Self {
+    pub fn new(limits: Arc<SessionLimits>, auth: Arc<dyn Authenticate>, coordinate: Coordinate, now_ms: u64) -> Self {
         let bucket = TokenBucket::new(limits.rate_per_sec, limits.burst, now_ms);
         let deadline_ms = now_ms.saturating_add(limits.login_timeout_ms);
         Self {
@@ -215,10 +206,7 @@ impl Session {
         if let State::AwaitingLogin { deadline_ms } = self.state
             && now_ms >= deadline_ms
         {
-            self.fail(
-                ErrorCode::LoginTimeout,
-                "no login within the login timeout".into(),
-            );
+            self.fail(ErrorCode::LoginTimeout, "no login within the login timeout".into());
         }
     }
 
@@ -253,43 +241,26 @@ impl Session {
         }
         match frame {
             ClientFrame::Login { token } => self.login(&token, now_ms),
-            ClientFrame::Ping { nonce } => self
-                .out
-                .push_back(Output::Frame(ServerFrame::Pong { nonce })),
-            ClientFrame::Send {
-                to,
-                client_id,
-                text,
-            } => self.send(to, client_id, text, now_ms),
+            ClientFrame::Ping { nonce } => self.out.push_back(Output::Frame(ServerFrame::Pong { nonce })),
+            ClientFrame::Send { to, client_id, text } => self.send(to, client_id, text, now_ms),
             ClientFrame::Ack { ids } => self.ack(ids),
         }
     }
 
     /// A binary WebSocket message arrived; protocol v1 is text only.
     pub fn on_binary(&mut self) {
-        self.error(
-            ErrorCode::BinaryFrame,
-            "protocol v1 uses text frames only".into(),
-            None,
-        );
+        self.error(ErrorCode::BinaryFrame, "protocol v1 uses text frames only".into(), None);
     }
 
     /// The transport refused a frame larger than `max_frame_bytes`.
     pub fn on_oversized(&mut self) {
         let limit = self.limits.max_frame_bytes;
-        self.fail(
-            ErrorCode::FrameTooLarge,
-            format!("frames are limited to {limit} bytes"),
-        );
+        self.fail(ErrorCode::FrameTooLarge, format!("frames are limited to {limit} bytes"));
     }
 
     fn login(&mut self, token: &str, now_ms: u64) {
         if !matches!(self.state, State::AwaitingLogin { .. }) {
-            return self.error(
-                ErrorCode::AlreadyAuthenticated,
-                "already logged in".into(),
-                None,
-            );
+            return self.error(ErrorCode::AlreadyAuthenticated, "already logged in".into(), None);
         }
         let user = match self.auth.authenticate(token, now_ms) {
             Ok(user) => user,
@@ -336,11 +307,7 @@ impl Session {
 
     fn send(&mut self, to: String, client_id: String, text: String, now_ms: u64) {
         let State::Open(open) = &self.state else {
-            return self.error(
-                ErrorCode::Unauthenticated,
-                "log in first".into(),
-                Some(client_id),
-            );
+            return self.error(ErrorCode::Unauthenticated, "log in first".into(), Some(client_id));
         };
         let from = open.user.clone();
         let client_msg_id = match ClientMsgId::parse(&client_id) {
@@ -353,11 +320,7 @@ impl Session {
         let to = match UserId::parse(&to) {
             Ok(to) => to,
             Err(e) => {
-                return self.error(
-                    ErrorCode::BadRecipient,
-                    format!("recipient {e}"),
-                    Some(client_id),
-                );
+                return self.error(ErrorCode::BadRecipient, format!("recipient {e}"), Some(client_id));
             }
         };
         if text.len() > self.limits.max_text_bytes {
@@ -380,10 +343,7 @@ impl Session {
 
     /// An append asked for by [`Output::Append`] finished.
     pub fn on_appended(&mut self, client_id: &ClientMsgId, result: Result<Receipt, StoreError>) {
-        debug_assert!(
-            self.pending_sends > 0,
-            "append result without a pending append"
-        );
+        debug_assert!(self.pending_sends > 0, "append result without a pending append");
         self.pending_sends = self.pending_sends.saturating_sub(1);
         if self.is_closed() {
             return;
@@ -428,8 +388,7 @@ impl Session {
             .collect();
         let user = open.user.clone();
         if seqs.is_empty() {
-            self.out
-                .push_back(Output::Frame(ServerFrame::Acked { ids }));
+            self.out.push_back(Output::Frame(ServerFrame::Acked { ids }));
         } else {
             self.out.push_back(Output::Ack { user, seqs, ids });
         }
@@ -508,10 +467,7 @@ impl Session {
         };
         let exhausted = page.len() < limit && !open.held_overflowed;
         for msg in page {
-            debug_assert!(
-                msg.seq > open.cursor,
-                "scan returned a seq at or below the cursor"
-            );
+            debug_assert!(msg.seq > open.cursor, "scan returned a seq at or below the cursor");
             if msg.seq > open.cursor {
                 deliver(open, &mut self.out, msg);
             }
@@ -559,9 +515,7 @@ impl Session {
         if self.is_closed() {
             return;
         }
-        let close = code
-            .close_code()
-            .expect("fail() is only used with closing codes");
+        let close = code.close_code().expect("fail() is only used with closing codes");
         self.error(code, message, None);
         self.out.push_back(Output::Close {
             code: close,
@@ -571,11 +525,7 @@ impl Session {
     }
 
     fn fail_unavailable(&mut self, e: StoreError) {
-        self.error(
-            ErrorCode::Unavailable,
-            format!("mailbox unavailable: {e}"),
-            None,
-        );
+        self.error(ErrorCode::Unavailable, format!("mailbox unavailable: {e}"), None);
         // 1011: "internal error"; the client should reconnect later.
         self.out.push_back(Output::Close {
             code: 1011,

@@ -55,25 +55,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes the messages with these seqs from `user`'s mailbox. Seqs that are not there
     /// (already acknowledged, or never existed) are ignored.
-    fn ack(
-        &self,
-        user: UserId,
-        seqs: Vec<u64>,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn ack(&self, user: UserId, seqs: Vec<u64>) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Records that `user` is online at `at`.
-    fn add_coordinate(
-        &self,
-        user: UserId,
-        at: Coordinate,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn add_coordinate(&self, user: UserId, at: Coordinate) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Forgets one coordinate of `user`; a no-op if it is not there.
-    fn remove_coordinate(
-        &self,
-        user: UserId,
-        at: Coordinate,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn remove_coordinate(&self, user: UserId, at: Coordinate) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Where `user` is online right now. Served from memory: it sits on the delivery path
     /// of every message.

@@ -307,9 +307,7 @@ mod tests {
         // Unknown fields are ignored for forward compatibility.
         assert_eq!(
             decode_client(r#"{"type":"ack","ids":["a"],"extra":1}"#),
-            Ok(ClientFrame::Ack {
-                ids: vec!["a".into()]
-            })
+            Ok(ClientFrame::Ack { ids: vec!["a".into()] })
         );
     }
 
@@ -325,10 +323,7 @@ mod tests {
         assert_eq!(code_of(r#"[1,2]"#), ErrorCode::BadFrame);
         assert_eq!(code_of(r#"{"to":"bob"}"#), ErrorCode::BadFrame);
         assert_eq!(code_of(r#"{"type":7}"#), ErrorCode::BadFrame);
-        assert_eq!(
-            code_of(r#"{"type":"send","to":"bob"}"#),
-            ErrorCode::BadFrame
-        );
+        assert_eq!(code_of(r#"{"type":"send","to":"bob"}"#), ErrorCode::BadFrame);
         assert_eq!(
             code_of(r#"{"type":"send","to":5,"client_id":"c","text":"t"}"#),
             ErrorCode::BadFrame

@@ -13,10 +13,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {source}")]
     Parse {
         path: PathBuf,
@@ -271,8 +268,7 @@ mod tests {
 
     #[test]
     fn partial_files_keep_defaults() {
-        let config =
-            Config::from_toml("dc = \"east\"\n[limits]\nlogin_timeout = \"3s\"\n").unwrap();
+        let config = Config::from_toml("dc = \"east\"\n[limits]\nlogin_timeout = \"3s\"\n").unwrap();
         assert_eq!(config.dc, "east");
         assert_eq!(config.limits.login_timeout, Duration::from_secs(3));
         assert_eq!(config.limits.burst, LimitsConfig::default().burst);
@@ -293,21 +289,9 @@ mod tests {
         assert!(config.validate().unwrap_err().to_string().contains("dc"));
         let mut config = Config::default();
         config.limits.burst = 0;
-        assert!(
-            config
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .contains("limits.burst")
-        );
+        assert!(config.validate().unwrap_err().to_string().contains("limits.burst"));
         let mut config = Config::default();
         config.limits.max_frame_bytes = 1000;
-        assert!(
-            config
-                .validate()
-                .unwrap_err()
-                .to_string()
-                .contains("max_frame_bytes")
-        );
+        assert!(config.validate().unwrap_err().to_string().contains("max_frame_bytes"));
     }
 }

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
-use chinwag_core::{
-    ClientMsgId, Coordinate, Output, Receipt, Session, SharedMessage, Store, StoreError,
-};
+use chinwag_core::{ClientMsgId, Coordinate, Output, Receipt, Session, SharedMessage, Store, StoreError};
 use chinwag_proto::ServerFrame;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered};
 use futures_util::{SinkExt, StreamExt};
@@ -46,12 +44,7 @@ enum End {
 
 pub async fn serve<S: Store>(node: Arc<NodeState<S>>, socket: WebSocket) {
     let (coordinate, inbox) = node.registry.open();
-    let mut session = Session::new(
-        node.limits.clone(),
-        node.auth.clone(),
-        coordinate.clone(),
-        now_ms(),
-    );
+    let mut session = Session::new(node.limits.clone(), node.auth.clone(), coordinate.clone(), now_ms());
     let end = Driver {
         node: &node,
         session: &mut session,
@@ -91,8 +84,7 @@ struct Driver<'a, S> {
 
 impl<S: Store> Driver<'_, S> {
     async fn run(mut self) -> End {
-        let mut appends: FuturesOrdered<Pending<(ClientMsgId, Result<Receipt, StoreError>)>> =
-            FuturesOrdered::new();
+        let mut appends: FuturesOrdered<Pending<(ClientMsgId, Result<Receipt, StoreError>)>> = FuturesOrdered::new();
         let mut ops: FuturesUnordered<Pending<Done>> = FuturesUnordered::new();
         let mut shutdown = self.node.shutdown.clone();
         loop {
@@ -163,9 +155,7 @@ impl<S: Store> Driver<'_, S> {
                     if let ServerFrame::Error { code, .. } = &frame {
                         self.node.metrics.error(*code);
                     }
-                    self.socket
-                        .feed(text(chinwag_proto::encode_server(&frame)))
-                        .await?;
+                    self.socket.feed(text(chinwag_proto::encode_server(&frame))).await?;
                     wrote = true;
                 }
                 Output::Deliver(msg) => {
@@ -178,15 +168,13 @@ impl<S: Store> Driver<'_, S> {
                 }
                 Output::Join { user } => {
                     let at = self.session.coordinate().clone();
-                    ops.push(Box::pin(async move {
-                        Done::Joined(store.add_coordinate(user, at).await)
-                    }));
+                    ops.push(Box::pin(
+                        async move { Done::Joined(store.add_coordinate(user, at).await) },
+                    ));
                 }
                 Output::Append(new) => {
                     let client_id = new.client_id.clone();
-                    appends.push_back(Box::pin(
-                        async move { (client_id, store.append(new).await) },
-                    ));
+                    appends.push_back(Box::pin(async move { (client_id, store.append(new).await) }));
                 }
                 Output::Scan { user, after, limit } => {
                     ops.push(Box::pin(async move {
@@ -194,9 +182,7 @@ impl<S: Store> Driver<'_, S> {
                     }));
                 }
                 Output::Ack { user, seqs, ids } => {
-                    ops.push(Box::pin(async move {
-                        Done::Acked(ids, store.ack(user, seqs).await)
-                    }));
+                    ops.push(Box::pin(async move { Done::Acked(ids, store.ack(user, seqs).await) }));
                 }
             }
         }

@@ -38,19 +38,13 @@ async fn healthz<S: Store>(State(node): State<Arc<NodeState<S>>>) -> Response {
 
 async fn metrics<S: Store>(State(node): State<Arc<NodeState<S>>>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         node.metrics.render(),
     )
         .into_response()
 }
 
-async fn websocket<S: Store>(
-    State(node): State<Arc<NodeState<S>>>,
-    upgrade: WebSocketUpgrade,
-) -> Response {
+async fn websocket<S: Store>(State(node): State<Arc<NodeState<S>>>, upgrade: WebSocketUpgrade) -> Response {
     let Ok(slot) = node.connection_slots.clone().try_acquire_owned() else {
         node.metrics.error(ErrorCode::ServerBusy);
         let body = ServerFrame::Error {

@@ -94,11 +94,7 @@ impl Metrics {
             messages_out.clone(),
         );
         let errors = Family::<CodeLabel, Counter>::default();
-        registry.register(
-            "errors",
-            "Error frames sent to clients, by code",
-            errors.clone(),
-        );
+        registry.register("errors", "Error frames sent to clients, by code", errors.clone());
         registry.register(
             "store_commit_seconds",
             "Time to make one batch of store writes durable",
@@ -120,18 +116,13 @@ impl Metrics {
     }
 
     pub fn error(&self, code: ErrorCode) {
-        self.errors
-            .get_or_create(&CodeLabel {
-                code: code.as_str(),
-            })
-            .inc();
+        self.errors.get_or_create(&CodeLabel { code: code.as_str() }).inc();
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
 }
@@ -145,11 +136,7 @@ impl Collector for Snapshotter {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snap = (self.read)();
         let gauges = [
-            (
-                "connections",
-                "Open client connections on this node",
-                snap.connections,
-            ),
+            ("connections", "Open client connections on this node", snap.connections),
             (
                 "mailbox_depth",
                 "Unacknowledged messages in all mailboxes",

@@ -121,11 +121,7 @@ impl Node {
             data = %state.config.data.display(),
             "node started"
         );
-        Ok(Node {
-            state,
-            listener,
-            stop,
-        })
+        Ok(Node { state, listener, stop })
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
@@ -133,15 +129,8 @@ impl Node {
     }
 
     /// Serves until `shutdown` completes, then closes every connection and the store.
-    pub async fn serve(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), NodeError> {
-        let Node {
-            state,
-            listener,
-            stop,
-        } = self;
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), NodeError> {
+        let Node { state, listener, stop } = self;
         let app = crate::http::router(state.clone());
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
@@ -172,10 +161,7 @@ async fn drain<S: Store>(state: &NodeState<S>) {
         .await
         .is_err()
     {
-        tracing::warn!(
-            open = state.registry.len(),
-            "connections still open at shutdown"
-        );
+        tracing::warn!(open = state.registry.len(), "connections still open at shutdown");
     }
 }
 

@@ -77,10 +77,7 @@ impl Registry {
     /// as soon as this returns; the store learns of it separately, at login.
     pub fn open(&self) -> (Coordinate, Inbox) {
         let incarnation = self.incarnation();
-        assert!(
-            incarnation > 0,
-            "connection opened before the node's incarnation began"
-        );
+        assert!(incarnation > 0, "connection opened before the node's incarnation began");
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (queue, messages) = mpsc::channel(self.queue_len);
         let signal = Arc::new(DropSignal::default());
@@ -88,10 +85,7 @@ impl Registry {
             queue,
             signal: signal.clone(),
         };
-        self.conns
-            .write()
-            .expect("registry lock")
-            .insert(conn, entry);
+        self.conns.write().expect("registry lock").insert(conn, entry);
         let coordinate = Coordinate {
             dc: self.dc.clone(),
             node: self.node.clone(),
@@ -102,10 +96,7 @@ impl Registry {
     }
 
     pub fn close(&self, coordinate: &Coordinate) {
-        self.conns
-            .write()
-            .expect("registry lock")
-            .remove(&coordinate.conn);
+        self.conns.write().expect("registry lock").remove(&coordinate.conn);
     }
 
     pub fn len(&self) -> usize {
@@ -166,11 +157,7 @@ mod tests {
     }
 
     fn registry() -> Registry {
-        let r = Registry::new(
-            DcName::parse("local").unwrap(),
-            NodeName::parse("n1").unwrap(),
-            2,
-        );
+        let r = Registry::new(DcName::parse("local").unwrap(), NodeName::parse("n1").unwrap(), 2);
         r.set_incarnation(3);
         r
     }

@@ -11,8 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chinwag_core::{
-    ClientMsgId, CommitListener, Coordinate, DcName, NewMessage, NodeName, SharedMessage, Store,
-    UserId,
+    ClientMsgId, CommitListener, Coordinate, DcName, NewMessage, NodeName, SharedMessage, Store, UserId,
 };
 use chinwag_store::{EmbeddedStore, StoreOptions};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -46,8 +45,7 @@ impl Fixture {
             queue: 65_536,
             dedup_window: Duration::from_secs(3600),
         };
-        let store = EmbeddedStore::open(dir.path(), options, Arc::new(Ignore), Box::new(|_, _| {}))
-            .unwrap();
+        let store = EmbeddedStore::open(dir.path(), options, Arc::new(Ignore), Box::new(|_, _| {})).unwrap();
         Self {
             _dir: dir,
             store: Arc::new(store),
@@ -123,9 +121,7 @@ fn bench(c: &mut Criterion) {
             runtime.block_on(async move {
                 let started = Instant::now();
                 let mut in_flight = FuturesOrdered::new();
-                let done = |r: Option<Result<chinwag_core::Receipt, chinwag_core::StoreError>>| {
-                    r.unwrap().unwrap()
-                };
+                let done = |r: Option<Result<chinwag_core::Receipt, chinwag_core::StoreError>>| r.unwrap().unwrap();
                 for _ in 0..iters {
                     if in_flight.len() == 256 {
                         done(in_flight.next().await);

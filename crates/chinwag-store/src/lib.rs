@@ -20,8 +20,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chinwag_core::{
-    CommitListener, Coordinate, DcName, NewMessage, NodeName, Receipt, SharedMessage, Store,
-    StoreError, UserId,
+    CommitListener, Coordinate, DcName, NewMessage, NodeName, Receipt, SharedMessage, Store, StoreError, UserId,
 };
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use tokio::sync::mpsc::error::TrySendError;
@@ -48,22 +47,12 @@ pub struct StoreOptions {
 /// Why the store could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error(
-        "{path} is in use by another process (is another chinwag running on this data directory?)"
-    )]
+    #[error("{path} is in use by another process (is another chinwag running on this data directory?)")]
     Locked { path: PathBuf },
-    #[error(
-        "{path} is corrupt or truncated: {detail}. Restore it from a backup or move it aside to start empty."
-    )]
+    #[error("{path} is corrupt or truncated: {detail}. Restore it from a backup or move it aside to start empty.")]
     Corrupt { path: PathBuf, detail: String },
-    #[error(
-        "{path} was written by an incompatible version of chinwag (format {found}, expected {expected})"
-    )]
-    Format {
-        path: PathBuf,
-        found: u64,
-        expected: u64,
-    },
+    #[error("{path} was written by an incompatible version of chinwag (format {found}, expected {expected})")]
+    Format { path: PathBuf, found: u64, expected: u64 },
     #[error("cannot open {path}: {detail}")]
     Io { path: PathBuf, detail: String },
 }
@@ -110,7 +99,11 @@ pub struct Tables {
 
 impl Tables {
     fn open(db: Database) -> Result<Self, fjall::Error> {
-        let ks = |name| db.keyspace(name, || KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES));
+        let ks = |name| {
+            db.keyspace(name, || {
+                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+            })
+        };
         Ok(Self {
             mailbox: ks(schema::MAILBOX)?,
             dedup: ks(schema::DEDUP)?,
@@ -205,12 +198,7 @@ impl EmbeddedStore {
     pub fn stats(&self) -> StoreStats {
         StoreStats {
             mailbox_depth: self.shared.mailbox_depth.load(Ordering::Relaxed),
-            coordinates: self
-                .shared
-                .coordinates
-                .read()
-                .expect("coordinates lock")
-                .len() as u64,
+            coordinates: self.shared.coordinates.read().expect("coordinates lock").len() as u64,
         }
     }
 
@@ -247,12 +235,7 @@ impl EmbeddedStore {
         }
     }
 
-    fn read_page(
-        &self,
-        user: &UserId,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<SharedMessage>, String> {
+    fn read_page(&self, user: &UserId, after: u64, limit: usize) -> Result<Vec<SharedMessage>, String> {
         let Some(first) = after.checked_add(1) else {
             return Ok(Vec::new());
         };
@@ -290,41 +273,20 @@ impl Store for EmbeddedStore {
         self.call(|reply| Op::Append(msg, reply), WhenFull::Refuse)
     }
 
-    async fn scan(
-        &self,
-        user: UserId,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<SharedMessage>, StoreError> {
-        self.read_page(&user, after, limit)
-            .map_err(StoreError::Unavailable)
+    async fn scan(&self, user: UserId, after: u64, limit: usize) -> Result<Vec<SharedMessage>, StoreError> {
+        self.read_page(&user, after, limit).map_err(StoreError::Unavailable)
     }
 
-    fn ack(
-        &self,
-        user: UserId,
-        seqs: Vec<u64>,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+    fn ack(&self, user: UserId, seqs: Vec<u64>) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.call(|reply| Op::Ack(user, seqs, reply), WhenFull::Wait)
     }
 
-    fn add_coordinate(
-        &self,
-        user: UserId,
-        at: Coordinate,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+    fn add_coordinate(&self, user: UserId, at: Coordinate) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.call(|reply| Op::AddCoordinate(user, at, reply), WhenFull::Wait)
     }
 
-    fn remove_coordinate(
-        &self,
-        user: UserId,
-        at: Coordinate,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.call(
-            |reply| Op::RemoveCoordinate(user, at, reply),
-            WhenFull::Wait,
-        )
+    fn remove_coordinate(&self, user: UserId, at: Coordinate) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.call(|reply| Op::RemoveCoordinate(user, at, reply), WhenFull::Wait)
     }
 
     fn coordinates(&self, user: &UserId) -> Vec<Coordinate> {
@@ -363,11 +325,9 @@ fn check_watermark(path: &Path, commits: u64) -> Result<watermark::Watermark, Op
         detail,
     };
     match reading {
-        watermark::Reading::Commits(acknowledged) if acknowledged > commits => {
-            Err(corrupt(format!(
-                "the journal holds {commits} commits but {acknowledged} were made durable: files were truncated or damaged"
-            )))
-        }
+        watermark::Reading::Commits(acknowledged) if acknowledged > commits => Err(corrupt(format!(
+            "the journal holds {commits} commits but {acknowledged} were made durable: files were truncated or damaged"
+        ))),
         watermark::Reading::Damaged => Err(corrupt(format!("{} is damaged", watermark::FILE))),
         // Absent: a new store, or one from before watermarks; nothing to compare.
         _ => Ok(mark),
@@ -408,11 +368,7 @@ fn read_u64(ks: &Keyspace, key: &str) -> Result<Option<u64>, Recovery> {
 fn recover(t: &Tables, options: &StoreOptions) -> Result<Recovered, Recovery> {
     let mut batch = t.db.batch().durability(Some(PersistMode::SyncAll));
     match read_u64(&t.meta, schema::FORMAT)? {
-        None => batch.insert(
-            &t.meta,
-            schema::FORMAT,
-            schema::encode_u64(schema::FORMAT_VERSION),
-        ),
+        None => batch.insert(&t.meta, schema::FORMAT, schema::encode_u64(schema::FORMAT_VERSION)),
         Some(schema::FORMAT_VERSION) => {}
         Some(found) => return Err(Recovery::Format(found)),
     }
@@ -427,9 +383,7 @@ fn recover(t: &Tables, options: &StoreOptions) -> Result<Recovered, Recovery> {
     for entry in t.coords.iter() {
         let key = entry.key()?;
         match schema::split_coord_key(&key) {
-            Some((user, at)) if at.node != options.node || at.dc != options.dc => {
-                coordinates.apply(user, at, true)
-            }
+            Some((user, at)) if at.node != options.node || at.dc != options.dc => coordinates.apply(user, at, true),
             _ => {
                 batch.remove(&t.coords, key);
                 stale += 1;
@@ -437,17 +391,12 @@ fn recover(t: &Tables, options: &StoreOptions) -> Result<Recovered, Recovery> {
         }
     }
     if stale > 0 {
-        tracing::info!(
-            dropped = stale,
-            "dropped coordinates of earlier incarnations"
-        );
+        tracing::info!(dropped = stale, "dropped coordinates of earlier incarnations");
     }
     let mut depths = HashMap::new();
     for entry in t.depth.iter() {
         let (key, value) = entry.into_inner()?;
-        let user = std::str::from_utf8(&key)
-            .ok()
-            .and_then(|u| UserId::parse(u).ok());
+        let user = std::str::from_utf8(&key).ok().and_then(|u| UserId::parse(u).ok());
         let depth = schema::decode_u64(&value);
         match (user, depth) {
             (Some(user), Some(depth)) => drop(depths.insert(user, depth)),

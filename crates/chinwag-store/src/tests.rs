@@ -36,8 +36,7 @@ fn options_with_window(mailbox_max_messages: u64, dedup_window: Duration) -> Sto
 
 fn open(dir: &Path, max: u64) -> (EmbeddedStore, Arc<Recorder>) {
     let recorder = Arc::new(Recorder::default());
-    let store =
-        EmbeddedStore::open(dir, options(max), recorder.clone(), Box::new(|_, _| {})).unwrap();
+    let store = EmbeddedStore::open(dir, options(max), recorder.clone(), Box::new(|_, _| {})).unwrap();
     (store, recorder)
 }
 
@@ -68,18 +67,9 @@ fn coordinate(incarnation: u64, conn: u64) -> Coordinate {
 async fn append_scan_ack() {
     let dir = tempfile::tempdir().unwrap();
     let (store, recorder) = open(dir.path(), 100);
-    let a = store
-        .append(new("alice", "bob", "c1", "one"))
-        .await
-        .unwrap();
-    let b = store
-        .append(new("alice", "bob", "c2", "two"))
-        .await
-        .unwrap();
-    store
-        .append(new("alice", "carol", "c3", "other"))
-        .await
-        .unwrap();
+    let a = store.append(new("alice", "bob", "c1", "one")).await.unwrap();
+    let b = store.append(new("alice", "bob", "c2", "two")).await.unwrap();
+    store.append(new("alice", "carol", "c3", "other")).await.unwrap();
     assert!(!a.duplicate && a.id.seq < b.id.seq);
     assert_eq!(a.id.to_string(), format!("local.{}", a.id.seq));
 
@@ -88,21 +78,11 @@ async fn append_scan_ack() {
     assert_eq!(texts, ["one", "two"]);
     assert_eq!(page[0].from, user("alice"));
     assert_eq!(page[0].id, a.id);
-    assert_eq!(
-        store
-            .scan(user("bob"), page[0].seq, 10)
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(store.scan(user("bob"), page[0].seq, 10).await.unwrap().len(), 1);
     assert_eq!(store.scan(user("bob"), 0, 1).await.unwrap().len(), 1);
     assert_eq!(store.stats().mailbox_depth, 3);
 
-    store
-        .ack(user("bob"), vec![page[0].seq, 9_999])
-        .await
-        .unwrap();
+    store.ack(user("bob"), vec![page[0].seq, 9_999]).await.unwrap();
     let left = store.scan(user("bob"), 0, 10).await.unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].text, "two");
@@ -117,23 +97,14 @@ async fn append_scan_ack() {
 async fn retries_are_deduplicated() {
     let dir = tempfile::tempdir().unwrap();
     let (store, recorder) = open(dir.path(), 100);
-    let first = store
-        .append(new("alice", "bob", "same", "hello"))
-        .await
-        .unwrap();
-    let again = store
-        .append(new("alice", "bob", "same", "hello"))
-        .await
-        .unwrap();
+    let first = store.append(new("alice", "bob", "same", "hello")).await.unwrap();
+    let again = store.append(new("alice", "bob", "same", "hello")).await.unwrap();
     assert!(again.duplicate);
     assert_eq!((again.id, again.at_ms), (first.id.clone(), first.at_ms));
     assert_eq!(store.scan(user("bob"), 0, 10).await.unwrap().len(), 1);
     assert_eq!(recorder.seqs(), vec![first.id.seq]);
     // The same client id from another sender is a different message.
-    let other = store
-        .append(new("dave", "bob", "same", "hi"))
-        .await
-        .unwrap();
+    let other = store.append(new("dave", "bob", "same", "hi")).await.unwrap();
     assert!(!other.duplicate);
     // Still a duplicate after the original was acknowledged.
     store.ack(user("bob"), vec![first.id.seq]).await.unwrap();
@@ -183,13 +154,7 @@ async fn full_mailbox_refuses_then_accepts_after_ack() {
     );
     // A refused message is not remembered as sent: the retry can succeed later.
     store.ack(user("bob"), vec![second.id.seq]).await.unwrap();
-    assert!(
-        !store
-            .append(new("a", "bob", "3", "x"))
-            .await
-            .unwrap()
-            .duplicate
-    );
+    assert!(!store.append(new("a", "bob", "3", "x")).await.unwrap().duplicate);
 }
 
 #[tokio::test]
@@ -197,25 +162,14 @@ async fn commits_reach_the_listener_in_seq_order_with_coordinates() {
     let dir = tempfile::tempdir().unwrap();
     let (store, recorder) = open(dir.path(), 10_000);
     let store = Arc::new(store);
-    store
-        .add_coordinate(user("bob"), coordinate(1, 1))
-        .await
-        .unwrap();
-    store
-        .add_coordinate(user("bob"), coordinate(1, 2))
-        .await
-        .unwrap();
+    store.add_coordinate(user("bob"), coordinate(1, 1)).await.unwrap();
+    store.add_coordinate(user("bob"), coordinate(1, 2)).await.unwrap();
     assert_eq!(store.coordinates(&user("bob")).len(), 2);
     assert_eq!(store.stats().coordinates, 2);
     let tasks: Vec<_> = (0..200)
         .map(|i| {
             let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .append(new("alice", "bob", &format!("c{i}"), "t"))
-                    .await
-                    .unwrap()
-            })
+            tokio::spawn(async move { store.append(new("alice", "bob", &format!("c{i}"), "t")).await.unwrap() })
         })
         .collect();
     for t in tasks {
@@ -228,10 +182,7 @@ async fn commits_reach_the_listener_in_seq_order_with_coordinates() {
         "listener saw seqs out of order"
     );
     assert!(seen.iter().all(|(_, online)| *online == 2));
-    store
-        .remove_coordinate(user("bob"), coordinate(1, 1))
-        .await
-        .unwrap();
+    store.remove_coordinate(user("bob"), coordinate(1, 1)).await.unwrap();
     assert_eq!(store.coordinates(&user("bob")), vec![coordinate(1, 2)]);
 }
 
@@ -241,14 +192,8 @@ async fn reopening_keeps_messages_and_drops_old_coordinates() {
     let last = {
         let (store, _) = open(dir.path(), 100);
         assert_eq!(store.incarnation(), 1);
-        store
-            .add_coordinate(user("bob"), coordinate(1, 1))
-            .await
-            .unwrap();
-        let last = store
-            .append(new("alice", "carol", "c1", "kept"))
-            .await
-            .unwrap();
+        store.add_coordinate(user("bob"), coordinate(1, 1)).await.unwrap();
+        let last = store.append(new("alice", "carol", "c1", "kept")).await.unwrap();
         // Not closed: as after a crash, only what was committed counts.
         drop(store);
         last
@@ -266,10 +211,7 @@ async fn reopening_keeps_messages_and_drops_old_coordinates() {
     );
     let page = store.scan(user("carol"), 0, 10).await.unwrap();
     assert_eq!(page[0].text, "kept");
-    let next = store
-        .append(new("alice", "carol", "c2", "new"))
-        .await
-        .unwrap();
+    let next = store.append(new("alice", "carol", "c2", "new")).await.unwrap();
     assert!(next.id.seq > last.id.seq, "seqs must never be reused");
     assert!(
         store
@@ -330,10 +272,7 @@ async fn closed_store_refuses_writes() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = open(dir.path(), 100);
     store.close().await;
-    assert_eq!(
-        store.append(new("a", "b", "c", "t")).await,
-        Err(StoreError::Closed)
-    );
+    assert_eq!(store.append(new("a", "b", "c", "t")).await, Err(StoreError::Closed));
 }
 
 #[tokio::test]
@@ -354,10 +293,7 @@ async fn dedup_entries_expire_after_the_window() {
     let first = store.append(old.clone()).await.unwrap();
     store.ack(user("bob"), vec![first.id.seq]).await.unwrap();
     let again = store.append(old).await.unwrap();
-    assert!(
-        !again.duplicate,
-        "an expired idempotency key is a new message"
-    );
+    assert!(!again.duplicate, "an expired idempotency key is a new message");
     // A recent one is still remembered.
     let recent = new("alice", "bob", "recent", "x");
     store.append(recent.clone()).await.unwrap();
@@ -368,10 +304,7 @@ async fn dedup_entries_expire_after_the_window() {
 /// open with every acknowledged message; it must never panic or silently lose data.
 #[tokio::test]
 async fn damaged_journals_are_reported_or_fully_recovered() {
-    for (name, damage) in [
-        ("truncated", Damage::Truncate),
-        ("overwritten", Damage::Garbage),
-    ] {
+    for (name, damage) in [("truncated", Damage::Truncate), ("overwritten", Damage::Garbage)] {
         let dir = tempfile::tempdir().unwrap();
         {
             let (store, _) = open(dir.path(), 100_000);

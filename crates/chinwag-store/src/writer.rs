@@ -15,8 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chinwag_core::{
-    CommitListener, Coordinate, DcName, Message, MessageId, NewMessage, Receipt, SharedMessage,
-    StoreError, UserId,
+    CommitListener, Coordinate, DcName, Message, MessageId, NewMessage, Receipt, SharedMessage, StoreError, UserId,
 };
 use fjall::{OwnedWriteBatch as WriteBatch, PersistMode};
 use tokio::sync::{mpsc, oneshot};
@@ -115,11 +114,7 @@ impl Writer {
         let started = Instant::now();
         let seq_before = self.next_seq;
         let mut pending = Pending::default();
-        let mut batch = self
-            .tables
-            .db
-            .batch()
-            .durability(Some(PersistMode::SyncAll));
+        let mut batch = self.tables.db.batch().durability(Some(PersistMode::SyncAll));
         let mut count = 0;
         let mut result = Ok(());
         for op in ops {
@@ -129,16 +124,8 @@ impl Writer {
             }
         }
         let result = result.and_then(|()| {
-            batch.insert(
-                &self.tables.meta,
-                schema::NEXT_SEQ,
-                schema::encode_u64(self.next_seq),
-            );
-            batch.insert(
-                &self.tables.meta,
-                schema::COMMITS,
-                schema::encode_u64(self.commits + 1),
-            );
+            batch.insert(&self.tables.meta, schema::NEXT_SEQ, schema::encode_u64(self.next_seq));
+            batch.insert(&self.tables.meta, schema::COMMITS, schema::encode_u64(self.commits + 1));
             batch.commit()
         });
         match result {
@@ -176,12 +163,7 @@ impl Writer {
     }
 
     /// Adds one operation to the batch. `Err` is a storage failure that fails the batch.
-    fn apply(
-        &mut self,
-        batch: &mut WriteBatch,
-        op: Op,
-        pending: &mut Pending,
-    ) -> Result<(), fjall::Error> {
+    fn apply(&mut self, batch: &mut WriteBatch, op: Op, pending: &mut Pending) -> Result<(), fjall::Error> {
         match op {
             Op::Append(new, reply) => {
                 let result = self.append(batch, new, pending)?;
@@ -382,8 +364,7 @@ impl Writer {
         for entry in self.tables.dedup.range(self.sweep_from.as_slice()..) {
             let (key, value) = entry.into_inner()?;
             examined += 1;
-            let expired =
-                postcard::from_bytes::<DedupRecord>(&value).is_ok_and(|r| r.at_ms < horizon_ms);
+            let expired = postcard::from_bytes::<DedupRecord>(&value).is_ok_and(|r| r.at_ms < horizon_ms);
             if expired {
                 batch.remove(&self.tables.dedup, key.clone());
                 removed += 1;

@@ -82,8 +82,7 @@ fn parse_line(line: &str, current: Option<&str>) -> Result<Line, String> {
     }
 }
 
-const HELP: &str =
-    "@name text: send to name | text: send to the current recipient | /to name | /quit";
+const HELP: &str = "@name text: send to name | text: send to the current recipient | /to name | /quit";
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut chat = Chat {
@@ -93,20 +92,18 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut attempt = 0u32;
     loop {
-        let (mut conn, welcome) =
-            match Connection::login(&args.server.server, &args.server.token).await {
-                Ok(ok) => ok,
-                Err(e @ (ClientError::Server { .. } | ClientError::Protocol(_))) => {
-                    anyhow::bail!("{e}")
-                }
-                Err(e) => {
-                    eprintln!("* {e}; reconnecting");
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(10) + 1)))
-                        .await;
-                    attempt += 1;
-                    continue;
-                }
-            };
+        let (mut conn, welcome) = match Connection::login(&args.server.server, &args.server.token).await {
+            Ok(ok) => ok,
+            Err(e @ (ClientError::Server { .. } | ClientError::Protocol(_))) => {
+                anyhow::bail!("{e}")
+            }
+            Err(e) => {
+                eprintln!("* {e}; reconnecting");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(10) + 1))).await;
+                attempt += 1;
+                continue;
+            }
+        };
         attempt = 0;
         println!(
             "* connected as {} (dc {}, node {}). {HELP}",
@@ -188,11 +185,7 @@ impl Chat {
         Ok(())
     }
 
-    async fn received(
-        &mut self,
-        conn: &mut Connection,
-        frame: ServerFrame,
-    ) -> Result<(), ClientError> {
+    async fn received(&mut self, conn: &mut Connection, frame: ServerFrame) -> Result<(), ClientError> {
         match frame {
             ServerFrame::Message { id, from, text, .. } => {
                 if self.shown.insert(id.clone()) {
@@ -201,11 +194,7 @@ impl Chat {
                 conn.send(&ClientFrame::Ack { ids: vec![id] }).await?;
             }
             ServerFrame::Sent { client_id, .. } => {
-                if let Some(i) = self
-                    .unaccepted
-                    .iter()
-                    .position(|o| o.client_id == client_id)
-                {
+                if let Some(i) = self.unaccepted.iter().position(|o| o.client_id == client_id) {
                     let out = self.unaccepted.remove(i).expect("position is in range");
                     println!("* sent to {}", out.to);
                 }
@@ -236,9 +225,7 @@ mod tests {
         assert!(
             matches!(parse_line("@bob hi there", None), Ok(Line::Send { to, text }) if to == "bob" && text == "hi there")
         );
-        assert!(
-            matches!(parse_line("hello", Some("carol")), Ok(Line::Send { to, .. }) if to == "carol")
-        );
+        assert!(matches!(parse_line("hello", Some("carol")), Ok(Line::Send { to, .. }) if to == "carol"));
         assert!(parse_line("hello", None).is_err());
         assert!(matches!(parse_line("/to dave", None), Ok(Line::Switch(to)) if to == "dave"));
         assert!(matches!(parse_line("  ", None), Ok(Line::Nothing)));

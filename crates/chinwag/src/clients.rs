@@ -92,10 +92,7 @@ pub async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
                 attempt += 1;
             }
             Ok(Err(e)) => anyhow::bail!("{e}"),
-            Err(_) => anyhow::bail!(
-                "not accepted within {}",
-                humantime::format_duration(args.timeout)
-            ),
+            Err(_) => anyhow::bail!("not accepted within {}", humantime::format_duration(args.timeout)),
         }
     }
 }
@@ -142,11 +139,7 @@ pub async fn listen(args: ListenArgs) -> anyhow::Result<ExitCode> {
     };
     let mut attempt = 0;
     loop {
-        let connected = until(
-            deadline,
-            Connection::login(&args.server.server, &args.server.token),
-        )
-        .await;
+        let connected = until(deadline, Connection::login(&args.server.server, &args.server.token)).await;
         let mut conn = match connected {
             None => return Ok(listener.timed_out()),
             Some(Ok((conn, _))) => conn,
@@ -195,11 +188,7 @@ impl Listener {
         }
     }
 
-    async fn run(
-        &mut self,
-        conn: &mut Connection,
-        deadline: Option<Instant>,
-    ) -> Result<ExitCode, ClientError> {
+    async fn run(&mut self, conn: &mut Connection, deadline: Option<Instant>) -> Result<ExitCode, ClientError> {
         let mut stop_by: Option<Instant> = None;
         loop {
             if (self.done() || stop_by.is_some()) && self.unacked.is_empty() {
@@ -261,10 +250,7 @@ impl Listener {
 }
 
 /// Runs `fut` until `deadline`; `None` if the deadline came first.
-pub async fn until<T>(
-    deadline: Option<Instant>,
-    fut: impl std::future::Future<Output = T>,
-) -> Option<T> {
+pub async fn until<T>(deadline: Option<Instant>, fut: impl std::future::Future<Output = T>) -> Option<T> {
     match deadline {
         Some(at) => tokio::time::timeout_at(at, fut).await.ok(),
         None => Some(fut.await),

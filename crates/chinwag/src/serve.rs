@@ -43,9 +43,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let node = Node::start(config, listener).await?;
     let addr = node.local_addr()?;
     // One line on stdout, once the node is ready, for people and scripts; logs go to stderr.
-    println!(
-        "chinwag listening on http://{addr} (dc {dc}, node {node_name}), WebSocket at ws://{addr}/v1/ws"
-    );
+    println!("chinwag listening on http://{addr} (dc {dc}, node {node_name}), WebSocket at ws://{addr}/v1/ws");
     std::io::stdout().flush()?;
     node.serve(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
@@ -71,15 +69,14 @@ async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(e) => {
-                    tracing::warn!(error = %e, "SIGTERM handler unavailable; stop with Ctrl-C");
-                    let _ = interrupt.await;
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(e) => {
+                tracing::warn!(error = %e, "SIGTERM handler unavailable; stop with Ctrl-C");
+                let _ = interrupt.await;
+                return;
+            }
+        };
         tokio::select! {
             _ = interrupt => {}
             _ = term.recv() => {}

@@ -30,11 +30,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let user = UserId::parse(&args.user)
-        .map_err(|e| anyhow::anyhow!("--user {:?}: {e} ({})", args.user, UserId::ALLOWED))?;
-    let path = args
-        .key_file
-        .unwrap_or_else(|| args.data.join(chinwag_auth::KEY_FILE));
+    let user =
+        UserId::parse(&args.user).map_err(|e| anyhow::anyhow!("--user {:?}: {e} ({})", args.user, UserId::ALLOWED))?;
+    let path = args.key_file.unwrap_or_else(|| args.data.join(chinwag_auth::KEY_FILE));
     let key = TokenKey::load_or_create(&path)?;
     let policy = TokenPolicy {
         issuer: args.issuer,

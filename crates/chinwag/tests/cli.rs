@@ -78,10 +78,7 @@ async fn send_and_listen_as_in_the_readme() {
     .await;
     let (code, out) = listen.await.unwrap();
     assert_eq!(code, 0);
-    let got: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let got: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(got.len(), 2);
     assert_eq!(
         (got[0]["from"].as_str(), got[0]["text"].as_str()),
@@ -172,13 +169,7 @@ struct Chat {
 impl Chat {
     fn start(node: &Node, user: &str) -> Chat {
         let mut child = tokio::process::Command::new(BIN)
-            .args([
-                "chat",
-                "--server",
-                &node.addr.to_string(),
-                "--token",
-                &node.token(user),
-            ])
+            .args(["chat", "--server", &node.addr.to_string(), "--token", &node.token(user)])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -190,10 +181,7 @@ impl Chat {
 
     async fn say(&mut self, line: &str) {
         let stdin = self.child.stdin.as_mut().unwrap();
-        stdin
-            .write_all(format!("{line}\n").as_bytes())
-            .await
-            .unwrap();
+        stdin.write_all(format!("{line}\n").as_bytes()).await.unwrap();
         stdin.flush().await.unwrap();
     }
 
@@ -228,10 +216,7 @@ async fn two_users_chat_in_the_terminal() {
     alice.expect_line("bob: hi alice").await;
     // Ending input sends what is pending and exits cleanly.
     drop(bob.child.stdin.take());
-    let status = tokio::time::timeout(SOON, bob.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = tokio::time::timeout(SOON, bob.child.wait()).await.unwrap().unwrap();
     assert!(status.success());
     assert_eq!(node.metric("chinwag_mailbox_depth").await, 0.0);
 }
@@ -247,13 +232,7 @@ async fn config_file_cli_and_env_overrides() {
     .unwrap();
     let data = dir.path().join("from-env");
     let mut child = tokio::process::Command::new(BIN)
-        .args([
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
+        .args(["serve", "--config", config.to_str().unwrap(), "--listen", "127.0.0.1:0"])
         .env("CHINWAG_DATA", &data)
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -266,16 +245,9 @@ async fn config_file_cli_and_env_overrides() {
         .unwrap()
         .unwrap();
     assert!(line.contains("(dc east, node edge-1)"), "{line}");
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap();
+    let addr = line.split("http://").nth(1).unwrap().split_whitespace().next().unwrap();
     assert_ne!(addr, "127.0.0.1:1", "--listen must override the file");
-    let health: serde_json::Value =
-        serde_json::from_str(&http_get(&format!("http://{addr}/healthz")).await).unwrap();
+    let health: serde_json::Value = serde_json::from_str(&http_get(&format!("http://{addr}/healthz")).await).unwrap();
     assert_eq!(
         (health["dc"].as_str(), health["node"].as_str()),
         (Some("east"), Some("edge-1"))
@@ -315,11 +287,7 @@ async fn zero_config_serve_uses_the_documented_defaults() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    match tokio::time::timeout(SOON, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-    {
+    match tokio::time::timeout(SOON, lines.next_line()).await.unwrap().unwrap() {
         Some(line) => {
             assert!(
                 line.starts_with("chinwag listening on http://127.0.0.1:7700 (dc local, node n1)"),
@@ -341,8 +309,7 @@ async fn zero_config_serve_uses_the_documented_defaults() {
 async fn healthz_and_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start_in(dir.path(), "");
-    let health: serde_json::Value =
-        serde_json::from_str(&http_get(&node.http("/healthz")).await).unwrap();
+    let health: serde_json::Value = serde_json::from_str(&http_get(&node.http("/healthz")).await).unwrap();
     assert_eq!(health["status"], "ok");
     let mut bob = node.login("bob").await;
     let mut alice = node.login("alice").await;

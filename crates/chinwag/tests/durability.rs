@@ -48,10 +48,7 @@ async fn an_offline_message_survives_sigkill_and_is_delivered_exactly_once() {
     ])
     .await;
     assert_eq!(code, 0);
-    let lines: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 1, "{out}");
     assert_eq!(lines[0]["id"], ack["id"]);
     assert_eq!(lines[0]["from"], "alice");
@@ -67,20 +64,13 @@ async fn an_offline_message_survives_sigkill_and_is_delivered_exactly_once() {
         "2s",
     ])
     .await;
-    assert_eq!(
-        (code, out.as_str()),
-        (0, ""),
-        "a second listen must receive nothing"
-    );
+    assert_eq!((code, out.as_str()), (0, ""), "a second listen must receive nothing");
 }
 
 #[tokio::test]
 async fn acknowledged_sends_survive_sigkill_under_load() {
     let dir = tempfile::tempdir().unwrap();
-    let mut node = Node::start_in(
-        dir.path(),
-        "[limits]\nrate_per_sec = 100000\nburst = 100000\n",
-    );
+    let mut node = Node::start_in(dir.path(), "[limits]\nrate_per_sec = 100000\nburst = 100000\n");
     let recipients = ["r1", "r2", "r3"];
     let mut sender = node.login("loader").await;
     // Pipeline sends and record every acknowledgement until the node dies under us.
@@ -103,10 +93,7 @@ async fn acknowledged_sends_survive_sigkill_under_load() {
             node.kill9();
             killed = true;
         }
-        match tokio::time::timeout(SOON, sender.recv())
-            .await
-            .expect("frame")
-        {
+        match tokio::time::timeout(SOON, sender.recv()).await.expect("frame") {
             Ok(ServerFrame::Sent { client_id, id, .. }) => {
                 acked.insert(id, client_id);
             }
@@ -114,11 +101,7 @@ async fn acknowledged_sends_survive_sigkill_under_load() {
             Err(_) => break,
         }
     }
-    assert!(
-        killed && acked.len() >= 300,
-        "only {} acknowledged",
-        acked.len()
-    );
+    assert!(killed && acked.len() >= 300, "only {} acknowledged", acked.len());
     node.restart();
 
     let mut delivered = BTreeSet::new();
@@ -149,29 +132,21 @@ async fn a_restart_drops_the_coordinates_of_the_previous_incarnation() {
     let mut node = Node::start_in(dir.path(), "");
     let bob = node.login("bob").await;
     assert_eq!(node.metric("chinwag_coordinates").await, 1.0);
-    let health: serde_json::Value =
-        serde_json::from_str(&http_get(&node.http("/healthz")).await).unwrap();
+    let health: serde_json::Value = serde_json::from_str(&http_get(&node.http("/healthz")).await).unwrap();
     assert_eq!(health["incarnation"], 1);
 
     node.kill9();
     drop(bob);
     node.restart();
 
-    let health: serde_json::Value =
-        serde_json::from_str(&http_get(&node.http("/healthz")).await).unwrap();
+    let health: serde_json::Value = serde_json::from_str(&http_get(&node.http("/healthz")).await).unwrap();
     assert_eq!(health["incarnation"], 2);
     assert_eq!(node.metric("chinwag_coordinates").await, 0.0);
     let mut alice = node.login("alice").await;
-    alice
-        .send_message("bob", "after", "are you back?")
-        .await
-        .unwrap();
+    alice.send_message("bob", "after", "are you back?").await.unwrap();
     // No push was attempted toward the dead connection: it went to the mailbox only.
     let pushes = http_get(&node.http("/metrics")).await;
-    assert!(
-        pushes.contains("chinwag_pushes_total{outcome=\"gone\"} 0"),
-        "{pushes}"
-    );
+    assert!(pushes.contains("chinwag_pushes_total{outcome=\"gone\"} 0"), "{pushes}");
     assert_eq!(node.metric("chinwag_mailbox_depth").await, 1.0);
     let mut bob = node.login("bob").await;
     let (_, _, text) = next_message(&mut bob).await;
@@ -195,10 +170,7 @@ async fn disconnecting_removes_the_coordinate() {
 async fn wait_for_metric(node: &Node, name: &str, value: f64) {
     let deadline = tokio::time::Instant::now() + SOON;
     while node.metric(name).await != value {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} never reached {value}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "{name} never reached {value}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -33,10 +33,7 @@ async fn online_message_is_pushed_and_acknowledged() {
                 (id.as_str(), from.as_str(), to.as_str()),
                 (sent.id.as_str(), "alice", "bob")
             );
-            assert_eq!(
-                (text.as_str(), client_id.as_str(), at),
-                ("hello bob", "c-1", sent.at)
-            );
+            assert_eq!((text.as_str(), client_id.as_str(), at), ("hello bob", "c-1", sent.at));
         }
         other => panic!("{other:?}"),
     }
@@ -83,10 +80,7 @@ async fn unacknowledged_messages_come_back_after_reconnect() {
     bob.close().await.unwrap();
     let mut bob = node.login("bob").await;
     let (_, _, text) = next_message(&mut bob).await;
-    assert_eq!(
-        text, "second",
-        "only the unacknowledged message is redelivered"
-    );
+    assert_eq!(text, "second", "only the unacknowledged message is redelivered");
     assert_silent(&mut bob, Duration::from_millis(300)).await;
 }
 
@@ -113,10 +107,7 @@ async fn every_device_gets_it_live_and_one_ack_clears_it() {
     let mut laptop = node.login("bob").await;
     assert_eq!(node.metric("chinwag_coordinates").await, 2.0);
     let mut alice = node.login("alice").await;
-    let sent = alice
-        .send_message("bob", "x", "to all devices")
-        .await
-        .unwrap();
+    let sent = alice.send_message("bob", "x", "to all devices").await.unwrap();
     let (on_phone, _, _) = next_message(&mut phone).await;
     let (on_laptop, _, _) = next_message(&mut laptop).await;
     assert_eq!((&on_phone, &on_laptop), (&sent.id, &sent.id));
@@ -231,26 +222,16 @@ async fn sending_to_yourself_reaches_your_other_devices() {
     let (_dir, node) = node();
     let mut phone = node.login("alice").await;
     let mut laptop = node.login("alice").await;
-    phone
-        .send_message("alice", "note", "remember the milk")
-        .await
-        .unwrap();
+    phone.send_message("alice", "note", "remember the milk").await.unwrap();
     let (_, from, text) = next_message(&mut laptop).await;
-    assert_eq!(
-        (from.as_str(), text.as_str()),
-        ("alice", "remember the milk")
-    );
+    assert_eq!((from.as_str(), text.as_str()), ("alice", "remember the milk"));
 }
 
 #[tokio::test]
 async fn ping_answers_pong() {
     let (_dir, node) = node();
-    let mut conn = chinwag_client::Connection::connect(&node.url())
-        .await
-        .unwrap();
-    conn.send(&ClientFrame::Ping { nonce: Some(42) })
-        .await
-        .unwrap();
+    let mut conn = chinwag_client::Connection::connect(&node.url()).await.unwrap();
+    conn.send(&ClientFrame::Ping { nonce: Some(42) }).await.unwrap();
     assert_eq!(next(&mut conn).await, ServerFrame::Pong { nonce: Some(42) });
 }
 

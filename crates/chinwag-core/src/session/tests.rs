@@ -76,10 +76,7 @@ fn logged_in(limits: SessionLimits) -> (Session, usize) {
     s.on_joined(Ok(()));
     let out = drain(&mut s);
     assert!(matches!(out[0], Output::Frame(ServerFrame::Welcome { .. })));
-    let Output::Scan {
-        after: 0, limit, ..
-    } = out[1]
-    else {
+    let Output::Scan { after: 0, limit, .. } = out[1] else {
         panic!("expected the first page request, got {out:?}")
     };
     (s, limit)
@@ -87,10 +84,7 @@ fn logged_in(limits: SessionLimits) -> (Session, usize) {
 
 #[test]
 fn bad_and_expired_tokens_close_the_connection() {
-    for (token, code) in [
-        ("nope", ErrorCode::BadToken),
-        ("expired", ErrorCode::TokenExpired),
-    ] {
+    for (token, code) in [("nope", ErrorCode::BadToken), ("expired", ErrorCode::TokenExpired)] {
         let mut s = session_with(SessionLimits::default());
         s.on_text(&format!(r#"{{"type":"login","token":"{token}"}}"#), 0);
         let out = drain(&mut s);
@@ -109,10 +103,7 @@ fn bad_and_expired_tokens_close_the_connection() {
 #[test]
 fn frames_before_login_are_refused_but_ping_works() {
     let mut s = session_with(SessionLimits::default());
-    s.on_text(
-        r#"{"type":"send","to":"bob","client_id":"c1","text":"x"}"#,
-        0,
-    );
+    s.on_text(r#"{"type":"send","to":"bob","client_id":"c1","text":"x"}"#, 0);
     s.on_text(r#"{"type":"ack","ids":[]}"#, 0);
     s.on_text(r#"{"type":"ping","nonce":5}"#, 0);
     let out = drain(&mut s);
@@ -139,10 +130,7 @@ fn login_times_out() {
 fn second_login_is_refused() {
     let (mut s, _) = logged_in(SessionLimits::default());
     s.on_text(r#"{"type":"login","token":"user:carol"}"#, 0);
-    assert_eq!(
-        error_codes(&drain(&mut s)),
-        vec![ErrorCode::AlreadyAuthenticated]
-    );
+    assert_eq!(error_codes(&drain(&mut s)), vec![ErrorCode::AlreadyAuthenticated]);
     assert_eq!(s.user(), Some(&user("bob")));
 }
 
@@ -152,38 +140,19 @@ fn send_is_validated_then_appended_then_answered() {
         max_text_bytes: 4,
         ..SessionLimits::default()
     });
-    s.on_text(
-        r#"{"type":"send","to":"b b","client_id":"c1","text":"x"}"#,
-        1,
-    );
-    s.on_text(
-        r#"{"type":"send","to":"carol","client_id":"","text":"x"}"#,
-        1,
-    );
-    s.on_text(
-        r#"{"type":"send","to":"carol","client_id":"c3","text":"12345"}"#,
-        1,
-    );
+    s.on_text(r#"{"type":"send","to":"b b","client_id":"c1","text":"x"}"#, 1);
+    s.on_text(r#"{"type":"send","to":"carol","client_id":"","text":"x"}"#, 1);
+    s.on_text(r#"{"type":"send","to":"carol","client_id":"c3","text":"12345"}"#, 1);
     assert_eq!(
         error_codes(&drain(&mut s)),
-        vec![
-            ErrorCode::BadRecipient,
-            ErrorCode::BadClientId,
-            ErrorCode::TextTooLarge
-        ]
+        vec![ErrorCode::BadRecipient, ErrorCode::BadClientId, ErrorCode::TextTooLarge]
     );
-    s.on_text(
-        r#"{"type":"send","to":"carol","client_id":"c4","text":"hi"}"#,
-        5,
-    );
+    s.on_text(r#"{"type":"send","to":"carol","client_id":"c4","text":"hi"}"#, 5);
     let out = drain(&mut s);
     let Output::Append(new) = &out[0] else {
         panic!("{out:?}")
     };
-    assert_eq!(
-        (new.from.as_str(), new.to.as_str(), new.at_ms),
-        ("bob", "carol", 5)
-    );
+    assert_eq!((new.from.as_str(), new.to.as_str(), new.at_ms), ("bob", "carol", 5));
     let receipt = Receipt {
         id: MessageId::parse("local.9").unwrap(),
         at_ms: 5,
@@ -203,10 +172,7 @@ fn send_is_validated_then_appended_then_answered() {
 #[test]
 fn full_mailbox_is_reported_against_the_send() {
     let (mut s, _) = logged_in(SessionLimits::default());
-    s.on_text(
-        r#"{"type":"send","to":"carol","client_id":"c1","text":"hi"}"#,
-        0,
-    );
+    s.on_text(r#"{"type":"send","to":"carol","client_id":"c1","text":"hi"}"#, 0);
     let Some(Output::Append(new)) = s.poll_output() else {
         panic!()
     };
@@ -218,16 +184,10 @@ fn full_mailbox_is_reported_against_the_send() {
         }),
     );
     let out = drain(&mut s);
-    let Output::Frame(ServerFrame::Error {
-        code, client_id, ..
-    }) = &out[0]
-    else {
+    let Output::Frame(ServerFrame::Error { code, client_id, .. }) = &out[0] else {
         panic!()
     };
-    assert_eq!(
-        (*code, client_id.as_deref()),
-        (ErrorCode::MailboxFull, Some("c1"))
-    );
+    assert_eq!((*code, client_id.as_deref()), (ErrorCode::MailboxFull, Some("c1")));
 }
 
 #[test]
@@ -249,10 +209,7 @@ fn rate_limit_drops_frames_but_not_acks() {
         _ => None,
     });
     assert_eq!(retry, Some(1000));
-    assert!(matches!(
-        out.last(),
-        Some(Output::Frame(ServerFrame::Acked { .. }))
-    ));
+    assert!(matches!(out.last(), Some(Output::Frame(ServerFrame::Acked { .. }))));
     s.on_text(r#"{"type":"ping"}"#, 1000);
     assert!(error_codes(&drain(&mut s)).is_empty());
 }
@@ -423,10 +380,7 @@ impl World {
                     self.client_unacked.push_back(m);
                 }
                 Output::Scan { after, limit, .. } => {
-                    assert!(
-                        self.request.is_none() && self.snapshot.is_none(),
-                        "two pages at once"
-                    );
+                    assert!(self.request.is_none() && self.snapshot.is_none(), "two pages at once");
                     self.request = Some((after, limit));
                 }
                 Output::Ack { seqs, .. } => self.store_acks.push_back(seqs),

@@ -93,9 +93,7 @@ impl Node {
     }
 
     pub async fn login(&self, user: &str) -> Connection {
-        let (conn, welcome) = Connection::login(&self.url(), &self.token(user))
-            .await
-            .expect("login");
+        let (conn, welcome) = Connection::login(&self.url(), &self.token(user)).await.expect("login");
         assert_eq!(welcome.user, user);
         conn
     }
@@ -139,9 +137,7 @@ fn read_listen_line(child: &mut Child) -> SocketAddr {
         // Keep draining so the node never blocks on a full pipe.
         for _ in lines {}
     });
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("node did not start");
+    let line = rx.recv_timeout(Duration::from_secs(30)).expect("node did not start");
     let addr = line
         .split("http://")
         .nth(1)
@@ -161,18 +157,57 @@ pub fn token_for(data: &Path, user: &str, ttl: Duration) -> String {
     )
 }
 
-pub async fn http_get(url: &str) -> String {
-    let output = tokio::process::Command::new("curl")
-        .args(["-sS", "--max-time", "10", url])
-        .output()
+/// `GET url` over a plain HTTP/1.1 connection; returns the status code and the body.
+pub async fn http_request(url: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").expect("http:// URL");
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let mut stream = tokio::time::timeout(SOON, tokio::net::TcpStream::connect(host))
         .await
-        .expect("curl is installed");
-    assert!(
-        output.status.success(),
-        "GET {url}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+        .expect("connect in time")
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(SOON, stream.read_to_end(&mut response))
+        .await
+        .expect("response in time")
+        .unwrap();
+    let response = String::from_utf8(response).expect("UTF-8 response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status code");
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).expect("chunk size");
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+    out
+}
+
+/// `GET url`, expecting 200 OK; returns the body.
+pub async fn http_get(url: &str) -> String {
+    let (status, body) = http_request(url).await;
+    assert_eq!(status, 200, "GET {url}: {body}");
+    body
 }
 
 /// The next frame, failing the test if none comes soon.
@@ -211,9 +246,7 @@ pub async fn next_message(conn: &mut Connection) -> (String, String, String) {
 
 pub async fn next_error(conn: &mut Connection) -> (chinwag_proto::ErrorCode, Option<String>) {
     match next(conn).await {
-        ServerFrame::Error {
-            code, client_id, ..
-        } => (code, client_id),
+        ServerFrame::Error { code, client_id, .. } => (code, client_id),
         other => panic!("expected an error, got {other:?}"),
     }
 }
@@ -224,18 +257,11 @@ pub async fn assert_others_unaffected(node: &Node, tag: &str) {
     let (a, b) = (format!("{tag}-x"), format!("{tag}-y"));
     let mut x = node.login(&a).await;
     let mut y = node.login(&b).await;
-    x.send_message(&b, "probe-1", "are you there?")
-        .await
-        .expect("send x→y");
+    x.send_message(&b, "probe-1", "are you there?").await.expect("send x→y");
     let (id, from, text) = next_message(&mut y).await;
-    assert_eq!(
-        (from.as_str(), text.as_str()),
-        (a.as_str(), "are you there?")
-    );
+    assert_eq!((from.as_str(), text.as_str()), (a.as_str(), "are you there?"));
     y.ack(vec![id]).await.unwrap();
-    y.send_message(&a, "probe-2", "yes")
-        .await
-        .expect("send y→x");
+    y.send_message(&a, "probe-2", "yes").await.expect("send y→x");
     let (id, _, text) = next_message(&mut x).await;
     assert_eq!(text, "yes");
     x.ack(vec![id]).await.unwrap();
@@ -243,11 +269,7 @@ pub async fn assert_others_unaffected(node: &Node, tag: &str) {
 
 /// Runs the `chinwag` binary with these arguments and returns (exit code, stdout).
 pub async fn run_cli(args: &[&str]) -> (i32, String) {
-    let output = tokio::process::Command::new(BIN)
-        .args(args)
-        .output()
-        .await
-        .unwrap();
+    let output = tokio::process::Command::new(BIN).args(args).output().await.unwrap();
     if !output.stderr.is_empty() {
         eprintln!(
             "chinwag {}: {}",
