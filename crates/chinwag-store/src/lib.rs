@@ -81,10 +81,11 @@ impl Shared {
     }
 }
 
-/// Memtable size per keyspace. Every append searches and inserts into the memtables of
-/// its keyspaces on the writer thread, and a smaller skiplist is searched faster (see
-/// docs/performance.md); flushing it to disk happens on fjall's background threads.
-const MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
+/// Cap on the journal. Journals are replayed at open and are only freed once every
+/// keyspace has flushed what they hold; the small keyspaces (depth, meta, coordinates)
+/// fill slowly, so without a cap the journal — and the time to reopen after a crash —
+/// would grow to fjall's default of 512 MiB.
+const MAX_JOURNAL_BYTES: u64 = 128 * 1024 * 1024;
 
 /// The database and its keyspaces (each is a cheap, shared handle).
 #[derive(Clone)]
@@ -99,11 +100,7 @@ pub struct Tables {
 
 impl Tables {
     fn open(db: Database) -> Result<Self, fjall::Error> {
-        let ks = |name| {
-            db.keyspace(name, || {
-                KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
-            })
-        };
+        let ks = |name| db.keyspace(name, KeyspaceCreateOptions::default);
         Ok(Self {
             mailbox: ks(schema::MAILBOX)?,
             dedup: ks(schema::DEDUP)?,
@@ -134,7 +131,7 @@ impl EmbeddedStore {
     ) -> Result<Self, OpenError> {
         let path = dir.join(STORE_DIR);
         let fail = |e: fjall::Error| classify(&path, e);
-        let db = Database::builder(&path).open().map_err(fail)?;
+        let db = Database::builder(&path).max_journaling_size(MAX_JOURNAL_BYTES).open().map_err(fail)?;
         let tables = Tables::open(db).map_err(fail)?;
         let recovered = recover(&tables, &options).map_err(|e| match e {
             Recovery::Storage(e) => fail(e),
