@@ -131,7 +131,10 @@ impl EmbeddedStore {
     ) -> Result<Self, OpenError> {
         let path = dir.join(STORE_DIR);
         let fail = |e: fjall::Error| classify(&path, e);
-        let db = Database::builder(&path).max_journaling_size(MAX_JOURNAL_BYTES).open().map_err(fail)?;
+        let db = Database::builder(&path)
+            .max_journaling_size(MAX_JOURNAL_BYTES)
+            .open()
+            .map_err(fail)?;
         let tables = Tables::open(db).map_err(fail)?;
         let recovered = recover(&tables, &options).map_err(|e| match e {
             Recovery::Storage(e) => fail(e),

@@ -40,6 +40,10 @@ fn open(dir: &Path, max: u64) -> (EmbeddedStore, Arc<Recorder>) {
     (store, recorder)
 }
 
+fn try_open(dir: &Path, options: StoreOptions) -> Result<EmbeddedStore, OpenError> {
+    EmbeddedStore::open(dir, options, Arc::new(Recorder::default()), Box::new(|_, _| {}))
+}
+
 fn user(s: &str) -> UserId {
     UserId::parse(s).unwrap()
 }
@@ -238,14 +242,7 @@ async fn reopen(dir: &Path) -> (EmbeddedStore, Arc<Recorder>) {
 async fn a_second_open_is_refused_while_the_first_is_open() {
     let dir = tempfile::tempdir().unwrap();
     let (_store, _) = open(dir.path(), 100);
-    let err = EmbeddedStore::open(
-        dir.path(),
-        options(100),
-        Arc::new(Recorder::default()),
-        Box::new(|_, _| {}),
-    )
-    .err()
-    .expect("second open must fail");
+    let err = try_open(dir.path(), options(100)).err().expect("second open must fail");
     assert!(matches!(err, OpenError::Locked { .. }), "{err}");
 }
 
@@ -256,14 +253,9 @@ async fn a_damaged_version_file_is_reported_as_corrupt() {
     store.close().await;
     drop(store);
     std::fs::write(dir.path().join(STORE_DIR).join("version"), b"garbage!").unwrap();
-    let err = EmbeddedStore::open(
-        dir.path(),
-        options(100),
-        Arc::new(Recorder::default()),
-        Box::new(|_, _| {}),
-    )
-    .err()
-    .expect("a damaged store must not open");
+    let err = try_open(dir.path(), options(100))
+        .err()
+        .expect("a damaged store must not open");
     assert!(matches!(err, OpenError::Corrupt { .. }), "{err}");
 }
 
@@ -278,13 +270,7 @@ async fn closed_store_refuses_writes() {
 #[tokio::test]
 async fn dedup_entries_expire_after_the_window() {
     let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(
-        dir.path(),
-        options_with_window(100, Duration::from_secs(60)),
-        Arc::new(Recorder::default()),
-        Box::new(|_, _| {}),
-    )
-    .unwrap();
+    let store = try_open(dir.path(), options_with_window(100, Duration::from_secs(60))).unwrap();
     // Stamped at 1 s after the epoch: far outside the window. The first commit sweeps.
     let old = NewMessage {
         at_ms: 1_000,
@@ -322,12 +308,7 @@ async fn damaged_journals_are_reported_or_fully_recovered() {
             .find(|p| p.extension().is_some_and(|e| e == "jnl"))
             .expect("a journal file");
         damage.apply(&journal);
-        let result = EmbeddedStore::open(
-            dir.path(),
-            options(100_000),
-            Arc::new(Recorder::default()),
-            Box::new(|_, _| {}),
-        );
+        let result = try_open(dir.path(), options(100_000));
         match result {
             Err(OpenError::Corrupt { .. }) => {}
             Err(e) => panic!("{name}: expected a corruption report, got {e}"),

@@ -19,63 +19,16 @@ async fn send_and_listen_as_in_the_readme() {
     let (_, alice) = run_cli(&["token", "--data", data, "--user", "alice"]).await;
     let listen = tokio::spawn({
         let (server, bob) = (server.clone(), bob.trim().to_owned());
-        async move {
-            run_cli(&[
-                "listen",
-                "--server",
-                &server,
-                "--token",
-                &bob,
-                "--count",
-                "2",
-                "--timeout",
-                "10s",
-            ])
-            .await
-        }
+        async move { cli_listen(&server, &bob, &["--count", "2", "--timeout", "10s"]).await }
     });
-    let (code, first) = run_cli(&[
-        "send",
-        "--server",
-        &server,
-        "--token",
-        alice.trim(),
-        "--to",
-        "bob",
-        "hi bob",
-    ])
-    .await;
+    let (code, first) = cli_send(&server, alice.trim(), "bob", "hi bob", None).await;
     assert_eq!(code, 0);
     let first: serde_json::Value = serde_json::from_str(first.trim()).unwrap();
     assert!(first["id"].as_str().unwrap().starts_with("local."));
-    let (code, _) = run_cli(&[
-        "send",
-        "--server",
-        &server,
-        "--token",
-        alice.trim(),
-        "--to",
-        "bob",
-        "--client-id",
-        "k1",
-        "again",
-    ])
-    .await;
+    let (code, _) = cli_send(&server, alice.trim(), "bob", "again", Some("k1")).await;
     assert_eq!(code, 0);
     // A retry with the same client id: same ack, no second delivery.
-    let (_, retry) = run_cli(&[
-        "send",
-        "--server",
-        &server,
-        "--token",
-        alice.trim(),
-        "--to",
-        "bob",
-        "--client-id",
-        "k1",
-        "again",
-    ])
-    .await;
+    let (_, retry) = cli_send(&server, alice.trim(), "bob", "again", Some("k1")).await;
     let (code, out) = listen.await.unwrap();
     assert_eq!(code, 0);
     let got: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -95,18 +48,7 @@ async fn listen_exits_3_when_too_few_messages_arrive() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start_in(dir.path(), "");
     let token = node.token("lonely");
-    let (code, out) = run_cli(&[
-        "listen",
-        "--server",
-        &node.addr.to_string(),
-        "--token",
-        &token,
-        "--count",
-        "1",
-        "--timeout",
-        "500ms",
-    ])
-    .await;
+    let (code, out) = cli_listen(&node.addr.to_string(), &token, &["--count", "1", "--timeout", "500ms"]).await;
     assert_eq!((code, out.as_str()), (3, ""));
 }
 
@@ -132,17 +74,7 @@ async fn send_fails_clearly_without_a_server() {
 async fn send_reports_a_bad_token() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start_in(dir.path(), "");
-    let (code, _) = run_cli(&[
-        "send",
-        "--server",
-        &node.addr.to_string(),
-        "--token",
-        "forged",
-        "--to",
-        "bob",
-        "x",
-    ])
-    .await;
+    let (code, _) = cli_send(&node.addr.to_string(), "forged", "bob", "x", None).await;
     assert_eq!(code, 1);
 }
 

@@ -18,35 +18,14 @@ async fn an_offline_message_survives_sigkill_and_is_delivered_exactly_once() {
     let (code, alice) = run_cli(&["token", "--data", data, "--user", "alice"]).await;
     assert_eq!(code, 0);
     let (_, carol) = run_cli(&["token", "--data", data, "--user", "carol"]).await;
-    let (code, ack) = run_cli(&[
-        "send",
-        "--server",
-        &server,
-        "--token",
-        alice.trim(),
-        "--to",
-        "carol",
-        "survive this",
-    ])
-    .await;
+    let (code, ack) = cli_send(&server, alice.trim(), "carol", "survive this", None).await;
     assert_eq!(code, 0, "{ack}");
     let ack: serde_json::Value = serde_json::from_str(ack.trim()).unwrap();
 
     node.kill9();
     node.restart();
 
-    let (code, out) = run_cli(&[
-        "listen",
-        "--server",
-        &server,
-        "--token",
-        carol.trim(),
-        "--count",
-        "1",
-        "--timeout",
-        "10s",
-    ])
-    .await;
+    let (code, out) = cli_listen(&server, carol.trim(), &["--count", "1", "--timeout", "10s"]).await;
     assert_eq!(code, 0);
     let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 1, "{out}");
@@ -54,16 +33,7 @@ async fn an_offline_message_survives_sigkill_and_is_delivered_exactly_once() {
     assert_eq!(lines[0]["from"], "alice");
     assert_eq!(lines[0]["text"], "survive this");
 
-    let (code, out) = run_cli(&[
-        "listen",
-        "--server",
-        &server,
-        "--token",
-        carol.trim(),
-        "--timeout",
-        "2s",
-    ])
-    .await;
+    let (code, out) = cli_listen(&server, carol.trim(), &["--timeout", "2s"]).await;
     assert_eq!((code, out.as_str()), (0, ""), "a second listen must receive nothing");
 }
 

@@ -282,3 +282,20 @@ pub async fn run_cli(args: &[&str]) -> (i32, String) {
         String::from_utf8(output.stdout).unwrap(),
     )
 }
+
+/// `chinwag send` as a user would run it; returns (exit code, stdout).
+pub async fn cli_send(server: &str, token: &str, to: &str, text: &str, client_id: Option<&str>) -> (i32, String) {
+    let mut args = vec!["send", "--server", server, "--token", token.trim(), "--to", to];
+    if let Some(id) = client_id {
+        args.extend(["--client-id", id]);
+    }
+    args.push(text);
+    run_cli(&args).await
+}
+
+/// `chinwag listen` with extra flags; returns (exit code, stdout).
+pub async fn cli_listen(server: &str, token: &str, flags: &[&str]) -> (i32, String) {
+    let mut args = vec!["listen", "--server", server, "--token", token.trim()];
+    args.extend_from_slice(flags);
+    run_cli(&args).await
+}
