@@ -119,20 +119,61 @@ name_type!(
     "printable ASCII without spaces"
 );
 
-/// A message's identity, the same in every DC: the DC that accepted it and the sequence
-/// number that DC's store gave it. Written `origin.seq` on the wire, e.g. `east.42`.
+/// A message's identity, the same in every DC: the DC that accepted it, the epoch of that
+/// DC's store (its creation time, so a DC rebuilt from nothing never reuses an id) and the
+/// position of the message in that DC's stream of writes. Written `origin.epoch.seq` on
+/// the wire with the epoch in base 36, e.g. `east.tx8k2o.42`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Epoch(pub u32);
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+        let mut buf = [0u8; 7];
+        let mut n = self.0;
+        let mut i = buf.len();
+        loop {
+            i -= 1;
+            buf[i] = DIGITS[(n % 36) as usize];
+            n /= 36;
+            if n == 0 {
+                break;
+            }
+        }
+        f.write_str(std::str::from_utf8(&buf[i..]).expect("ASCII digits"))
+    }
+}
+
+impl fmt::Debug for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl Epoch {
+    pub fn parse(s: &str) -> Option<Self> {
+        if s.is_empty() || s.len() > 7 || s.bytes().any(|b| !(b.is_ascii_digit() || b.is_ascii_lowercase())) {
+            return None;
+        }
+        u32::from_str_radix(s, 36).ok().map(Epoch)
+    }
+}
+
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MessageId {
     pub origin: DcName,
+    pub epoch: Epoch,
     pub seq: u64,
 }
 
 impl MessageId {
     /// Parses the wire form. Returns `None` for anything that no server could have issued.
     pub fn parse(s: &str) -> Option<Self> {
-        let (origin, seq) = s.rsplit_once('.')?;
+        let (rest, seq) = s.rsplit_once('.')?;
+        let (origin, epoch) = rest.rsplit_once('.')?;
         Some(Self {
             origin: DcName::parse(origin).ok()?,
+            epoch: Epoch::parse(epoch)?,
             seq: seq.parse().ok()?,
         })
     }
@@ -140,7 +181,7 @@ impl MessageId {
 
 impl fmt::Display for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.origin, self.seq)
+        write!(f, "{}.{}.{}", self.origin, self.epoch, self.seq)
     }
 }
 
@@ -186,13 +227,23 @@ mod tests {
     fn message_ids_round_trip() {
         let id = MessageId {
             origin: DcName::parse("east-2").unwrap(),
+            epoch: Epoch(1_795_770_000),
             seq: 42,
         };
-        assert_eq!(id.to_string(), "east-2.42");
-        assert_eq!(MessageId::parse("east-2.42"), Some(id));
-        assert_eq!(MessageId::parse("east"), None);
-        assert_eq!(MessageId::parse("East.1"), None);
-        assert_eq!(MessageId::parse("east.-1"), None);
+        assert_eq!(id.to_string(), "east-2.tp5l00.42");
+        assert_eq!(MessageId::parse("east-2.tp5l00.42"), Some(id));
+        assert_eq!(MessageId::parse("east.1"), None);
+        assert_eq!(MessageId::parse("East.1.1"), None);
+        assert_eq!(MessageId::parse("east.1.-1"), None);
+        assert_eq!(MessageId::parse("east.ZZ.1"), None);
+        assert_eq!(MessageId::parse("east.zzzzzzzz.1"), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn epochs_round_trip(n in proptest::prelude::any::<u32>()) {
+            proptest::prop_assert_eq!(Epoch::parse(&Epoch(n).to_string()), Some(Epoch(n)));
+        }
     }
 
     #[test]

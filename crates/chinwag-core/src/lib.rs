@@ -14,7 +14,7 @@ pub mod session;
 pub mod store;
 
 pub use auth::{AuthError, Authenticate};
-pub use ids::{ClientMsgId, Coordinate, DcName, IdError, MessageId, NodeName, UserId};
+pub use ids::{ClientMsgId, Coordinate, DcName, Epoch, IdError, MessageId, NodeName, UserId};
 pub use message::{Message, NewMessage, Receipt, SharedMessage};
 pub use router::{Delivery, DeliveryStats, PushOutcome, Router};
 pub use session::{Output, Session, SessionLimits};

@@ -145,6 +145,7 @@ mod tests {
         Arc::new(Message {
             id: MessageId {
                 origin: DcName::parse("local").unwrap(),
+                epoch: chinwag_core::Epoch(1),
                 seq,
             },
             seq,

@@ -3,7 +3,7 @@ use std::collections::{BTreeMap, VecDeque};
 use proptest::prelude::*;
 
 use super::*;
-use crate::ids::{DcName, NodeName};
+use crate::ids::{DcName, Epoch, NodeName};
 use crate::message::Message;
 
 /// Accepts tokens of the form `user:<id>`, `expired` and nothing else.
@@ -56,6 +56,7 @@ fn msg(seq: u64, to: &str) -> SharedMessage {
     Arc::new(Message {
         id: MessageId {
             origin: DcName::parse("local").unwrap(),
+            epoch: Epoch(1),
             seq,
         },
         seq,
@@ -154,7 +155,7 @@ fn send_is_validated_then_appended_then_answered() {
     };
     assert_eq!((new.from.as_str(), new.to.as_str(), new.at_ms), ("bob", "carol", 5));
     let receipt = Receipt {
-        id: MessageId::parse("local.9").unwrap(),
+        id: MessageId::parse("local.1.9").unwrap(),
         at_ms: 5,
         duplicate: false,
     };
@@ -163,7 +164,7 @@ fn send_is_validated_then_appended_then_answered() {
         drain(&mut s),
         vec![Output::Frame(ServerFrame::Sent {
             client_id: "c4".into(),
-            id: "local.9".into(),
+            id: "local.1.9".into(),
             at: 5
         })]
     );
@@ -201,7 +202,7 @@ fn rate_limit_drops_frames_but_not_acks() {
     for _ in 0..3 {
         s.on_text(r#"{"type":"ping"}"#, 0);
     }
-    s.on_text(r#"{"type":"ack","ids":["local.1"]}"#, 0);
+    s.on_text(r#"{"type":"ack","ids":["local.1.1"]}"#, 0);
     let out = drain(&mut s);
     assert_eq!(error_codes(&out), vec![ErrorCode::RateLimited]);
     let retry = out.iter().find_map(|o| match o {
@@ -258,14 +259,14 @@ fn mailbox_then_live_then_ack() {
         .collect();
     assert_eq!(delivered, vec![1, 2, 3]);
     assert_eq!(s.inflight(), 3);
-    s.on_text(r#"{"type":"ack","ids":["local.1","local.3","bogus"]}"#, 0);
+    s.on_text(r#"{"type":"ack","ids":["local.1.1","local.1.3","bogus"]}"#, 0);
     let out = drain(&mut s);
     assert_eq!(
         out,
         vec![Output::Ack {
             user: user("bob"),
             seqs: vec![1, 3],
-            ids: vec!["local.1".into(), "local.3".into(), "bogus".into()]
+            ids: vec!["local.1.1".into(), "local.1.3".into(), "bogus".into()]
         }]
     );
     assert_eq!(s.inflight(), 1);
@@ -283,7 +284,7 @@ fn full_window_falls_back_to_the_mailbox() {
     s.on_push(msg(2, "bob"));
     s.on_push(msg(3, "bob"));
     assert_eq!(drain(&mut s).len(), 2);
-    s.on_text(r#"{"type":"ack","ids":["local.1"]}"#, 0);
+    s.on_text(r#"{"type":"ack","ids":["local.1.1"]}"#, 0);
     let out = drain(&mut s);
     assert_eq!(
         out.last(),

@@ -1,0 +1,537 @@
+//! The replication state machine of one DC.
+//!
+//! It is fed link events, messages from peers, confirmations that the store applied what
+//! it was given, and clock ticks; it answers with [`Action`]s: messages to send, entries
+//! for the store to apply, log prefixes the store may drop. It owns no socket, timer or
+//! store; it reads log entries through the [`Log`] trait.
+//!
+//! # The rules
+//! - **Push.** A new entry of this DC's own stream goes at once to every connected peer.
+//! - **Apply in order.** Entries of a stream are applied strictly in seq order, each once.
+//!   Entries that arrive early are held (a bounded number) and the gap is asked for
+//!   (`Need`); duplicates are ignored.
+//! - **Anti-entropy.** Every tick, peers exchange version vectors (`Digest`, only when
+//!   changed, plus a keepalive). What a peer lacks is sent from the log; what was sent and
+//!   not confirmed within the retransmit time is sent again.
+//! - **Relay.** A DC also sends other DCs' streams to a peer that reports it cannot hear
+//!   their origin, or that has lagged behind on them for a while, so two DCs cut off from
+//!   each other still converge through a third.
+//! - **Truncate.** A log prefix is dropped once every configured peer has applied it.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use chinwag_core::DcName;
+
+use crate::stream::{StreamId, VersionVector};
+use crate::wire::{MAX_BATCH_ENTRIES, Wire};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub me: DcName,
+    /// This DC's own stream.
+    pub stream: StreamId,
+    pub peers: Vec<DcName>,
+    /// Anti-entropy period.
+    pub tick_ms: u64,
+    /// A digest is sent to each peer at least this often, even if nothing changed.
+    pub keepalive_ms: u64,
+    /// A peer not heard from for this long is unreachable.
+    pub peer_timeout_ms: u64,
+    /// Entries sent and not confirmed after this long are sent again.
+    pub retransmit_ms: u64,
+    /// A peer behind on another DC's stream for this long gets it relayed by us.
+    pub relay_after_ms: u64,
+    /// Most unconfirmed entries per peer and stream.
+    pub window_entries: u64,
+    pub max_batch_entries: usize,
+    pub max_batch_bytes: usize,
+    /// Most early entries held per stream while a gap is repaired.
+    pub max_held: usize,
+}
+
+impl Config {
+    /// Timings for DCs on a WAN (hundreds of milliseconds apart).
+    pub fn wan(me: DcName, stream: StreamId, peers: Vec<DcName>) -> Self {
+        Self {
+            me,
+            stream,
+            peers,
+            tick_ms: 100,
+            keepalive_ms: 1_000,
+            peer_timeout_ms: 3_000,
+            retransmit_ms: 500,
+            relay_after_ms: 1_000,
+            window_entries: 8_192,
+            max_batch_entries: 256,
+            max_batch_bytes: 1024 * 1024,
+            max_held: 8_192,
+        }
+    }
+}
+
+/// Read access to the entries this DC holds, of its own stream and relayed ones.
+pub trait Log {
+    /// Entries of `stream` from `from` on, in order, as many as fit the limits (at least
+    /// one if any). Empty if the log does not hold `from` (not yet, or truncated).
+    fn read(&self, stream: &StreamId, from: u64, max_entries: usize, max_bytes: usize) -> Vec<Vec<u8>>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Send {
+        to: DcName,
+        msg: Wire,
+    },
+    /// Apply these entries, numbered from `first`, then call [`Replicator::on_applied`].
+    Apply {
+        stream: StreamId,
+        first: u64,
+        entries: Vec<Vec<u8>>,
+    },
+    /// Every peer has applied `stream` through `through`; the log may drop that prefix.
+    Truncate {
+        stream: StreamId,
+        through: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sent {
+    through: u64,
+    at_ms: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Peer {
+    connected: bool,
+    last_heard_ms: Option<u64>,
+    /// What the peer has applied, as far as we know.
+    known: VersionVector,
+    pub(crate) sent: BTreeMap<StreamId, Sent>,
+    unreachable: BTreeSet<DcName>,
+    /// Per stream: since when the peer has been behind, and the seq it was behind on.
+    pub(crate) lagging_since: BTreeMap<StreamId, (u64, u64)>,
+    last_digest: Option<(VersionVector, Vec<DcName>)>,
+    last_digest_ms: u64,
+    /// The peer sent us entries we already had: it does not know what we have.
+    digest_due: bool,
+    need_sent_ms: BTreeMap<StreamId, u64>,
+    entries_sent: u64,
+    entries_received: u64,
+    /// We cannot serve what it lacks from our log any more.
+    behind_log: bool,
+}
+
+/// A peer as shown by `/v1/cluster`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub dc: DcName,
+    pub connected: bool,
+    pub reachable: bool,
+    pub last_heard_ms_ago: Option<u64>,
+    pub applied: VersionVector,
+    /// Entries we have applied that the peer has not.
+    pub lag_entries: u64,
+    pub entries_sent: u64,
+    pub entries_received: u64,
+    /// The peer needs entries our log no longer holds.
+    pub behind_log: bool,
+}
+
+pub struct Replicator {
+    cfg: Config,
+    applied: VersionVector,
+    /// Handed to the store, not yet confirmed: through which seq, per stream.
+    pub(crate) applying: BTreeMap<StreamId, u64>,
+    pub(crate) held: BTreeMap<StreamId, BTreeMap<u64, Vec<u8>>>,
+    truncated: VersionVector,
+    pub(crate) peers: BTreeMap<DcName, Peer>,
+    out: VecDeque<Action>,
+    now_ms: u64,
+}
+
+impl Replicator {
+    /// `applied` is what the store has durably applied, this DC's own stream included;
+    /// `truncated` how far each log has been truncated.
+    pub fn new(cfg: Config, applied: VersionVector, truncated: VersionVector, now_ms: u64) -> Self {
+        let peers = cfg
+            .peers
+            .iter()
+            .filter(|p| **p != cfg.me)
+            .map(|p| (p.clone(), Peer::default()))
+            .collect();
+        Self {
+            cfg,
+            applied,
+            applying: BTreeMap::new(),
+            held: BTreeMap::new(),
+            truncated,
+            peers,
+            out: VecDeque::new(),
+            now_ms,
+        }
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.out.pop_front()
+    }
+
+    pub fn applied(&self) -> &VersionVector {
+        &self.applied
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// A link to `peer` is up: introduce ourselves.
+    pub fn on_connected(&mut self, peer: &DcName, now_ms: u64) {
+        self.now_ms = now_ms;
+        let hello = Wire::Hello {
+            dc: self.cfg.me.clone(),
+            stream: self.cfg.stream.clone(),
+            applied: self.applied.clone(),
+        };
+        let Some(p) = self.peers.get_mut(peer) else { return };
+        p.connected = true;
+        p.sent.clear();
+        p.last_digest = None;
+        self.send(peer, hello);
+    }
+
+    pub fn on_disconnected(&mut self, peer: &DcName) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.connected = false;
+            p.sent.clear();
+        }
+    }
+
+    /// A message from `from` (already authenticated as that DC by the transport).
+    pub fn on_message(&mut self, from: &DcName, msg: Wire, now_ms: u64, log: &impl Log) {
+        self.now_ms = now_ms;
+        let Some(peer) = self.peers.get_mut(from) else { return };
+        peer.last_heard_ms = Some(now_ms);
+        match msg {
+            Wire::Hello { applied, .. } => {
+                peer.known.merge(&applied);
+                peer.sent.clear();
+                self.sync_peer(from, log);
+            }
+            Wire::Digest { applied, unreachable } => {
+                peer.known.merge(&applied);
+                peer.unreachable = unreachable.into_iter().collect();
+                self.note_lag(from);
+                self.sync_peer(from, log);
+            }
+            Wire::Entries { stream, first, entries } => {
+                let last = first + entries.len() as u64 - 1;
+                peer.known.advance(&stream, last);
+                peer.entries_received += entries.len() as u64;
+                self.receive(from, stream, first, entries);
+            }
+            Wire::Need { stream, from: seq } => {
+                if let Some(sent) = peer.sent.get_mut(&stream) {
+                    sent.through = sent.through.min(seq - 1);
+                }
+                self.sync_stream(from, &stream, log);
+            }
+        }
+    }
+
+    /// This DC's own stream now reaches `through` (durably): push it.
+    pub fn on_local(&mut self, through: u64, log: &impl Log) {
+        let own = self.cfg.stream.clone();
+        self.applied.advance(&own, through);
+        let peers: Vec<DcName> = self.peers.keys().cloned().collect();
+        for peer in peers {
+            self.sync_stream(&peer, &own, log);
+        }
+    }
+
+    /// The store durably applied `stream` through `through`.
+    pub fn on_applied(&mut self, stream: &StreamId, through: u64, log: &impl Log) {
+        self.applied.advance(stream, through);
+        if self.applying.get(stream).is_some_and(|&a| a <= through) {
+            self.applying.remove(stream);
+        }
+        self.apply_held(stream);
+        // Relay at once to peers that cannot hear the origin.
+        let relay_to: Vec<DcName> = self
+            .peers
+            .iter()
+            .filter(|(name, p)| **name != stream.dc && p.connected && p.unreachable.contains(&stream.dc))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for peer in relay_to {
+            self.sync_stream(&peer, stream, log);
+        }
+    }
+
+    pub fn on_tick(&mut self, now_ms: u64, log: &impl Log) {
+        self.now_ms = now_ms;
+        let unreachable = self.unreachable();
+        let names: Vec<DcName> = self.peers.keys().cloned().collect();
+        for name in &names {
+            let peer = self.peers.get_mut(name).expect("listed");
+            if !peer.connected {
+                continue;
+            }
+            // Sent and never confirmed: assume lost, send again.
+            let retransmit = self.cfg.retransmit_ms;
+            for (stream, sent) in peer.sent.iter_mut() {
+                let known = peer.known.get(stream);
+                if sent.through > known && now_ms.saturating_sub(sent.at_ms) >= retransmit {
+                    sent.through = known;
+                }
+            }
+            self.sync_peer(name, log);
+            self.maybe_digest(name, &unreachable);
+        }
+        self.truncate();
+    }
+
+    /// DCs we cannot currently hear.
+    pub fn unreachable(&self) -> Vec<DcName> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| !self.is_reachable(p))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    fn is_reachable(&self, p: &Peer) -> bool {
+        p.connected
+            && p.last_heard_ms
+                .is_some_and(|t| self.now_ms.saturating_sub(t) < self.cfg.peer_timeout_ms)
+    }
+
+    pub fn status(&self) -> Vec<PeerStatus> {
+        self.peers
+            .iter()
+            .map(|(dc, p)| PeerStatus {
+                dc: dc.clone(),
+                connected: p.connected,
+                reachable: self.is_reachable(p),
+                last_heard_ms_ago: p.last_heard_ms.map(|t| self.now_ms.saturating_sub(t)),
+                applied: p.known.clone(),
+                lag_entries: self.applied.lead_over(&p.known),
+                entries_sent: p.entries_sent,
+                entries_received: p.entries_received,
+                behind_log: p.behind_log,
+            })
+            .collect()
+    }
+
+    fn send(&mut self, to: &DcName, msg: Wire) {
+        self.out.push_back(Action::Send { to: to.clone(), msg });
+    }
+
+    fn maybe_digest(&mut self, name: &DcName, unreachable: &[DcName]) {
+        let keepalive = self.cfg.keepalive_ms;
+        let current = (self.applied.clone(), unreachable.to_vec());
+        let peer = self.peers.get_mut(name).expect("listed");
+        let changed = peer.last_digest.as_ref() != Some(&current);
+        // The keepalive also repairs a lost digest: without it a peer could go on resending
+        // what we already have, never learning that we have it.
+        if changed || peer.digest_due || self.now_ms.saturating_sub(peer.last_digest_ms) >= keepalive {
+            peer.last_digest = Some(current.clone());
+            peer.last_digest_ms = self.now_ms;
+            peer.digest_due = false;
+            let (applied, unreachable) = current;
+            self.send(name, Wire::Digest { applied, unreachable });
+        }
+    }
+
+    /// Remembers since when a peer has been behind us on each stream.
+    fn note_lag(&mut self, name: &DcName) {
+        let now = self.now_ms;
+        let peer = self.peers.get_mut(name).expect("listed");
+        for (stream, seq) in self.applied.iter() {
+            let known = peer.known.get(stream);
+            // Caught up with what it lacked back then: in-flight entries are not lag.
+            if peer
+                .lagging_since
+                .get(stream)
+                .is_some_and(|&(_, target)| known >= target)
+            {
+                peer.lagging_since.remove(stream);
+            }
+            if known < seq {
+                peer.lagging_since.entry(stream.clone()).or_insert((now, seq));
+            }
+        }
+    }
+
+    /// Whether we should send `stream` to `peer` at all.
+    fn should_send(&self, name: &DcName, peer: &Peer, stream: &StreamId) -> bool {
+        if stream.dc == *name {
+            return false;
+        }
+        if *stream == self.cfg.stream || peer.unreachable.contains(&stream.dc) {
+            return true;
+        }
+        peer.lagging_since
+            .get(stream)
+            .is_some_and(|&(since, _)| self.now_ms.saturating_sub(since) >= self.cfg.relay_after_ms)
+    }
+
+    fn sync_peer(&mut self, name: &DcName, log: &impl Log) {
+        let streams: Vec<StreamId> = self.applied.streams().cloned().collect();
+        for stream in streams {
+            self.sync_stream(name, &stream, log);
+        }
+    }
+
+    /// Sends `peer` what it lacks of `stream`, within the window.
+    fn sync_stream(&mut self, name: &DcName, stream: &StreamId, log: &impl Log) {
+        let mine = self.applied.get(stream);
+        loop {
+            let Some(peer) = self.peers.get(name) else { return };
+            if !peer.connected || !self.should_send(name, peer, stream) {
+                return;
+            }
+            let known = peer.known.get(stream);
+            let base = known.max(peer.sent.get(stream).map_or(0, |s| s.through));
+            if base >= mine || base - known >= self.cfg.window_entries {
+                return;
+            }
+            // Only what is durably applied: the log may already hold entries being applied.
+            let max = self
+                .cfg
+                .max_batch_entries
+                .min(MAX_BATCH_ENTRIES)
+                .min((mine - base) as usize);
+            let entries = log.read(stream, base + 1, max, self.cfg.max_batch_bytes);
+            let peer = self.peers.get_mut(name).expect("checked");
+            if entries.is_empty() {
+                peer.behind_log = base < self.truncated.get(stream);
+                return;
+            }
+            let n = entries.len() as u64;
+            assert!(base + n <= mine, "the log returned more entries than asked for");
+            peer.sent.insert(
+                stream.clone(),
+                Sent {
+                    through: base + n,
+                    at_ms: self.now_ms,
+                },
+            );
+            peer.entries_sent += n;
+            let msg = Wire::Entries {
+                stream: stream.clone(),
+                first: base + 1,
+                entries,
+            };
+            self.send(name, msg);
+        }
+    }
+
+    fn next_expected(&self, stream: &StreamId) -> u64 {
+        self.applied
+            .get(stream)
+            .max(self.applying.get(stream).copied().unwrap_or(0))
+            + 1
+    }
+
+    fn receive(&mut self, from: &DcName, stream: StreamId, first: u64, entries: Vec<Vec<u8>>) {
+        if stream == self.cfg.stream {
+            // Our own entries relayed back to us: we are their source.
+            return;
+        }
+        let next = self.next_expected(&stream);
+        let last = first + entries.len() as u64 - 1;
+        if last < next {
+            if let Some(peer) = self.peers.get_mut(from) {
+                peer.digest_due = true;
+            }
+            return;
+        }
+        if first > next {
+            self.hold(&stream, first, entries);
+            self.ask_for(from, stream, next);
+            return;
+        }
+        let skip = (next - first) as usize;
+        let entries: Vec<Vec<u8>> = entries.into_iter().skip(skip).collect();
+        self.applying.insert(stream.clone(), last);
+        self.out.push_back(Action::Apply {
+            stream: stream.clone(),
+            first: next,
+            entries,
+        });
+        self.apply_held(&stream);
+    }
+
+    fn hold(&mut self, stream: &StreamId, first: u64, entries: Vec<Vec<u8>>) {
+        let max = self.cfg.max_held;
+        let held = self.held.entry(stream.clone()).or_default();
+        for (i, entry) in entries.into_iter().enumerate() {
+            if held.len() >= max {
+                // The rest comes again through repair.
+                break;
+            }
+            held.insert(first + i as u64, entry);
+        }
+    }
+
+    fn ask_for(&mut self, from: &DcName, stream: StreamId, next: u64) {
+        let now = self.now_ms;
+        let retransmit = self.cfg.retransmit_ms;
+        let Some(peer) = self.peers.get_mut(from) else { return };
+        let recently = peer
+            .need_sent_ms
+            .get(&stream)
+            .is_some_and(|&t| now.saturating_sub(t) < retransmit);
+        if !recently {
+            peer.need_sent_ms.insert(stream.clone(), now);
+            self.send(from, Wire::Need { stream, from: next });
+        }
+    }
+
+    /// Hands held entries that are now next in line to the store.
+    fn apply_held(&mut self, stream: &StreamId) {
+        let next = self.next_expected(stream);
+        let Some(held) = self.held.get_mut(stream) else { return };
+        // Drop what is no longer needed.
+        while held.first_key_value().is_some_and(|(&seq, _)| seq < next) {
+            held.pop_first();
+        }
+        let mut run = Vec::new();
+        let mut seq = next;
+        while let Some(entry) = held.remove(&seq) {
+            run.push(entry);
+            seq += 1;
+        }
+        if held.is_empty() {
+            self.held.remove(stream);
+        }
+        if !run.is_empty() {
+            self.applying.insert(stream.clone(), seq - 1);
+            self.out.push_back(Action::Apply {
+                stream: stream.clone(),
+                first: next,
+                entries: run,
+            });
+        }
+    }
+
+    fn truncate(&mut self) {
+        let mut actions = Vec::new();
+        for (stream, mine) in self.applied.iter() {
+            let safe = self
+                .peers
+                .values()
+                .map(|p| p.known.get(stream))
+                .min()
+                .unwrap_or(mine)
+                .min(mine);
+            if safe > self.truncated.get(stream) {
+                actions.push((stream.clone(), safe));
+            }
+        }
+        for (stream, through) in actions {
+            self.truncated.advance(&stream, through);
+            self.out.push_back(Action::Truncate { stream, through });
+        }
+    }
+}

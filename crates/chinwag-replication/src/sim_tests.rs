@@ -1,0 +1,349 @@
+//! Replicators on a simulated network: seeded, virtual time, with delay, loss,
+//! duplication, reordering and partitions. Whatever happens, once the network heals every
+//! DC must hold every stream completely, having applied each entry exactly once, in order.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+
+use chinwag_core::{DcName, Epoch};
+use proptest::prelude::*;
+
+use super::*;
+
+/// xorshift64*: small, seeded, good enough for choosing delays.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+#[derive(Debug)]
+enum Event {
+    Deliver { from: usize, to: usize, msg: Wire },
+    Tick(usize),
+    Write(usize),
+    Applied { dc: usize, stream: StreamId, through: u64 },
+}
+
+struct Dc {
+    name: DcName,
+    stream: StreamId,
+    replicator: Replicator,
+    /// The log: own and relayed entries, minus truncated prefixes.
+    log: BTreeMap<StreamId, BTreeMap<u64, Vec<u8>>>,
+    /// Everything ever applied, per stream, in order: what the checker compares.
+    state: BTreeMap<StreamId, Vec<Vec<u8>>>,
+}
+
+struct LogView<'a>(&'a BTreeMap<StreamId, BTreeMap<u64, Vec<u8>>>);
+
+impl Log for LogView<'_> {
+    fn read(&self, stream: &StreamId, from: u64, max_entries: usize, _max_bytes: usize) -> Vec<Vec<u8>> {
+        let Some(log) = self.0.get(stream) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut seq = from;
+        while out.len() < max_entries {
+            match log.get(&seq) {
+                Some(e) => out.push(e.clone()),
+                None => break,
+            }
+            seq += 1;
+        }
+        out
+    }
+}
+
+struct Net {
+    /// Percent of messages lost / duplicated.
+    loss: u64,
+    dup: u64,
+    /// One-way delay range in ms.
+    min_delay: u64,
+    max_delay: u64,
+    /// Cut links (both directions), by DC index pair, until the given time.
+    cut_until: BTreeMap<(usize, usize), u64>,
+}
+
+struct Sim {
+    rng: Rng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    events: BTreeMap<usize, Event>,
+    dcs: Vec<Dc>,
+    net: Net,
+    written: Vec<u64>,
+}
+
+impl Sim {
+    fn new(n: usize, seed: u64, net: Net) -> Self {
+        let names: Vec<DcName> = (0..n).map(|i| DcName::parse(&format!("dc{i}")).unwrap()).collect();
+        let dcs = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let stream = StreamId::new(name.clone(), Epoch(i as u32 + 1));
+                let mut cfg = Config::wan(name.clone(), stream.clone(), names.clone());
+                cfg.max_batch_entries = 8;
+                cfg.window_entries = 32;
+                cfg.max_held = 16;
+                Dc {
+                    name: name.clone(),
+                    stream,
+                    replicator: Replicator::new(cfg, VersionVector::default(), VersionVector::default(), 0),
+                    log: BTreeMap::new(),
+                    state: BTreeMap::new(),
+                }
+            })
+            .collect();
+        let mut sim = Sim {
+            rng: Rng(seed | 1),
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            dcs,
+            net,
+            written: vec![0; n],
+        };
+        for a in 0..n {
+            for b in 0..n {
+                if a != b {
+                    let name = sim.dcs[b].name.clone();
+                    sim.dcs[a].replicator.on_connected(&name, 0);
+                }
+            }
+            sim.drain(a);
+            let jitter = sim.rng.below(100);
+            sim.at(jitter, Event::Tick(a));
+        }
+        sim
+    }
+
+    fn at(&mut self, delay: u64, event: Event) {
+        self.seq += 1;
+        let id = self.seq as usize;
+        self.events.insert(id, event);
+        self.queue.push(Reverse((self.now + delay, self.seq, id)));
+    }
+
+    fn index(&self, name: &DcName) -> usize {
+        self.dcs.iter().position(|d| d.name == *name).unwrap()
+    }
+
+    fn cut(&self, a: usize, b: usize) -> bool {
+        let key = (a.min(b), a.max(b));
+        self.net.cut_until.get(&key).is_some_and(|&t| self.now < t)
+    }
+
+    /// Carries out a DC's actions.
+    fn drain(&mut self, dc: usize) {
+        while let Some(action) = self.dcs[dc].replicator.poll_action() {
+            match action {
+                Action::Send { to, msg } => {
+                    let to = self.index(&to);
+                    if self.cut(dc, to) || self.rng.chance(self.net.loss) {
+                        continue;
+                    }
+                    let copies = if self.rng.chance(self.net.dup) { 2 } else { 1 };
+                    for _ in 0..copies {
+                        let delay = self.net.min_delay + self.rng.below(self.net.max_delay - self.net.min_delay + 1);
+                        self.at(
+                            delay,
+                            Event::Deliver {
+                                from: dc,
+                                to,
+                                msg: msg.clone(),
+                            },
+                        );
+                    }
+                }
+                Action::Apply { stream, first, entries } => {
+                    let d = &mut self.dcs[dc];
+                    let state = d.state.entry(stream.clone()).or_default();
+                    assert_eq!(
+                        first,
+                        state.len() as u64 + 1,
+                        "{} applied {stream} out of order",
+                        d.name
+                    );
+                    let log = d.log.entry(stream.clone()).or_default();
+                    for (i, e) in entries.iter().enumerate() {
+                        log.insert(first + i as u64, e.clone());
+                    }
+                    state.extend(entries);
+                    let through = state.len() as u64;
+                    // Applying takes a moment (the store's commit).
+                    let delay = 1 + self.rng.below(3);
+                    self.at(delay, Event::Applied { dc, stream, through });
+                }
+                Action::Truncate { stream, through } => {
+                    if let Some(log) = self.dcs[dc].log.get_mut(&stream) {
+                        log.retain(|&seq, _| seq > through);
+                    }
+                }
+            }
+        }
+    }
+
+    fn step(&mut self) -> bool {
+        let Some(Reverse((time, _, id))) = self.queue.pop() else {
+            return false;
+        };
+        self.now = time;
+        let event = self.events.remove(&id).unwrap();
+        let dc = match event {
+            Event::Deliver { from, to, msg } => {
+                let from_name = self.dcs[from].name.clone();
+                let d = &mut self.dcs[to];
+                d.replicator.on_message(&from_name, msg, self.now, &LogView(&d.log));
+                to
+            }
+            Event::Tick(dc) => {
+                let d = &mut self.dcs[dc];
+                d.replicator.on_tick(self.now, &LogView(&d.log));
+                self.at(100, Event::Tick(dc));
+                dc
+            }
+            Event::Write(dc) => {
+                self.written[dc] += 1;
+                let seq = self.written[dc];
+                let d = &mut self.dcs[dc];
+                let own = d.stream.clone();
+                let entry = format!("{}#{seq}", d.name).into_bytes();
+                d.log.entry(own.clone()).or_default().insert(seq, entry.clone());
+                d.state.entry(own).or_default().push(entry);
+                d.replicator.on_local(seq, &LogView(&d.log));
+                dc
+            }
+            Event::Applied { dc, stream, through } => {
+                let d = &mut self.dcs[dc];
+                d.replicator.on_applied(&stream, through, &LogView(&d.log));
+                dc
+            }
+        };
+        self.drain(dc);
+        true
+    }
+
+    fn run_until(&mut self, t: u64) {
+        while self.queue.peek().is_some_and(|Reverse((time, _, _))| *time <= t) {
+            self.step();
+        }
+        self.now = t;
+    }
+
+    fn converged(&self) -> bool {
+        let first = &self.dcs[0].state;
+        self.dcs.iter().all(|d| d.state == *first)
+            && self
+                .dcs
+                .iter()
+                .enumerate()
+                .all(|(i, _)| first.get(&self.dcs[i].stream).map_or(0, Vec::len) as u64 == self.written[i])
+    }
+}
+
+fn run(seed: u64, n: usize, writes: u64, net: Net) -> Sim {
+    let mut sim = Sim::new(n, seed, net);
+    for _ in 0..writes {
+        let dc = sim.rng.below(n as u64) as usize;
+        let when = sim.rng.below(5_000);
+        sim.at(when, Event::Write(dc));
+    }
+    // Faults stop by 10 s; then everything must converge within 20 s more.
+    sim.run_until(30_000);
+    sim
+}
+
+fn assert_converged(sim: &Sim, seed: u64) {
+    assert!(
+        sim.converged(),
+        "seed {seed}: not converged: {:?}",
+        sim.dcs
+            .iter()
+            .map(|d| d.replicator.applied().clone())
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn converges_on_a_clean_network() {
+    let net = Net {
+        loss: 0,
+        dup: 0,
+        min_delay: 20,
+        max_delay: 20,
+        cut_until: BTreeMap::new(),
+    };
+    let sim = run(1, 3, 200, net);
+    assert_converged(&sim, 1);
+}
+
+#[test]
+fn truncates_logs_once_everyone_has_them() {
+    let net = Net {
+        loss: 0,
+        dup: 0,
+        min_delay: 5,
+        max_delay: 50,
+        cut_until: BTreeMap::new(),
+    };
+    let sim = run(3, 3, 300, net);
+    assert_converged(&sim, 3);
+    for d in &sim.dcs {
+        let left: usize = d.log.values().map(BTreeMap::len).sum();
+        assert_eq!(left, 0, "{} kept {left} entries everyone has", d.name);
+    }
+}
+
+#[test]
+fn a_partitioned_pair_converges_through_a_third_dc() {
+    // dc0 and dc1 cannot talk for the whole run; dc2 relays.
+    let net = Net {
+        loss: 0,
+        dup: 0,
+        min_delay: 50,
+        max_delay: 50,
+        cut_until: BTreeMap::from([((0, 1), u64::MAX)]),
+    };
+    let sim = run(5, 3, 200, net);
+    assert_converged(&sim, 5);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn converges_despite_loss_duplication_reordering_and_partitions(
+        seed in any::<u64>(),
+        n in 2usize..5,
+        loss in 0u64..30,
+        dup in 0u64..20,
+        cuts in proptest::collection::vec((0usize..4, 0usize..4, 0u64..10_000), 0..4),
+    ) {
+        let cut_until = cuts
+            .into_iter()
+            .filter(|(a, b, _)| a != b && *a < n && *b < n)
+            .map(|(a, b, until)| ((a.min(b), a.max(b)), until))
+            .collect();
+        let net = Net { loss, dup, min_delay: 1, max_delay: 300, cut_until };
+        let sim = run(seed, n, 150, net);
+        assert_converged(&sim, seed);
+    }
+}
