@@ -173,5 +173,6 @@ fn store_options(config: &Config) -> StoreOptions {
         commit_batch_max: config.store.commit_batch_max,
         queue: config.store.queue,
         dedup_window: config.store.dedup_window,
+        replicate: false,
     }
 }

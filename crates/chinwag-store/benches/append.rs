@@ -44,6 +44,7 @@ impl Fixture {
             commit_batch_max: 4096,
             queue: 65_536,
             dedup_window: Duration::from_secs(3600),
+            replicate: false,
         };
         let store = EmbeddedStore::open(dir.path(), options, Arc::new(Ignore), Box::new(|_, _| {})).unwrap();
         Self {

@@ -8,6 +8,7 @@
 //! Why fjall: see ARCHITECTURE.md ("The embedded store") and
 //! `tools/store-compare/README.md` for the measured comparison with redb and SQLite.
 
+mod coords;
 mod schema;
 mod watermark;
 mod writer;
@@ -20,14 +21,16 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chinwag_core::{
-    CommitListener, Coordinate, DcName, NewMessage, NodeName, Receipt, SharedMessage, Store, StoreError, UserId,
+    CommitListener, Coordinate, DcName, Epoch, NewMessage, NodeName, Receipt, SharedMessage, Store, StoreError, UserId,
 };
+use chinwag_replication::{StreamId, VersionVector};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
+use coords::CoordinateMap;
 pub use writer::CommitObserver;
-use writer::{CoordinateMap, Op, Writer};
+use writer::{Op, Writer};
 
 /// Directory of the store inside the data directory.
 pub const STORE_DIR: &str = "store";
@@ -42,6 +45,8 @@ pub struct StoreOptions {
     pub commit_batch_max: usize,
     pub queue: usize,
     pub dedup_window: Duration,
+    /// Keep this DC's stream of changes and apply other DCs' streams (multi-DC mode).
+    pub replicate: bool,
 }
 
 /// Why the store could not be opened.
@@ -96,6 +101,10 @@ pub struct Tables {
     depth: Keyspace,
     coords: Keyspace,
     meta: Keyspace,
+    log: Keyspace,
+    streams: Keyspace,
+    ids: Keyspace,
+    gone: Keyspace,
 }
 
 impl Tables {
@@ -107,6 +116,10 @@ impl Tables {
             depth: ks(schema::DEPTH)?,
             coords: ks(schema::COORDS)?,
             meta: ks(schema::META)?,
+            log: ks(schema::LOG)?,
+            streams: ks(schema::STREAMS)?,
+            ids: ks(schema::IDS)?,
+            gone: ks(schema::GONE)?,
             db,
         })
     }
@@ -118,6 +131,8 @@ pub struct EmbeddedStore {
     ops: mpsc::Sender<Op>,
     dc: DcName,
     incarnation: u64,
+    stream: StreamId,
+    log_head: watch::Receiver<u64>,
 }
 
 impl EmbeddedStore {
@@ -155,13 +170,19 @@ impl EmbeddedStore {
             mailbox_depth: AtomicU64::new(depth_total),
         });
         let (ops, rx) = mpsc::channel(options.queue);
+        let (log_head_tx, log_head) = watch::channel(recovered.log_seq);
+        let stream = StreamId::new(options.dc.clone(), recovered.epoch);
         let writer = Writer {
             tables: tables.clone(),
             shared: shared.clone(),
             options: options.clone(),
             listener,
             observer,
+            stream: stream.clone(),
             next_seq: recovered.next_seq,
+            log_seq: recovered.log_seq,
+            streams: recovered.streams,
+            log_head: log_head_tx,
             commits: recovered.commits,
             watermark,
             depths: recovered.depths,
@@ -187,6 +208,8 @@ impl EmbeddedStore {
             ops,
             dc: options.dc,
             incarnation,
+            stream,
+            log_head,
         })
     }
 
@@ -209,6 +232,51 @@ impl EmbeddedStore {
         if self.ops.send(Op::Shutdown(done)).await.is_ok() {
             let _ = finished.await;
         }
+    }
+
+    /// This DC's own stream.
+    pub fn stream(&self) -> &StreamId {
+        &self.stream
+    }
+
+    /// How far each stream is durably applied (this DC's own included), and how far each
+    /// log has been truncated.
+    pub fn replication_state(&self) -> Result<(VersionVector, VersionVector), StoreError> {
+        let mut applied = VersionVector::default();
+        let mut truncated = VersionVector::default();
+        applied.advance(&self.stream, *self.log_head.borrow());
+        for entry in self.tables.streams.iter() {
+            let (key, value) = entry.into_inner().map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let (Some(stream), Ok(state)) = (
+                schema::split_stream_key(&key),
+                postcard::from_bytes::<schema::StreamState>(&value),
+            ) else {
+                continue;
+            };
+            if stream != self.stream {
+                applied.advance(&stream, state.applied);
+            }
+            truncated.advance(&stream, state.truncated);
+        }
+        Ok((applied, truncated))
+    }
+
+    /// Follows the head of this DC's own stream.
+    pub fn log_head(&self) -> watch::Receiver<u64> {
+        self.log_head.clone()
+    }
+
+    /// Applies entries of another DC's stream, numbered from `first`, and returns how far
+    /// that stream is applied afterwards. Entries already applied are skipped; entries
+    /// after a gap are not applied.
+    pub async fn ingest(&self, stream: StreamId, first: u64, entries: Vec<Vec<u8>>) -> Result<u64, StoreError> {
+        self.call(|reply| Op::Ingest(stream, first, entries, reply), WhenFull::Wait)
+            .await
+    }
+
+    /// Drops the log of `stream` through `through` (every peer has it).
+    pub async fn truncate(&self, stream: StreamId, through: u64) {
+        let _ = self.ops.send(Op::Truncate(stream, through)).await;
     }
 
     /// Queues `op` when called, not when the returned future is first polled, so that
@@ -247,7 +315,7 @@ impl EmbeddedStore {
         let mut page = Vec::with_capacity(limit.min(256));
         for entry in snapshot.range(&self.tables.mailbox, lo..=hi).take(limit) {
             let (key, value) = entry.into_inner().map_err(|e| e.to_string())?;
-            let seq = schema::mailbox_seq(&key).ok_or("short mailbox key")?;
+            let seq = schema::key_seq(&key).ok_or("short mailbox key")?;
             let record: schema::MessageRecord =
                 postcard::from_bytes(&value).map_err(|e| format!("mailbox record {seq}: {e}"))?;
             page.push(Arc::new(record.into_message(user, seq, &self.dc)?));
@@ -348,6 +416,9 @@ impl From<fjall::Error> for Recovery {
 
 struct Recovered {
     next_seq: u64,
+    log_seq: u64,
+    epoch: Epoch,
+    streams: HashMap<StreamId, schema::StreamState>,
     commits: u64,
     incarnation: u64,
     coordinates: CoordinateMap,
@@ -373,7 +444,18 @@ fn recover(t: &Tables, options: &StoreOptions) -> Result<Recovered, Recovery> {
         Some(found) => return Err(Recovery::Format(found)),
     }
     let next_seq = read_u64(&t.meta, schema::NEXT_SEQ)?.unwrap_or(1);
+    let mut log_seq = read_u64(&t.meta, schema::LOG_SEQ)?.unwrap_or(0);
     let commits = read_u64(&t.meta, schema::COMMITS)?.unwrap_or(0);
+    let epoch = match read_u64(&t.meta, schema::EPOCH)? {
+        Some(e) => Epoch(u32::try_from(e).map_err(|_| Recovery::Damaged("epoch out of range".into()))?),
+        None => {
+            // A new store: its creation time names its stream.
+            let e = u32::try_from(unix_ms() / 1000).unwrap_or(u32::MAX).max(1);
+            batch.insert(&t.meta, schema::EPOCH, schema::encode_u64(u64::from(e)));
+            Epoch(e)
+        }
+    };
+    let own = StreamId::new(options.dc.clone(), epoch);
     let key = schema::incarnation_key(options.node.as_str());
     let incarnation = read_u64(&t.meta, &key)?.unwrap_or(0) + 1;
     batch.insert(&t.meta, key.as_str(), schema::encode_u64(incarnation));
@@ -384,10 +466,30 @@ fn recover(t: &Tables, options: &StoreOptions) -> Result<Recovered, Recovery> {
         let key = entry.key()?;
         match schema::split_coord_key(&key) {
             Some((user, at)) if at.node != options.node || at.dc != options.dc => coordinates.apply(user, at, true),
-            _ => {
+            stale_coordinate => {
                 batch.remove(&t.coords, key);
                 stale += 1;
+                // Other DCs must forget it too.
+                if let (Some((user, at)), true) = (stale_coordinate, options.replicate) {
+                    log_seq += 1;
+                    batch.insert(
+                        &t.log,
+                        schema::entry_key(&own, log_seq),
+                        schema::Entry::Offline { user, at }.encode(),
+                    );
+                }
             }
+        }
+    }
+    batch.insert(&t.meta, schema::LOG_SEQ, schema::encode_u64(log_seq));
+    let mut streams = HashMap::new();
+    for entry in t.streams.iter() {
+        let (key, value) = entry.into_inner()?;
+        let stream = schema::split_stream_key(&key);
+        let state = postcard::from_bytes::<schema::StreamState>(&value).ok();
+        match (stream, state) {
+            (Some(stream), Some(state)) => drop(streams.insert(stream, state)),
+            _ => return Err(Recovery::Damaged("unreadable stream state".into())),
         }
     }
     if stale > 0 {
@@ -406,11 +508,35 @@ fn recover(t: &Tables, options: &StoreOptions) -> Result<Recovered, Recovery> {
     batch.commit()?;
     Ok(Recovered {
         next_seq,
+        log_seq,
+        epoch,
+        streams,
         commits,
         incarnation,
         coordinates,
         depths,
     })
+}
+
+impl chinwag_replication::Log for EmbeddedStore {
+    fn read(&self, stream: &StreamId, from: u64, max_entries: usize, max_bytes: usize) -> Vec<Vec<u8>> {
+        let lo = schema::entry_key(stream, from);
+        let hi = schema::entry_key(stream, u64::MAX);
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let mut expected = from;
+        for entry in self.tables.log.range(lo..=hi).take(max_entries) {
+            let Ok((key, value)) = entry.into_inner() else { break };
+            // Only a gap-free run starting at `from`.
+            if schema::key_seq(&key) != Some(expected) || (!out.is_empty() && bytes + value.len() > max_bytes) {
+                break;
+            }
+            bytes += value.len();
+            out.push(value.to_vec());
+            expected += 1;
+        }
+        out
+    }
 }
 
 fn unix_ms() -> u64 {
@@ -421,3 +547,6 @@ fn unix_ms() -> u64 {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod repl_tests;

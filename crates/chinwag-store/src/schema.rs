@@ -4,7 +4,8 @@
 //! form one contiguous range that no other user's keys can fall into, and a mailbox can be
 //! read with a single range scan in seq order (seqs are big-endian).
 
-use chinwag_core::{ClientMsgId, Coordinate, DcName, Message, MessageId, UserId};
+use chinwag_core::{ClientMsgId, Coordinate, DcName, Epoch, Message, MessageId, UserId};
+use chinwag_replication::StreamId;
 use serde::{Deserialize, Serialize};
 
 /// Keyspace `user ++ seq` → [`MessageRecord`].
@@ -15,15 +16,30 @@ pub const DEDUP: &str = "dedup";
 pub const DEPTH: &str = "depth";
 /// Keyspace `user ++ postcard(coordinate)` → nothing.
 pub const COORDS: &str = "coords";
-/// Keyspace of counters (u64, big-endian): [`NEXT_SEQ`], [`FORMAT`], incarnations.
+/// Keyspace of counters (u64, big-endian): [`NEXT_SEQ`], [`LOG_SEQ`], [`EPOCH`],
+/// [`FORMAT`], [`COMMITS`], incarnations.
 pub const META: &str = "meta";
+/// Keyspace `stream ++ seq` → encoded [`Entry`]: this DC's own stream and the streams it
+/// applied from others (kept for relaying until every peer has them).
+pub const LOG: &str = "log";
+/// Keyspace stream → [`StreamState`] (applied and truncated seqs).
+pub const STREAMS: &str = "streams";
+/// Keyspace `message id` → `user ++ mailbox seq`, to find a message acknowledged by id.
+pub const IDS: &str = "ids";
+/// Keyspace `message id` → nothing: acknowledged before its mailbox entry arrived here.
+pub const GONE: &str = "gone";
 
+/// Mailbox position of the next message (local order).
 pub const NEXT_SEQ: &str = "next_seq";
+/// Seq of the last entry of this DC's own stream; message ids use it.
+pub const LOG_SEQ: &str = "log_seq";
+/// This store's epoch (its creation time in Unix seconds).
+pub const EPOCH: &str = "epoch";
 /// Number of durable write batches; see `watermark`.
 pub const COMMITS: &str = "commits";
 pub const FORMAT: &str = "format";
 /// Bumped whenever the layout changes incompatibly.
-pub const FORMAT_VERSION: u64 = 1;
+pub const FORMAT_VERSION: u64 = 2;
 
 pub fn encode_u64(v: u64) -> [u8; 8] {
     v.to_be_bytes()
@@ -52,8 +68,8 @@ pub fn mailbox_key(user: &UserId, seq: u64) -> Vec<u8> {
     key
 }
 
-/// Splits a mailbox key into its seq; the user part is known to the caller.
-pub fn mailbox_seq(key: &[u8]) -> Option<u64> {
+/// The seq at the end of a mailbox or log key.
+pub fn key_seq(key: &[u8]) -> Option<u64> {
     let tail = key.len().checked_sub(8)?;
     Some(u64::from_be_bytes(key[tail..].try_into().ok()?))
 }
@@ -62,6 +78,41 @@ pub fn dedup_key(sender: &UserId, client_id: &ClientMsgId) -> Vec<u8> {
     let mut key = user_prefix(sender);
     key.extend_from_slice(client_id.as_str().as_bytes());
     key
+}
+
+/// `len ++ dc ++ epoch`: the prefix of every log key and message id key of one stream.
+pub fn stream_key(stream: &StreamId) -> Vec<u8> {
+    let dc = stream.dc.as_str().as_bytes();
+    let mut key = Vec::with_capacity(1 + dc.len() + 4 + 8);
+    key.push(u8::try_from(dc.len()).expect("DC names are at most 64 bytes"));
+    key.extend_from_slice(dc);
+    key.extend_from_slice(&stream.epoch.to_be_bytes());
+    key
+}
+
+/// The log key of entry `seq` of `stream`; also the key of message id (stream, seq).
+pub fn entry_key(stream: &StreamId, seq: u64) -> Vec<u8> {
+    let mut key = stream_key(stream);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+pub fn id_key(id: &MessageId) -> Vec<u8> {
+    entry_key(&StreamId::new(id.origin.clone(), id.epoch), id.seq)
+}
+
+pub fn split_stream_key(key: &[u8]) -> Option<StreamId> {
+    let (&len, rest) = key.split_first()?;
+    let (dc, epoch) = rest.split_at_checked(usize::from(len))?;
+    let dc = DcName::parse(std::str::from_utf8(dc).ok()?).ok()?;
+    Some(StreamId::new(dc, Epoch(u32::from_be_bytes(epoch.try_into().ok()?))))
+}
+
+/// Applied and truncated seqs of one stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamState {
+    pub applied: u64,
+    pub truncated: u64,
 }
 
 pub fn coord_key(user: &UserId, at: &Coordinate) -> Vec<u8> {
@@ -82,6 +133,7 @@ pub fn split_coord_key(key: &[u8]) -> Option<(UserId, Coordinate)> {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MessageRecord<'a> {
     pub origin: &'a str,
+    pub epoch: u32,
     pub origin_seq: u64,
     pub from: &'a str,
     pub client_id: &'a str,
@@ -93,6 +145,7 @@ impl<'a> MessageRecord<'a> {
     pub fn of(msg: &'a Message) -> Self {
         Self {
             origin: msg.id.origin.as_str(),
+            epoch: msg.id.epoch.0,
             origin_seq: msg.id.seq,
             from: msg.from.as_str(),
             client_id: msg.client_id.as_str(),
@@ -116,6 +169,7 @@ impl<'a> MessageRecord<'a> {
         Ok(Message {
             id: MessageId {
                 origin,
+                epoch: Epoch(self.epoch),
                 seq: self.origin_seq,
             },
             seq,
@@ -130,10 +184,68 @@ impl<'a> MessageRecord<'a> {
 
 /// What a retried send is answered with.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct DedupRecord<'a> {
-    pub origin: &'a str,
-    pub origin_seq: u64,
+pub struct DedupRecord {
+    pub id: IdRecord,
     pub at_ms: u64,
+}
+
+/// A message id inside a record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdRecord {
+    pub origin: DcName,
+    pub epoch: u32,
+    pub seq: u64,
+}
+
+impl From<&MessageId> for IdRecord {
+    fn from(id: &MessageId) -> Self {
+        Self {
+            origin: id.origin.clone(),
+            epoch: id.epoch.0,
+            seq: id.seq,
+        }
+    }
+}
+
+impl From<IdRecord> for MessageId {
+    fn from(r: IdRecord) -> Self {
+        MessageId {
+            origin: r.origin,
+            epoch: Epoch(r.epoch),
+            seq: r.seq,
+        }
+    }
+}
+
+/// One entry of a DC's stream: a change that DC made and every DC must apply. Names are
+/// validated when an entry is decoded, so an entry from a peer cannot smuggle in an
+/// invalid user id or coordinate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entry {
+    /// A message accepted by the stream's DC; its id is (stream, seq of this entry).
+    Put {
+        to: UserId,
+        from: UserId,
+        client_id: ClientMsgId,
+        text: String,
+        at_ms: u64,
+    },
+    /// `user` acknowledged these messages on a connection of the stream's DC.
+    Acked { user: UserId, ids: Vec<IdRecord> },
+    /// `user` came online at a coordinate of the stream's DC.
+    Online { user: UserId, at: Coordinate },
+    /// That connection ended.
+    Offline { user: UserId, at: Coordinate },
+}
+
+impl Entry {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("entries always encode")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        postcard::from_bytes(bytes)
+    }
 }
 
 #[cfg(test)]

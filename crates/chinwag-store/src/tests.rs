@@ -31,6 +31,7 @@ fn options_with_window(mailbox_max_messages: u64, dedup_window: Duration) -> Sto
         commit_batch_max: 64,
         queue: 1024,
         dedup_window,
+        replicate: false,
     }
 }
 
@@ -75,7 +76,10 @@ async fn append_scan_ack() {
     let b = store.append(new("alice", "bob", "c2", "two")).await.unwrap();
     store.append(new("alice", "carol", "c3", "other")).await.unwrap();
     assert!(!a.duplicate && a.id.seq < b.id.seq);
-    assert_eq!(a.id.to_string(), format!("local.{}", a.id.seq));
+    assert_eq!(
+        a.id.to_string(),
+        format!("local.{}.{}", store.stream().epoch(), a.id.seq)
+    );
 
     let page = store.scan(user("bob"), 0, 10).await.unwrap();
     let texts: Vec<&str> = page.iter().map(|m| m.text.as_str()).collect();

@@ -6,21 +6,29 @@
 //! capped at one fsync per message, and the order of commits is the order of this
 //! thread's loop: that is what gives seqs, and the commit listener, a single total order.
 //!
-//! Because only this thread writes, the state that decides a write — the next seq, each
-//! mailbox's depth, which idempotency keys exist — is known here exactly; a batch keeps
-//! its own changes aside and applies them only once the batch is durable.
+//! Because only this thread writes, the state that decides a write — the next seqs, each
+//! mailbox's depth, which idempotency keys and message ids exist, how far each stream is
+//! applied — is known here exactly. A batch cannot read its own writes, so it keeps its
+//! own changes aside ([`Pending`]) and they become the writer's state only once the batch
+//! is durable.
+//!
+//! When replicating, each local change is also appended to this DC's own stream in the
+//! same batch (see [`crate::schema::Entry`]), and entries of other DCs' streams are applied
+//! here too ([`Writer::ingest`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chinwag_core::{
-    CommitListener, Coordinate, DcName, Message, MessageId, NewMessage, Receipt, SharedMessage, StoreError, UserId,
+    CommitListener, Coordinate, DcName, Epoch, Message, MessageId, NewMessage, Receipt, SharedMessage, StoreError,
+    UserId,
 };
+use chinwag_replication::StreamId;
 use fjall::{OwnedWriteBatch as WriteBatch, PersistMode};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::schema::{self, DedupRecord, MessageRecord};
+use crate::schema::{self, DedupRecord, Entry, IdRecord, MessageRecord, StreamState};
 use crate::watermark::Watermark;
 use crate::{Shared, StoreOptions, Tables};
 
@@ -31,6 +39,11 @@ pub enum Op {
     Ack(UserId, Vec<u64>, Reply<()>),
     AddCoordinate(UserId, Coordinate, Reply<()>),
     RemoveCoordinate(UserId, Coordinate, Reply<()>),
+    /// Apply entries of another DC's stream, numbered from `first`; answers how far the
+    /// stream is applied afterwards.
+    Ingest(StreamId, u64, Vec<Vec<u8>>, Reply<u64>),
+    /// Drop a log prefix every peer has.
+    Truncate(StreamId, u64),
     /// Finish everything queued before this, answer, then stop.
     Shutdown(oneshot::Sender<()>),
 }
@@ -49,7 +62,11 @@ pub struct Writer {
     pub options: StoreOptions,
     pub listener: Arc<dyn CommitListener>,
     pub observer: CommitObserver,
+    /// This DC's own stream.
+    pub stream: StreamId,
     pub next_seq: u64,
+    pub log_seq: u64,
+    pub streams: HashMap<StreamId, StreamState>,
     /// Durable batches so far, also recorded in the watermark.
     pub commits: u64,
     pub watermark: Watermark,
@@ -58,6 +75,8 @@ pub struct Writer {
     pub last_sweep: Instant,
     /// Where the next dedup sweep resumes; empty means from the start.
     pub sweep_from: Vec<u8>,
+    /// Tells the replication driver how far this DC's own stream reaches.
+    pub log_head: watch::Sender<u64>,
 }
 
 /// What one batch will change once it is durable.
@@ -67,11 +86,18 @@ struct Pending {
     coordinates: Vec<(UserId, Coordinate, bool)>,
     /// New depth of each mailbox the batch touched.
     depths: HashMap<UserId, u64>,
-    /// Idempotency keys first used in this batch (a batch cannot read its own writes).
+    /// Idempotency keys first used in this batch.
     dedup: HashMap<Vec<u8>, Receipt>,
     /// Mailbox keys deleted in this batch, so two devices acknowledging the same message
     /// at once count it once.
-    deleted: std::collections::HashSet<Vec<u8>>,
+    deleted: HashSet<Vec<u8>>,
+    /// Mailbox keys written in this batch, with their message ids.
+    inserted: HashMap<Vec<u8>, MessageId>,
+    /// Message id index entries written (`Some`) or removed (`None`) in this batch.
+    ids: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Tombstones written (`true`) or consumed (`false`) in this batch.
+    gone: HashMap<Vec<u8>, bool>,
+    streams: HashMap<StreamId, StreamState>,
     answers: Vec<Answer>,
     stop: Option<oneshot::Sender<()>>,
 }
@@ -79,15 +105,16 @@ struct Pending {
 enum Answer {
     Receipt(Reply<Receipt>, Result<Receipt, StoreError>),
     Done(Reply<()>),
+    Applied(Reply<u64>, u64),
 }
+
+type Fallible<T> = Result<T, fjall::Error>;
 
 impl Writer {
     pub fn run(mut self, mut ops: mpsc::Receiver<Op>) {
         let mut batch = Vec::with_capacity(self.options.commit_batch_max);
         loop {
-            let Some(first) = ops.blocking_recv() else {
-                return;
-            };
+            let Some(first) = ops.blocking_recv() else { return };
             batch.push(first);
             while batch.len() < self.options.commit_batch_max {
                 match ops.try_recv() {
@@ -112,7 +139,7 @@ impl Writer {
     /// request if the batch held one.
     fn commit(&mut self, ops: impl Iterator<Item = Op>) -> Option<oneshot::Sender<()>> {
         let started = Instant::now();
-        let seq_before = self.next_seq;
+        let (seq_before, log_before) = (self.next_seq, self.log_seq);
         let mut pending = Pending::default();
         let mut batch = self.tables.db.batch().durability(Some(PersistMode::SyncAll));
         let mut count = 0;
@@ -124,8 +151,10 @@ impl Writer {
             }
         }
         let result = result.and_then(|()| {
-            batch.insert(&self.tables.meta, schema::NEXT_SEQ, schema::encode_u64(self.next_seq));
-            batch.insert(&self.tables.meta, schema::COMMITS, schema::encode_u64(self.commits + 1));
+            let meta = &self.tables.meta;
+            batch.insert(meta, schema::NEXT_SEQ, schema::encode_u64(self.next_seq));
+            batch.insert(meta, schema::LOG_SEQ, schema::encode_u64(self.log_seq));
+            batch.insert(meta, schema::COMMITS, schema::encode_u64(self.commits + 1));
             batch.commit()
         });
         match result {
@@ -143,6 +172,7 @@ impl Writer {
                     match answer {
                         Answer::Receipt(reply, result) => drop(reply.send(result)),
                         Answer::Done(reply) => drop(reply.send(Ok(()))),
+                        Answer::Applied(reply, through) => drop(reply.send(Ok(through))),
                     }
                 }
             }
@@ -150,11 +180,13 @@ impl Writer {
                 // Nothing is durable: forget what the batch would have changed, fail it all.
                 tracing::error!(error = %e, ops = count, "store commit failed");
                 self.next_seq = seq_before;
+                self.log_seq = log_before;
                 let err = StoreError::Unavailable(format!("commit failed: {e}"));
                 for answer in pending.answers {
                     match answer {
                         Answer::Receipt(reply, _) => drop(reply.send(Err(err.clone()))),
                         Answer::Done(reply) => drop(reply.send(Err(err.clone()))),
+                        Answer::Applied(reply, _) => drop(reply.send(Err(err.clone()))),
                     }
                 }
             }
@@ -163,29 +195,68 @@ impl Writer {
     }
 
     /// Adds one operation to the batch. `Err` is a storage failure that fails the batch.
-    fn apply(&mut self, batch: &mut WriteBatch, op: Op, pending: &mut Pending) -> Result<(), fjall::Error> {
+    fn apply(&mut self, batch: &mut WriteBatch, op: Op, pending: &mut Pending) -> Fallible<()> {
         match op {
             Op::Append(new, reply) => {
                 let result = self.append(batch, new, pending)?;
                 pending.answers.push(Answer::Receipt(reply, result));
             }
             Op::Ack(user, seqs, reply) => {
-                self.ack(batch, user, &seqs, pending)?;
+                self.ack_local(batch, user, &seqs, pending)?;
                 pending.answers.push(Answer::Done(reply));
             }
             Op::AddCoordinate(user, at, reply) => {
-                batch.insert(&self.tables.coords, schema::coord_key(&user, &at), []);
-                pending.coordinates.push((user, at, true));
+                self.log_own(
+                    batch,
+                    &Entry::Online {
+                        user: user.clone(),
+                        at: at.clone(),
+                    },
+                );
+                self.set_coordinate(batch, user, at, true, pending);
                 pending.answers.push(Answer::Done(reply));
             }
             Op::RemoveCoordinate(user, at, reply) => {
-                batch.remove(&self.tables.coords, schema::coord_key(&user, &at));
-                pending.coordinates.push((user, at, false));
+                self.log_own(
+                    batch,
+                    &Entry::Offline {
+                        user: user.clone(),
+                        at: at.clone(),
+                    },
+                );
+                self.set_coordinate(batch, user, at, false, pending);
                 pending.answers.push(Answer::Done(reply));
             }
+            Op::Ingest(stream, first, entries, reply) => {
+                let through = self.ingest(batch, &stream, first, entries, pending)?;
+                pending.answers.push(Answer::Applied(reply, through));
+            }
+            Op::Truncate(stream, through) => self.truncate(batch, &stream, through, pending),
             Op::Shutdown(done) => pending.stop = Some(done),
         }
         Ok(())
+    }
+
+    /// Appends `entry` to this DC's own stream, if replicating.
+    fn log_own(&mut self, batch: &mut WriteBatch, entry: &Entry) {
+        if self.options.replicate {
+            self.log_seq += 1;
+            batch.insert(
+                &self.tables.log,
+                schema::entry_key(&self.stream, self.log_seq),
+                entry.encode(),
+            );
+        }
+    }
+
+    fn set_coordinate(&self, batch: &mut WriteBatch, user: UserId, at: Coordinate, added: bool, p: &mut Pending) {
+        let key = schema::coord_key(&user, &at);
+        if added {
+            batch.insert(&self.tables.coords, key, []);
+        } else {
+            batch.remove(&self.tables.coords, key);
+        }
+        p.coordinates.push((user, at, added));
     }
 
     fn depth(&self, user: &UserId, pending: &Pending) -> u64 {
@@ -203,10 +274,10 @@ impl Writer {
         &mut self,
         batch: &mut WriteBatch,
         new: NewMessage,
-        pending: &mut Pending,
-    ) -> Result<Result<Receipt, StoreError>, fjall::Error> {
+        p: &mut Pending,
+    ) -> Fallible<Result<Receipt, StoreError>> {
         let dedup_key = schema::dedup_key(&new.from, &new.client_id);
-        if let Some(receipt) = pending.dedup.get(&dedup_key) {
+        if let Some(receipt) = p.dedup.get(&dedup_key) {
             return Ok(Ok(Receipt {
                 duplicate: true,
                 ..receipt.clone()
@@ -215,35 +286,61 @@ impl Writer {
         if let Some(previous) = self.tables.dedup.get(&dedup_key)? {
             return Ok(Ok(self.earlier_receipt(&previous)));
         }
-        let depth = self.depth(&new.to, pending);
-        if depth >= self.options.mailbox_max_messages {
+        if self.depth(&new.to, p) >= self.options.mailbox_max_messages {
             return Ok(Err(StoreError::MailboxFull {
                 user: new.to,
                 limit: self.options.mailbox_max_messages,
             }));
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        let entry = Entry::Put {
+            to: new.to.clone(),
+            from: new.from.clone(),
+            client_id: new.client_id.clone(),
+            text: new.text.clone(),
+            at_ms: new.at_ms,
+        };
+        if !self.options.replicate {
+            // Ids still come from the stream's counter, so they never change meaning if
+            // replication is turned on later.
+            self.log_seq += 1;
+        }
+        self.log_own(batch, &entry);
+        let id = MessageId {
+            origin: self.options.dc.clone(),
+            epoch: self.stream.epoch(),
+            seq: self.log_seq,
+        };
+        let receipt = Receipt {
+            id: id.clone(),
+            at_ms: new.at_ms,
+            duplicate: false,
+        };
         let msg = Message {
-            id: MessageId {
-                origin: self.options.dc.clone(),
-                seq,
-            },
-            seq,
+            id,
+            seq: 0,
             from: new.from,
             to: new.to,
             client_id: new.client_id,
             text: new.text,
             at_ms: new.at_ms,
         };
+        self.insert_message(batch, msg, dedup_key, p);
+        Ok(Ok(receipt))
+    }
+
+    /// Puts a message into its recipient's mailbox at the next mailbox seq.
+    fn insert_message(&mut self, batch: &mut WriteBatch, mut msg: Message, dedup_key: Vec<u8>, p: &mut Pending) {
+        msg.seq = self.next_seq;
+        self.next_seq += 1;
+        let mailbox_key = schema::mailbox_key(&msg.to, msg.seq);
         batch.insert(
             &self.tables.mailbox,
-            schema::mailbox_key(&msg.to, seq),
+            mailbox_key.clone(),
             MessageRecord::of(&msg).encode(),
         );
+        p.inserted.insert(mailbox_key.clone(), msg.id.clone());
         let dedup = DedupRecord {
-            origin: msg.id.origin.as_str(),
-            origin_seq: seq,
+            id: IdRecord::from(&msg.id),
             at_ms: msg.at_ms,
         };
         batch.insert(
@@ -251,49 +348,85 @@ impl Writer {
             dedup_key.clone(),
             postcard::to_stdvec(&dedup).expect("encodes"),
         );
-        self.set_depth(batch, &msg.to, depth + 1, pending);
-        let receipt = Receipt {
-            id: msg.id.clone(),
-            at_ms: msg.at_ms,
-            duplicate: false,
-        };
-        pending.dedup.insert(dedup_key, receipt.clone());
-        pending.committed.push(Arc::new(msg));
-        Ok(Ok(receipt))
+        if self.options.replicate {
+            let id_key = schema::id_key(&msg.id);
+            batch.insert(&self.tables.ids, id_key.clone(), mailbox_key.clone());
+            p.ids.insert(id_key, Some(mailbox_key));
+        }
+        let depth = self.depth(&msg.to, p) + 1;
+        self.set_depth(batch, &msg.to, depth, p);
+        p.dedup.insert(
+            dedup_key,
+            Receipt {
+                id: msg.id.clone(),
+                at_ms: msg.at_ms,
+                duplicate: false,
+            },
+        );
+        p.committed.push(Arc::new(msg));
     }
 
-    fn set_depth(&self, batch: &mut WriteBatch, user: &UserId, depth: u64, pending: &mut Pending) {
+    fn set_depth(&self, batch: &mut WriteBatch, user: &UserId, depth: u64, p: &mut Pending) {
         let key = user.as_str().as_bytes();
         if depth == 0 {
             batch.remove(&self.tables.depth, key);
         } else {
             batch.insert(&self.tables.depth, key, schema::encode_u64(depth));
         }
-        pending.depths.insert(user.clone(), depth);
+        p.depths.insert(user.clone(), depth);
     }
 
-    /// Deletes acknowledged messages that are still there.
-    fn ack(
+    /// Deletes a mailbox entry if it is still there; returns its message id.
+    fn delete_message(
         &mut self,
         batch: &mut WriteBatch,
-        user: UserId,
-        seqs: &[u64],
-        pending: &mut Pending,
-    ) -> Result<(), fjall::Error> {
-        let mut removed = 0;
+        user: &UserId,
+        mailbox_key: Vec<u8>,
+        p: &mut Pending,
+    ) -> Fallible<Option<MessageId>> {
+        if p.deleted.contains(&mailbox_key) {
+            return Ok(None);
+        }
+        let id = match p.inserted.get(&mailbox_key) {
+            Some(id) => Some(id.clone()),
+            None => {
+                let Some(record) = self.tables.mailbox.get(&mailbox_key)? else {
+                    return Ok(None);
+                };
+                match postcard::from_bytes::<MessageRecord>(&record) {
+                    Ok(r) => DcName::parse(r.origin).ok().map(|origin| MessageId {
+                        origin,
+                        epoch: Epoch(r.epoch),
+                        seq: r.origin_seq,
+                    }),
+                    Err(_) => None,
+                }
+            }
+        };
+        batch.remove(&self.tables.mailbox, mailbox_key.clone());
+        p.deleted.insert(mailbox_key);
+        if let Some(id) = &id
+            && self.options.replicate
+        {
+            let id_key = schema::id_key(id);
+            batch.remove(&self.tables.ids, id_key.clone());
+            p.ids.insert(id_key, None);
+        }
+        let depth = self.depth(user, p).saturating_sub(1);
+        self.set_depth(batch, user, depth, p);
+        Ok(id)
+    }
+
+    /// A user acknowledged messages on a connection of this DC.
+    fn ack_local(&mut self, batch: &mut WriteBatch, user: UserId, seqs: &[u64], p: &mut Pending) -> Fallible<()> {
+        let mut ids = Vec::new();
         for &seq in seqs {
-            let key = schema::mailbox_key(&user, seq);
-            // Acks of messages that are gone (acknowledged on another device, or never
-            // there) must not drive the depth count down.
-            if !pending.deleted.contains(&key) && self.tables.mailbox.contains_key(&key)? {
-                batch.remove(&self.tables.mailbox, key.clone());
-                pending.deleted.insert(key);
-                removed += 1;
+            if let Some(id) = self.delete_message(batch, &user, schema::mailbox_key(&user, seq), p)? {
+                ids.push(IdRecord::from(&id));
             }
         }
-        if removed > 0 {
-            let depth = self.depth(&user, pending).saturating_sub(removed);
-            self.set_depth(batch, &user, depth, pending);
+        if !ids.is_empty() {
+            self.log_own(batch, &Entry::Acked { user, ids });
         }
         Ok(())
     }
@@ -301,33 +434,179 @@ impl Writer {
     fn earlier_receipt(&self, record: &[u8]) -> Receipt {
         // An unreadable record would mean a damaged store. Storing the retry again could
         // deliver it twice, so it is answered as a duplicate of an unknown message.
-        let (origin, seq, at_ms) = match postcard::from_bytes::<DedupRecord>(record) {
-            Ok(r) => (DcName::parse(r.origin).ok(), r.origin_seq, r.at_ms),
+        let (id, at_ms) = match postcard::from_bytes::<DedupRecord>(record) {
+            Ok(r) => (r.id.into(), r.at_ms),
             Err(e) => {
                 tracing::error!(error = %e, "unreadable dedup record");
-                (None, 0, 0)
+                let unknown = MessageId {
+                    origin: self.options.dc.clone(),
+                    epoch: self.stream.epoch(),
+                    seq: 0,
+                };
+                (unknown, 0)
             }
         };
         Receipt {
-            id: MessageId {
-                origin: origin.unwrap_or_else(|| self.options.dc.clone()),
-                seq,
-            },
+            id,
             at_ms,
             duplicate: true,
         }
     }
 
+    fn stream_state(&self, stream: &StreamId, p: &Pending) -> StreamState {
+        p.streams
+            .get(stream)
+            .or_else(|| self.streams.get(stream))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Applies entries of another DC's stream, in order, skipping what is already applied.
+    fn ingest(
+        &mut self,
+        batch: &mut WriteBatch,
+        stream: &StreamId,
+        first: u64,
+        entries: Vec<Vec<u8>>,
+        p: &mut Pending,
+    ) -> Fallible<u64> {
+        let mut state = self.stream_state(stream, p);
+        if *stream == self.stream || first > state.applied + 1 {
+            // Our own stream never comes back in; a gap is the replicator's to repair.
+            return Ok(state.applied);
+        }
+        for (i, bytes) in entries.into_iter().enumerate() {
+            let seq = first + i as u64;
+            if seq <= state.applied {
+                continue;
+            }
+            match Entry::decode(&bytes) {
+                Ok(entry) => self.apply_entry(batch, stream, seq, entry, p)?,
+                // An entry this build cannot read is skipped, not retried forever: the
+                // stream must keep moving for everything after it.
+                Err(e) => tracing::error!(%stream, seq, error = %e, "skipping an undecodable entry"),
+            }
+            batch.insert(&self.tables.log, schema::entry_key(stream, seq), bytes);
+            state.applied = seq;
+        }
+        batch.insert(
+            &self.tables.streams,
+            schema::stream_key(stream),
+            postcard::to_stdvec(&state).expect("encodes"),
+        );
+        p.streams.insert(stream.clone(), state);
+        Ok(state.applied)
+    }
+
+    fn apply_entry(
+        &mut self,
+        batch: &mut WriteBatch,
+        stream: &StreamId,
+        seq: u64,
+        entry: Entry,
+        p: &mut Pending,
+    ) -> Fallible<()> {
+        match entry {
+            Entry::Put {
+                to,
+                from,
+                client_id,
+                text,
+                at_ms,
+            } => {
+                let id = MessageId {
+                    origin: stream.dc.clone(),
+                    epoch: stream.epoch(),
+                    seq,
+                };
+                let id_key = schema::id_key(&id);
+                if self.is_gone(&id_key, p)? {
+                    // Acknowledged elsewhere before it reached us.
+                    batch.remove(&self.tables.gone, id_key.clone());
+                    p.gone.insert(id_key, false);
+                    return Ok(());
+                }
+                let dedup_key = schema::dedup_key(&from, &client_id);
+                let msg = Message {
+                    id,
+                    seq: 0,
+                    from,
+                    to,
+                    client_id,
+                    text,
+                    at_ms,
+                };
+                self.insert_message(batch, msg, dedup_key, p);
+            }
+            Entry::Acked { user, ids } => {
+                for id in ids {
+                    let id: MessageId = id.into();
+                    self.ack_remote(batch, &user, &id, p)?;
+                }
+            }
+            Entry::Online { user, at } => self.set_coordinate(batch, user, at, true, p),
+            Entry::Offline { user, at } => self.set_coordinate(batch, user, at, false, p),
+        }
+        Ok(())
+    }
+
+    /// A message was acknowledged in another DC: delete it here, or, if it has not
+    /// arrived yet, remember that it must not be stored when it does.
+    fn ack_remote(&mut self, batch: &mut WriteBatch, user: &UserId, id: &MessageId, p: &mut Pending) -> Fallible<()> {
+        let id_key = schema::id_key(id);
+        let located = match p.ids.get(&id_key) {
+            Some(entry) => entry.clone(),
+            None => self.tables.ids.get(&id_key)?.map(|v| v.to_vec()),
+        };
+        if let Some(mailbox_key) = located {
+            self.delete_message(batch, user, mailbox_key, p)?;
+            return Ok(());
+        }
+        let origin = StreamId::new(id.origin.clone(), id.epoch);
+        if id.seq > self.stream_state(&origin, p).applied && origin != self.stream {
+            batch.insert(&self.tables.gone, id_key.clone(), []);
+            p.gone.insert(id_key, true);
+        }
+        Ok(())
+    }
+
+    fn is_gone(&self, id_key: &[u8], p: &Pending) -> Fallible<bool> {
+        match p.gone.get(id_key) {
+            Some(&gone) => Ok(gone),
+            None => self.tables.gone.contains_key(id_key),
+        }
+    }
+
+    fn truncate(&mut self, batch: &mut WriteBatch, stream: &StreamId, through: u64, p: &mut Pending) {
+        let mut state = self.stream_state(stream, p);
+        if *stream == self.stream {
+            state.applied = self.log_seq;
+        }
+        let through = through.min(state.applied);
+        for seq in state.truncated + 1..=through {
+            batch.remove(&self.tables.log, schema::entry_key(stream, seq));
+        }
+        if through > state.truncated {
+            state.truncated = through;
+            batch.insert(
+                &self.tables.streams,
+                schema::stream_key(stream),
+                postcard::to_stdvec(&state).expect("encodes"),
+            );
+            p.streams.insert(stream.clone(), state);
+        }
+    }
+
     /// Makes a durable batch visible: coordinates first, so a message committed in the same
     /// batch as its recipient's login is pushed to the new connection too.
-    fn publish(&mut self, pending: &mut Pending) {
+    fn publish(&mut self, p: &mut Pending) {
         {
             let mut coords = self.shared.coordinates.write().expect("coordinates lock");
-            for (user, at, added) in pending.coordinates.drain(..) {
+            for (user, at, added) in p.coordinates.drain(..) {
                 coords.apply(user, at, added);
             }
         }
-        for (user, depth) in pending.depths.drain() {
+        for (user, depth) in p.depths.drain() {
             let before = if depth == 0 {
                 self.depths.remove(&user)
             } else {
@@ -336,8 +615,15 @@ impl Writer {
             self.shared
                 .add_depth(i128::from(depth) - i128::from(before.unwrap_or(0)));
         }
+        self.streams.extend(p.streams.drain());
+        if self.options.replicate {
+            self.log_head
+                .send_if_modified(|head| std::mem::replace(head, self.log_seq) != self.log_seq);
+        }
         let coords = self.shared.coordinates.read().expect("coordinates lock");
-        for msg in &pending.committed {
+        // A message acknowledged in the same batch that brought it is not pushed.
+        let acked = |m: &SharedMessage| !p.deleted.is_empty() && p.deleted.contains(&schema::mailbox_key(&m.to, m.seq));
+        for msg in p.committed.iter().filter(|m| !acked(m)) {
             self.listener.committed(msg, coords.of(&msg.to));
         }
     }
@@ -355,7 +641,7 @@ impl Writer {
 
     /// Examines up to [`DEDUP_SWEEP_MAX`] dedup entries from where the last sweep stopped
     /// and removes those older than `horizon_ms`.
-    fn sweep_dedup_before(&mut self, horizon_ms: u64) -> Result<usize, fjall::Error> {
+    fn sweep_dedup_before(&mut self, horizon_ms: u64) -> Fallible<usize> {
         // Losing a sweep in a crash only means sweeping again: no fsync.
         let mut batch = self.tables.db.batch().durability(Some(PersistMode::Buffer));
         let mut removed = 0;
@@ -385,44 +671,5 @@ impl Writer {
         };
         batch.commit()?;
         Ok(removed)
-    }
-}
-
-/// The in-memory view of who is online where.
-#[derive(Default)]
-pub struct CoordinateMap {
-    by_user: HashMap<UserId, Vec<Coordinate>>,
-    count: usize,
-}
-
-impl CoordinateMap {
-    pub fn apply(&mut self, user: UserId, at: Coordinate, added: bool) {
-        if added {
-            let entry = self.by_user.entry(user).or_default();
-            if !entry.contains(&at) {
-                entry.push(at);
-                self.count += 1;
-            }
-            return;
-        }
-        let Some(entry) = self.by_user.get_mut(&user) else {
-            return;
-        };
-        if let Some(i) = entry.iter().position(|c| *c == at) {
-            entry.swap_remove(i);
-            self.count -= 1;
-        }
-        if entry.is_empty() {
-            // Keep the map the size of the online population, not of everyone ever seen.
-            self.by_user.remove(&user);
-        }
-    }
-
-    pub fn of(&self, user: &UserId) -> &[Coordinate] {
-        self.by_user.get(user).map_or(&[], Vec::as_slice)
-    }
-
-    pub fn len(&self) -> usize {
-        self.count
     }
 }

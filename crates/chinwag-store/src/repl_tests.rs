@@ -1,0 +1,326 @@
+//! Stores replicating to each other through their streams, with the real apply logic:
+//! whatever order other DCs' entries arrive in, every store ends with the same mailboxes
+//! and coordinates, and nothing acknowledged comes back.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use chinwag_core::{ClientMsgId, Coordinate};
+use chinwag_replication::Log;
+use proptest::prelude::*;
+
+use super::*;
+
+#[derive(Default)]
+struct Seen(Mutex<Vec<SharedMessage>>);
+
+impl CommitListener for Seen {
+    fn committed(&self, msg: &SharedMessage, _: &[Coordinate]) {
+        self.0.lock().unwrap().push(msg.clone());
+    }
+}
+
+struct Dc {
+    _dir: tempfile::TempDir,
+    store: EmbeddedStore,
+    seen: Arc<Seen>,
+}
+
+fn dc(name: &str) -> Dc {
+    let dir = tempfile::tempdir().unwrap();
+    let seen = Arc::new(Seen::default());
+    let options = StoreOptions {
+        dc: DcName::parse(name).unwrap(),
+        node: NodeName::parse("n1").unwrap(),
+        mailbox_max_messages: 1_000,
+        commit_batch_max: 64,
+        queue: 1024,
+        dedup_window: Duration::from_secs(3600),
+        replicate: true,
+    };
+    let store = EmbeddedStore::open(dir.path(), options, seen.clone(), Box::new(|_, _| {})).unwrap();
+    Dc { _dir: dir, store, seen }
+}
+
+fn user(s: &str) -> UserId {
+    UserId::parse(s).unwrap()
+}
+
+fn msg(from: &str, to: &str, client_id: &str) -> NewMessage {
+    NewMessage {
+        from: user(from),
+        to: user(to),
+        client_id: ClientMsgId::parse(client_id).unwrap(),
+        text: format!("{from}:{client_id}"),
+        at_ms: unix_ms(),
+    }
+}
+
+/// Copies everything `from` has of `stream` that `to` lacks.
+async fn pull(to: &Dc, from: &Dc, stream: &StreamId) {
+    let (applied, _) = to.store.replication_state().unwrap();
+    let next = applied.get(stream) + 1;
+    let entries = from.store.read(stream, next, 10_000, usize::MAX);
+    if !entries.is_empty() {
+        to.store.ingest(stream.clone(), next, entries).await.unwrap();
+    }
+}
+
+async fn mailbox(d: &Dc, who: &str) -> BTreeSet<String> {
+    d.store
+        .scan(user(who), 0, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id.to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_message_replicates_with_its_id_and_is_pushed_on_arrival() {
+    let (east, west) = (dc("east"), dc("west"));
+    let receipt = east.store.append(msg("alice", "bob", "c1")).await.unwrap();
+    pull(&west, &east, east.store.stream()).await;
+    let pushed = west.seen.0.lock().unwrap().clone();
+    assert_eq!(pushed.len(), 1, "the arriving entry is handed to the commit listener");
+    assert_eq!(pushed[0].id, receipt.id);
+    assert_eq!(pushed[0].text, "alice:c1");
+    assert_eq!(mailbox(&west, "bob").await, BTreeSet::from([receipt.id.to_string()]));
+    // A retry of the same send in the other DC is recognised.
+    assert_eq!(
+        west.store.append(msg("alice", "bob", "c1")).await.unwrap().id,
+        receipt.id
+    );
+}
+
+#[tokio::test]
+async fn an_ack_in_one_dc_deletes_everywhere() {
+    let (east, west) = (dc("east"), dc("west"));
+    east.store.append(msg("alice", "bob", "c1")).await.unwrap();
+    pull(&west, &east, east.store.stream()).await;
+    let page = west.store.scan(user("bob"), 0, 10).await.unwrap();
+    west.store.ack(user("bob"), vec![page[0].seq]).await.unwrap();
+    pull(&east, &west, west.store.stream()).await;
+    assert!(mailbox(&east, "bob").await.is_empty());
+    assert_eq!(east.store.stats().mailbox_depth, 0);
+}
+
+#[tokio::test]
+async fn an_ack_that_overtakes_its_message_prevents_its_resurrection() {
+    let (east, west, north) = (dc("east"), dc("west"), dc("north"));
+    east.store.append(msg("alice", "bob", "c1")).await.unwrap();
+    pull(&west, &east, east.store.stream()).await;
+    let page = west.store.scan(user("bob"), 0, 10).await.unwrap();
+    west.store.ack(user("bob"), vec![page[0].seq]).await.unwrap();
+    // north hears west's ack before east's message.
+    pull(&north, &west, west.store.stream()).await;
+    pull(&north, &east, east.store.stream()).await;
+    assert!(mailbox(&north, "bob").await.is_empty());
+    assert!(
+        north.seen.0.lock().unwrap().is_empty(),
+        "nothing pushed for an acknowledged message"
+    );
+}
+
+#[tokio::test]
+async fn coordinates_replicate_and_restarts_retract_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let west = dc("west");
+    let options = StoreOptions {
+        dc: DcName::parse("east").unwrap(),
+        node: NodeName::parse("n1").unwrap(),
+        mailbox_max_messages: 10,
+        commit_batch_max: 64,
+        queue: 64,
+        dedup_window: Duration::from_secs(60),
+        replicate: true,
+    };
+    let open = || {
+        EmbeddedStore::open(
+            dir.path(),
+            options.clone(),
+            Arc::new(Seen::default()),
+            Box::new(|_, _| {}),
+        )
+    };
+    let east = open().unwrap();
+    let at = Coordinate {
+        dc: DcName::parse("east").unwrap(),
+        node: NodeName::parse("n1").unwrap(),
+        incarnation: east.incarnation(),
+        conn: 1,
+    };
+    east.add_coordinate(user("bob"), at.clone()).await.unwrap();
+    let stream = east.stream().clone();
+    let ship = |east: &EmbeddedStore| {
+        let (applied, _) = west.store.replication_state().unwrap();
+        let next = applied.get(&stream) + 1;
+        (next, east.read(&stream, next, 100, usize::MAX))
+    };
+    let (next, entries) = ship(&east);
+    west.store.ingest(stream.clone(), next, entries).await.unwrap();
+    assert_eq!(west.store.coordinates(&user("bob")), vec![at.clone()]);
+    // A crash and restart of east: its new incarnation retracts the old coordinate.
+    drop(east);
+    let east = loop {
+        match open() {
+            Ok(s) => break s,
+            Err(OpenError::Locked { .. }) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let (next, entries) = ship(&east);
+    west.store.ingest(stream.clone(), next, entries).await.unwrap();
+    assert!(west.store.coordinates(&user("bob")).is_empty());
+}
+
+#[tokio::test]
+async fn entries_after_a_gap_are_not_applied() {
+    let (east, west) = (dc("east"), dc("west"));
+    for i in 0..3 {
+        east.store.append(msg("alice", "bob", &format!("c{i}"))).await.unwrap();
+    }
+    let stream = east.store.stream().clone();
+    let third = east.store.read(&stream, 3, 1, usize::MAX);
+    assert_eq!(west.store.ingest(stream.clone(), 3, third).await.unwrap(), 0);
+    assert!(mailbox(&west, "bob").await.is_empty());
+    pull(&west, &east, &stream).await;
+    assert_eq!(mailbox(&west, "bob").await.len(), 3);
+}
+
+#[tokio::test]
+async fn truncated_logs_no_longer_serve_old_entries() {
+    let east = dc("east");
+    for i in 0..5 {
+        east.store.append(msg("alice", "bob", &format!("c{i}"))).await.unwrap();
+    }
+    let stream = east.store.stream().clone();
+    east.store.truncate(stream.clone(), 3).await;
+    // Make the (non-durable) truncation visible by committing something after it.
+    east.store.append(msg("alice", "bob", "after")).await.unwrap();
+    assert!(east.store.read(&stream, 1, 10, usize::MAX).is_empty());
+    assert_eq!(east.store.read(&stream, 4, 10, usize::MAX).len(), 3);
+    let (_, truncated) = east.store.replication_state().unwrap();
+    assert_eq!(truncated.get(&stream), 3);
+}
+
+/// One step of a random multi-DC history.
+#[derive(Debug, Clone)]
+enum Step {
+    Send {
+        dc: usize,
+        from: u8,
+        to: u8,
+    },
+    /// The recipient acknowledges the oldest message it has in this DC.
+    Ack {
+        dc: usize,
+        who: u8,
+    },
+    Online {
+        dc: usize,
+        who: u8,
+    },
+    /// `to` applies what `from` has of the stream of `origin`.
+    Pull {
+        to: usize,
+        from: usize,
+        origin: usize,
+    },
+}
+
+fn step(n: usize) -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => (0..n, 0u8..3, 0u8..3).prop_map(|(dc, from, to)| Step::Send { dc, from, to }),
+        2 => (0..n, 0u8..3).prop_map(|(dc, who)| Step::Ack { dc, who }),
+        1 => (0..n, 0u8..3).prop_map(|(dc, who)| Step::Online { dc, who }),
+        5 => (0..n, 0..n, 0..n).prop_map(|(to, from, origin)| Step::Pull { to, from, origin }),
+    ]
+}
+
+async fn run_history(steps: Vec<Step>) {
+    let dcs = [dc("east"), dc("west"), dc("north")];
+    let streams: Vec<StreamId> = dcs.iter().map(|d| d.store.stream().clone()).collect();
+    let mut acked: BTreeSet<String> = BTreeSet::new();
+    let mut sent = 0;
+    for step in steps {
+        match step {
+            Step::Send { dc, from, to } => {
+                sent += 1;
+                let m = msg(&format!("u{from}"), &format!("u{to}"), &format!("k{sent}"));
+                dcs[dc].store.append(m).await.unwrap();
+            }
+            Step::Ack { dc, who } => {
+                let page = dcs[dc].store.scan(user(&format!("u{who}")), 0, 1).await.unwrap();
+                if let Some(m) = page.first() {
+                    acked.insert(m.id.to_string());
+                    dcs[dc].store.ack(m.to.clone(), vec![m.seq]).await.unwrap();
+                }
+            }
+            Step::Online { dc, who } => {
+                let at = Coordinate {
+                    dc: dcs[dc].store.dc.clone(),
+                    node: NodeName::parse("n1").unwrap(),
+                    incarnation: 1,
+                    conn: sent,
+                };
+                dcs[dc]
+                    .store
+                    .add_coordinate(user(&format!("u{who}")), at)
+                    .await
+                    .unwrap();
+            }
+            Step::Pull { to, from, origin } => {
+                if to != from && to != origin {
+                    pull(&dcs[to], &dcs[from], &streams[origin]).await;
+                }
+            }
+        }
+    }
+    // Heal: everyone pulls everything, twice round.
+    for _ in 0..2 {
+        for to in 0..3 {
+            for (origin, stream) in streams.iter().enumerate() {
+                if origin != to {
+                    pull(&dcs[to], &dcs[origin], stream).await;
+                }
+            }
+        }
+    }
+    let mut views = Vec::new();
+    for d in &dcs {
+        let mut view = BTreeMap::new();
+        for who in 0..3 {
+            let name = format!("u{who}");
+            let ids = mailbox(d, &name).await;
+            assert!(
+                ids.is_disjoint(&acked),
+                "{} resurrected an acknowledged message",
+                d.store.dc
+            );
+            view.insert(name.clone(), (ids, d.store.coordinates(&user(&name)).len()));
+        }
+        views.push(view);
+    }
+    assert_eq!(views[0], views[1]);
+    assert_eq!(views[1], views[2]);
+    let total: usize = views[0].values().map(|(ids, _)| ids.len()).sum();
+    assert_eq!(
+        total + acked.len(),
+        sent as usize,
+        "every message is in the mailboxes or acknowledged"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// The merge laws, observed on real stores: applying the same entries in any
+    /// interleaving of streams gives the same state (commutative, associative), and
+    /// applying them again changes nothing (idempotent).
+    #[test]
+    fn replicas_converge_whatever_the_order(steps in proptest::collection::vec(step(3), 1..40)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(run_history(steps));
+    }
+}
