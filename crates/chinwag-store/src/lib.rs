@@ -524,8 +524,7 @@ impl chinwag_replication::Log for EmbeddedStore {
         let hi = schema::entry_key(stream, u64::MAX);
         let mut out = Vec::new();
         let mut bytes = 0;
-        let mut expected = from;
-        for entry in self.tables.log.range(lo..=hi).take(max_entries) {
+        for (expected, entry) in (from..).zip(self.tables.log.range(lo..=hi).take(max_entries)) {
             let Ok((key, value)) = entry.into_inner() else { break };
             // Only a gap-free run starting at `from`.
             if schema::key_seq(&key) != Some(expected) || (!out.is_empty() && bytes + value.len() > max_bytes) {
@@ -533,7 +532,6 @@ impl chinwag_replication::Log for EmbeddedStore {
             }
             bytes += value.len();
             out.push(value.to_vec());
-            expected += 1;
         }
         out
     }
