@@ -1,0 +1,272 @@
+//! The message gateway: one mutually authenticated TLS link to each peer DC.
+//!
+//! A gateway listens for peers and dials the peers whose names sort after its own (so each
+//! pair has one link), keeps dialling with backoff while a peer is down, and turns each
+//! link into events for the replication driver: the link came up (with a handle to send
+//! on), a message arrived, the link went down. Frames are a 4-byte big-endian length and
+//! a postcard-encoded [`Wire`] message; a frame that does not decode is logged, counted
+//! and skipped, and the link carries on. What to send, and when, is decided elsewhere.
+
+pub mod pki;
+pub mod tls;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chinwag_core::DcName;
+use chinwag_replication::wire::{self, MAX_FRAME_BYTES, Wire};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+pub use tls::{Tls, TlsError, TlsFiles};
+
+/// A link with no frame for this long is considered dead and closed; peers send a
+/// keepalive well within it.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub me: DcName,
+    pub listen: SocketAddr,
+    /// Every other DC and the address of its gateway.
+    pub peers: Vec<(DcName, String)>,
+    /// Frames queued per link before sends are dropped (replication repairs drops).
+    pub queue: usize,
+}
+
+/// A live link: send encoded frames with [`LinkHandle::send`].
+#[derive(Clone, Debug)]
+pub struct LinkHandle {
+    pub id: u64,
+    frames: mpsc::Sender<Vec<u8>>,
+}
+
+impl LinkHandle {
+    /// Queues a message; false if the link's queue is full or the link is gone.
+    pub fn send(&self, msg: &Wire) -> bool {
+        self.frames.try_send(wire::encode(msg)).is_ok()
+    }
+}
+
+#[derive(Debug)]
+pub enum Event {
+    Up { peer: DcName, link: LinkHandle },
+    Message { peer: DcName, msg: Wire },
+    Down { peer: DcName, link: u64 },
+}
+
+/// Traffic counters of one peer.
+#[derive(Debug, Default)]
+pub struct PeerCounters {
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub frames_rejected: AtomicU64,
+}
+
+pub type Counters = Arc<BTreeMap<DcName, PeerCounters>>;
+
+/// Starts the gateway: binds, accepts and dials in background tasks until `shutdown`.
+pub async fn start(
+    cfg: GatewayConfig,
+    tls: Tls,
+    events: mpsc::Sender<Event>,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<(SocketAddr, Counters)> {
+    let listener = TcpListener::bind(cfg.listen).await?;
+    let addr = listener.local_addr()?;
+    let counters: Counters = Arc::new(
+        cfg.peers
+            .iter()
+            .map(|(dc, _)| (dc.clone(), PeerCounters::default()))
+            .collect(),
+    );
+    let shared = Arc::new(Shared {
+        cfg,
+        tls,
+        events,
+        counters: counters.clone(),
+        next_link: AtomicU64::new(1),
+    });
+    tokio::spawn(accept_loop(shared.clone(), listener, shutdown.clone()));
+    for (peer, address) in shared.cfg.peers.clone() {
+        if shared.cfg.me < peer {
+            tokio::spawn(dial_loop(shared.clone(), peer, address, shutdown.clone()));
+        }
+    }
+    Ok((addr, counters))
+}
+
+struct Shared {
+    cfg: GatewayConfig,
+    tls: Tls,
+    events: mpsc::Sender<Event>,
+    counters: Counters,
+    next_link: AtomicU64,
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let Ok((tcp, from)) = accepted else { continue };
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let handshake = tokio::time::timeout(CONNECT_TIMEOUT, shared.tls.acceptor.accept(tcp)).await;
+            let stream = match handshake {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return tracing::warn!(%from, error = %e, "gateway refused a peer: TLS handshake failed"),
+                Err(_) => return tracing::warn!(%from, "gateway refused a peer: handshake timed out"),
+            };
+            let peers: Vec<DcName> = shared.cfg.peers.iter().map(|(dc, _)| dc.clone()).collect();
+            let peer = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| tls::identify(c, &peers));
+            match peer {
+                Some(peer) => run_link(&shared, peer, stream, shutdown).await,
+                None => tracing::warn!(%from, "gateway refused a peer: its certificate names no configured DC"),
+            }
+        });
+    }
+}
+
+async fn dial_loop(shared: Arc<Shared>, peer: DcName, address: String, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        match dial(&shared, &peer, &address).await {
+            Ok(stream) => {
+                backoff = BACKOFF_MIN;
+                run_link(&shared, peer.clone(), stream, shutdown.clone()).await;
+            }
+            Err(e) => tracing::debug!(%peer, %address, error = %e, "gateway dial failed"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn dial(
+    shared: &Shared,
+    peer: &DcName,
+    address: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let timeout = |_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out");
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
+        .await
+        .map_err(timeout)??;
+    tcp.set_nodelay(true)?;
+    let name = tls::server_name(peer).map_err(std::io::Error::other)?;
+    tokio::time::timeout(CONNECT_TIMEOUT, shared.tls.connector.connect(name, tcp))
+        .await
+        .map_err(timeout)?
+}
+
+/// Runs one established link until either direction fails or the node shuts down.
+async fn run_link<S>(shared: &Shared, peer: DcName, stream: S, mut shutdown: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let id = shared.next_link.fetch_add(1, Ordering::Relaxed);
+    let (frames_tx, mut frames_rx) = mpsc::channel::<Vec<u8>>(shared.cfg.queue);
+    let link = LinkHandle { id, frames: frames_tx };
+    if shared
+        .events
+        .send(Event::Up {
+            peer: peer.clone(),
+            link,
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    tracing::info!(%peer, link = id, "gateway link up");
+    let counters = &shared.counters[&peer];
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let reader = async {
+        loop {
+            let frame = match tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut rd)).await {
+                Ok(Ok(frame)) => frame,
+                Ok(Err(e)) => return format!("read: {e}"),
+                Err(_) => return "idle timeout".to_owned(),
+            };
+            counters.bytes_in.fetch_add(frame.len() as u64 + 4, Ordering::Relaxed);
+            match wire::decode(&frame) {
+                Ok(msg) => {
+                    if shared
+                        .events
+                        .send(Event::Message {
+                            peer: peer.clone(),
+                            msg,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return "node stopping".to_owned();
+                    }
+                }
+                Err(e) => {
+                    counters.frames_rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, error = %e, "gateway rejected a frame");
+                }
+            }
+        }
+    };
+    let writer = async {
+        while let Some(frame) = frames_rx.recv().await {
+            if let Err(e) = write_frame(&mut wr, &frame).await {
+                return format!("write: {e}");
+            }
+            counters.bytes_out.fetch_add(frame.len() as u64 + 4, Ordering::Relaxed);
+            if frames_rx.is_empty()
+                && let Err(e) = wr.flush().await
+            {
+                return format!("flush: {e}");
+            }
+        }
+        "replaced".to_owned()
+    };
+    let why = tokio::select! {
+        why = reader => why,
+        why = writer => why,
+        _ = shutdown.changed() => "node stopping".to_owned(),
+    };
+    tracing::info!(%peer, link = id, %why, "gateway link down");
+    let _ = shared.events.send(Event::Down { peer, link: id }).await;
+}
+
+async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
+    let len = r.read_u32().await? as usize;
+    if len > MAX_FRAME_BYTES {
+        // The length cannot be trusted, so neither can anything after it.
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes"),
+        ));
+    }
+    let mut frame = vec![0; len];
+    r.read_exact(&mut frame).await?;
+    Ok(frame)
+}
+
+async fn write_frame(w: &mut (impl AsyncWrite + Unpin), frame: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(frame.len()).map_err(|_| std::io::Error::other("frame too large"))?;
+    w.write_u32(len).await?;
+    w.write_all(frame).await
+}
