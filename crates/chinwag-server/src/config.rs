@@ -38,6 +38,69 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub store: StoreConfig,
     pub log: LogConfig,
+    /// Present when this DC is one of several; absent for a single-DC deployment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// The multi-DC layer: this DC's gateway, its credentials and its peers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Address of this DC's gateway, where peer gateways connect.
+    pub gateway_listen: SocketAddr,
+    /// The cluster CA certificate, and this DC's certificate and key (`chinwag cluster init`).
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Every other DC.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    #[serde(default)]
+    pub timing: ClusterTiming,
+    /// Messages queued per peer link before sends are dropped (and later repaired).
+    #[serde(default = "default_link_queue")]
+    pub link_queue: usize,
+}
+
+fn default_link_queue() -> usize {
+    4096
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub dc: String,
+    /// `host:port` of the peer's gateway.
+    pub gateway: String,
+}
+
+/// Replication timing; the defaults suit DCs up to a few hundred milliseconds apart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterTiming {
+    #[serde(with = "duration_text")]
+    pub anti_entropy_interval: Duration,
+    #[serde(with = "duration_text")]
+    pub keepalive: Duration,
+    #[serde(with = "duration_text")]
+    pub peer_timeout: Duration,
+    #[serde(with = "duration_text")]
+    pub retransmit: Duration,
+    #[serde(with = "duration_text")]
+    pub relay_after: Duration,
+}
+
+impl Default for ClusterTiming {
+    fn default() -> Self {
+        Self {
+            anti_entropy_interval: Duration::from_millis(100),
+            keepalive: Duration::from_secs(1),
+            peer_timeout: Duration::from_secs(3),
+            retransmit: Duration::from_millis(500),
+            relay_after: Duration::from_secs(1),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -105,6 +168,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             store: StoreConfig::default(),
             log: LogConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -204,7 +268,22 @@ impl Config {
         if l.login_timeout.is_zero() {
             return bad("limits.login_timeout must be positive".into());
         }
-        Ok(())
+        if l.max_connections > 10_000_000 {
+            return bad("limits.max_connections is capped at 10000000".into());
+        }
+        match &self.cluster {
+            Some(cluster) => cluster.validate(&self.dc),
+            None => Ok(()),
+        }
+    }
+
+    /// The peers' names, validated.
+    pub fn peer_names(&self) -> Vec<DcName> {
+        self.cluster
+            .iter()
+            .flat_map(|c| &c.peers)
+            .map(|p| DcName::parse(&p.dc).expect("validated"))
+            .collect()
     }
 
     pub fn dc_name(&self) -> DcName {
@@ -235,6 +314,38 @@ impl Config {
             burst: l.burst,
             login_timeout_ms: l.login_timeout.as_millis().try_into().unwrap_or(u64::MAX),
         }
+    }
+}
+
+impl ClusterConfig {
+    fn validate(&self, me: &str) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        let mut seen = std::collections::BTreeSet::new();
+        for peer in &self.peers {
+            if let Err(e) = DcName::parse(&peer.dc) {
+                return bad(format!("cluster.peers: dc {:?}: {e} ({})", peer.dc, DcName::ALLOWED));
+            }
+            if peer.dc == me {
+                return bad(format!("cluster.peers lists this DC ({me}) itself"));
+            }
+            if !seen.insert(&peer.dc) {
+                return bad(format!("cluster.peers lists {} twice", peer.dc));
+            }
+            if peer.gateway.is_empty() {
+                return bad(format!("cluster.peers: {} has no gateway address", peer.dc));
+            }
+        }
+        let t = &self.timing;
+        if t.anti_entropy_interval.is_zero() || t.keepalive < t.anti_entropy_interval {
+            return bad("cluster.timing: anti_entropy_interval must be positive and at most keepalive".into());
+        }
+        if t.peer_timeout <= t.keepalive {
+            return bad("cluster.timing: peer_timeout must exceed keepalive".into());
+        }
+        if self.link_queue == 0 {
+            return bad("cluster.link_queue must be at least 1".into());
+        }
+        Ok(())
     }
 }
 
@@ -272,6 +383,36 @@ mod tests {
         assert_eq!(config.dc, "east");
         assert_eq!(config.limits.login_timeout, Duration::from_secs(3));
         assert_eq!(config.limits.burst, LimitsConfig::default().burst);
+    }
+
+    #[test]
+    fn cluster_sections_parse_and_validate() {
+        let text = r#"
+            dc = "east"
+            [cluster]
+            gateway_listen = "0.0.0.0:7800"
+            ca = "c/ca.pem"
+            cert = "c/east.pem"
+            key = "c/east.key"
+            [[cluster.peers]]
+            dc = "west"
+            gateway = "10.0.0.2:7800"
+            [cluster.timing]
+            anti_entropy_interval = "50ms"
+        "#;
+        let config = Config::from_toml(text).unwrap();
+        config.validate().unwrap();
+        let cluster = config.cluster.as_ref().unwrap();
+        assert_eq!(cluster.peers[0].dc, "west");
+        assert_eq!(cluster.timing.anti_entropy_interval, Duration::from_millis(50));
+        assert_eq!(cluster.timing.peer_timeout, Duration::from_secs(3));
+        assert_eq!(config.peer_names(), vec![DcName::parse("west").unwrap()]);
+        let mut twice = config.clone();
+        twice.cluster.as_mut().unwrap().peers.push(cluster.peers[0].clone());
+        assert!(twice.validate().unwrap_err().to_string().contains("twice"));
+        let mut itself = config.clone();
+        itself.cluster.as_mut().unwrap().peers[0].dc = "east".into();
+        assert!(itself.validate().unwrap_err().to_string().contains("itself"));
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub fn router<S: Store>(state: Arc<NodeState<S>>) -> Router {
         .route("/", get(index))
         .route("/healthz", get(healthz::<S>))
         .route("/metrics", get(metrics::<S>))
+        .route("/v1/cluster", get(cluster::<S>))
         .route("/v1/ws", get(websocket::<S>))
         .with_state(state)
 }
@@ -34,6 +35,18 @@ async fn healthz<S: Store>(State(node): State<Arc<NodeState<S>>>) -> Response {
         "incarnation": node.incarnation,
     });
     axum::Json(body).into_response()
+}
+
+async fn cluster<S: Store>(State(node): State<Arc<NodeState<S>>>) -> Response {
+    let status = match &node.cluster {
+        Some(status) => status.borrow().clone(),
+        // A single-DC node is a cluster of one.
+        None => crate::cluster::ClusterStatus {
+            dc: node.config.dc.clone(),
+            ..Default::default()
+        },
+    };
+    axum::Json(status).into_response()
 }
 
 async fn metrics<S: Store>(State(node): State<Arc<NodeState<S>>>) -> Response {

@@ -5,6 +5,7 @@
 //! whatever implements `chinwag_core::Store`, and delivery goes through the
 //! `chinwag_core::Router` implemented by this node's connection [`registry`].
 
+pub mod cluster;
 pub mod config;
 mod connection;
 mod http;

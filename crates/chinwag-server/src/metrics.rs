@@ -14,6 +14,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::cluster::{ClusterStatus, PeerView};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
@@ -62,12 +65,14 @@ pub struct Snapshot {
     pub connections: u64,
     pub mailbox_depth: u64,
     pub coordinates: u64,
+    pub replicated_in: u64,
 }
 
 /// Reads a [`Snapshot`] and the delivery counters when Prometheus scrapes.
 pub struct Snapshotter {
     pub read: Box<dyn Fn() -> Snapshot + Send + Sync>,
     pub delivery: Arc<DeliveryStats>,
+    pub cluster: Option<watch::Receiver<ClusterStatus>>,
 }
 
 impl std::fmt::Debug for Snapshotter {
@@ -169,6 +174,82 @@ impl Collector for Snapshotter {
             let value = ConstCounter::new(counter.load(Ordering::Relaxed));
             value.encode(family.encode_family(&OutcomeLabel { outcome })?)?;
         }
-        Ok(())
+        let Some(cluster) = &self.cluster else { return Ok(()) };
+        let replicated = ConstCounter::new(snap.replicated_in);
+        replicated.encode(encoder.encode_descriptor(
+            "mailbox_entries_replicated",
+            "Messages received from other DCs' streams and stored here",
+            None,
+            replicated.metric_type(),
+        )?)?;
+        encode_peers(&mut encoder, &cluster.borrow())
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabel {
+    peer: String,
+}
+
+type PeerValue = fn(&PeerView) -> u64;
+
+/// Per-peer replication metrics, from the replication driver's latest status.
+fn encode_peers(encoder: &mut DescriptorEncoder, status: &ClusterStatus) -> Result<(), std::fmt::Error> {
+    use prometheus_client::metrics::MetricType::{Counter as C, Gauge as G};
+    let series: [(&str, &str, prometheus_client::metrics::MetricType, PeerValue); 8] = [
+        ("replication_peer_up", "1 if the peer DC is reachable", G, |p| {
+            u64::from(p.reachable)
+        }),
+        (
+            "replication_lag_entries",
+            "Entries applied here that the peer has not applied",
+            G,
+            |p| p.lag_entries,
+        ),
+        (
+            "replication_last_heard_ms",
+            "Milliseconds since the peer was last heard",
+            G,
+            |p| p.last_heard_ms_ago.unwrap_or(u64::MAX >> 1),
+        ),
+        ("replication_bytes_sent", "Bytes sent to the peer's gateway", C, |p| {
+            p.bytes_sent
+        }),
+        (
+            "replication_bytes_received",
+            "Bytes received from the peer's gateway",
+            C,
+            |p| p.bytes_received,
+        ),
+        (
+            "replication_entries_sent",
+            "Stream entries sent to the peer (messages forwarded included)",
+            C,
+            |p| p.entries_sent,
+        ),
+        (
+            "replication_entries_received",
+            "Stream entries received from the peer",
+            C,
+            |p| p.entries_received,
+        ),
+        (
+            "replication_frames_rejected",
+            "Frames from the peer that failed validation",
+            C,
+            |p| p.frames_rejected,
+        ),
+    ];
+    for (name, help, kind, value) in series {
+        let mut family = encoder.encode_descriptor(name, help, None, kind.clone())?;
+        for peer in &status.peers {
+            let label = PeerLabel { peer: peer.dc.clone() };
+            let v = value(peer);
+            match kind {
+                C => ConstCounter::new(v).encode(family.encode_family(&label)?)?,
+                _ => ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX)).encode(family.encode_family(&label)?)?,
+            }
+        }
+    }
+    Ok(())
 }

@@ -10,6 +10,7 @@ use chinwag_store::{EmbeddedStore, OpenError, StoreOptions};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
+use crate::cluster::{ClusterError, ClusterStatus};
 use crate::config::{Config, ConfigError};
 use crate::metrics::{CommitMetrics, Metrics, Snapshot, Snapshotter};
 use crate::registry::Registry;
@@ -27,6 +28,8 @@ pub struct NodeState<S> {
     /// One permit per allowed connection.
     pub connection_slots: Arc<Semaphore>,
     pub incarnation: u64,
+    /// The multi-DC layer's view, when this DC has peers.
+    pub cluster: Option<watch::Receiver<ClusterStatus>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,8 @@ pub enum NodeError {
     Store(#[from] OpenError),
     #[error("serving HTTP failed: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 /// How long shutdown waits for connections to close before closing the store anyway.
@@ -87,6 +92,20 @@ impl Node {
         )?);
         let incarnation = store.incarnation();
         registry.set_incarnation(incarnation);
+        let (stop, stop_rx) = watch::channel(false);
+        let cluster = match &config.cluster {
+            Some(cluster) => Some(
+                crate::cluster::start(
+                    cluster,
+                    config.dc_name(),
+                    config.peer_names(),
+                    store.clone(),
+                    stop_rx.clone(),
+                )
+                .await?,
+            ),
+            None => None,
+        };
 
         let snapshotter = Snapshotter {
             read: {
@@ -97,12 +116,13 @@ impl Node {
                         connections: registry.len() as u64,
                         mailbox_depth: stats.mailbox_depth,
                         coordinates: stats.coordinates,
+                        replicated_in: stats.replicated_in,
                     }
                 })
             },
             delivery: delivery.stats(),
+            cluster: cluster.clone(),
         };
-        let (stop, stop_rx) = watch::channel(false);
         let state = Arc::new(NodeState {
             limits: Arc::new(config.session_limits()),
             connection_slots: Arc::new(Semaphore::new(config.limits.max_connections)),
@@ -113,6 +133,7 @@ impl Node {
             metrics: Arc::new(Metrics::new(snapshotter, commit_metrics)),
             shutdown: stop_rx,
             incarnation,
+            cluster,
         });
         tracing::info!(
             dc = %state.config.dc,
@@ -173,6 +194,6 @@ fn store_options(config: &Config) -> StoreOptions {
         commit_batch_max: config.store.commit_batch_max,
         queue: config.store.queue,
         dedup_window: config.store.dedup_window,
-        replicate: false,
+        replicate: config.cluster.is_some(),
     }
 }

@@ -67,12 +67,15 @@ pub enum OpenError {
 pub struct StoreStats {
     pub mailbox_depth: u64,
     pub coordinates: u64,
+    /// Messages that arrived from other DCs' streams since start.
+    pub replicated_in: u64,
 }
 
 /// State shared by the writer thread and readers.
 pub struct Shared {
     coordinates: RwLock<CoordinateMap>,
     mailbox_depth: AtomicU64,
+    replicated_in: AtomicU64,
 }
 
 impl Shared {
@@ -168,6 +171,7 @@ impl EmbeddedStore {
         let shared = Arc::new(Shared {
             coordinates: RwLock::new(recovered.coordinates),
             mailbox_depth: AtomicU64::new(depth_total),
+            replicated_in: AtomicU64::new(0),
         });
         let (ops, rx) = mpsc::channel(options.queue);
         let (log_head_tx, log_head) = watch::channel(recovered.log_seq);
@@ -222,6 +226,7 @@ impl EmbeddedStore {
         StoreStats {
             mailbox_depth: self.shared.mailbox_depth.load(Ordering::Relaxed),
             coordinates: self.shared.coordinates.read().expect("coordinates lock").len() as u64,
+            replicated_in: self.shared.replicated_in.load(Ordering::Relaxed),
         }
     }
 
@@ -269,25 +274,36 @@ impl EmbeddedStore {
     /// Applies entries of another DC's stream, numbered from `first`, and returns how far
     /// that stream is applied afterwards. Entries already applied are skipped; entries
     /// after a gap are not applied.
-    pub async fn ingest(&self, stream: StreamId, first: u64, entries: Vec<Vec<u8>>) -> Result<u64, StoreError> {
-        self.call(|reply| Op::Ingest(stream, first, entries, reply), WhenFull::Wait)
-            .await
+    /// Like appends, ingests take their place in the commit order when called.
+    pub fn ingest(
+        &self,
+        stream: StreamId,
+        first: u64,
+        entries: Vec<Vec<u8>>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send + use<> {
+        self.call(
+            request(|reply| Op::Ingest(stream, first, entries, reply)),
+            WhenFull::Wait,
+        )
     }
 
     /// Drops the log of `stream` through `through` (every peer has it).
-    pub async fn truncate(&self, stream: StreamId, through: u64) {
-        let _ = self.ops.send(Op::Truncate(stream, through)).await;
+    ///
+    /// Best effort: if the writer's queue is full it is skipped, and a later truncation
+    /// covers it.
+    pub fn truncate(&self, stream: StreamId, through: u64) {
+        let _ = self.ops.try_send(Op::Truncate(stream, through));
     }
 
     /// Queues `op` when called, not when the returned future is first polled, so that
     /// operations called one after another commit in that order.
     fn call<T: Send + 'static>(
         &self,
-        op: impl FnOnce(writer::Reply<T>) -> Op,
+        (op, answer): (Op, Answer<T>),
         when_full: WhenFull,
-    ) -> impl Future<Output = Result<T, StoreError>> + Send + '_ {
-        let (reply, answer) = oneshot::channel();
-        let queued = self.ops.try_send(op(reply));
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + use<T> {
+        let queued = self.ops.try_send(op);
+        let ops = self.ops.clone();
         async move {
             match queued {
                 Ok(()) => {}
@@ -296,7 +312,7 @@ impl EmbeddedStore {
                     WhenFull::Refuse => {
                         return Err(StoreError::Unavailable("store write queue is full".into()));
                     }
-                    WhenFull::Wait => self.ops.send(op).await.map_err(|_| StoreError::Closed)?,
+                    WhenFull::Wait => ops.send(op).await.map_err(|_| StoreError::Closed)?,
                 },
             }
             answer.await.map_err(|_| StoreError::Closed)?
@@ -324,6 +340,14 @@ impl EmbeddedStore {
     }
 }
 
+type Answer<T> = oneshot::Receiver<Result<T, StoreError>>;
+
+/// An operation and the channel its answer will come back on.
+fn request<T>(op: impl FnOnce(writer::Reply<T>) -> Op) -> (Op, Answer<T>) {
+    let (reply, answer) = oneshot::channel();
+    (op(reply), answer)
+}
+
 /// What a write does when the writer's queue is full.
 #[derive(Clone, Copy)]
 enum WhenFull {
@@ -338,7 +362,7 @@ enum WhenFull {
 
 impl Store for EmbeddedStore {
     fn append(&self, msg: NewMessage) -> impl Future<Output = Result<Receipt, StoreError>> + Send {
-        self.call(|reply| Op::Append(msg, reply), WhenFull::Refuse)
+        self.call(request(|reply| Op::Append(msg, reply)), WhenFull::Refuse)
     }
 
     async fn scan(&self, user: UserId, after: u64, limit: usize) -> Result<Vec<SharedMessage>, StoreError> {
@@ -346,15 +370,15 @@ impl Store for EmbeddedStore {
     }
 
     fn ack(&self, user: UserId, seqs: Vec<u64>) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.call(|reply| Op::Ack(user, seqs, reply), WhenFull::Wait)
+        self.call(request(|reply| Op::Ack(user, seqs, reply)), WhenFull::Wait)
     }
 
     fn add_coordinate(&self, user: UserId, at: Coordinate) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.call(|reply| Op::AddCoordinate(user, at, reply), WhenFull::Wait)
+        self.call(request(|reply| Op::AddCoordinate(user, at, reply)), WhenFull::Wait)
     }
 
     fn remove_coordinate(&self, user: UserId, at: Coordinate) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.call(|reply| Op::RemoveCoordinate(user, at, reply), WhenFull::Wait)
+        self.call(request(|reply| Op::RemoveCoordinate(user, at, reply)), WhenFull::Wait)
     }
 
     fn coordinates(&self, user: &UserId) -> Vec<Coordinate> {

@@ -214,7 +214,8 @@ async fn reopening_keeps_messages_and_drops_old_coordinates() {
         store.stats(),
         StoreStats {
             mailbox_depth: 1,
-            coordinates: 0
+            coordinates: 0,
+            replicated_in: 0
         }
     );
     let page = store.scan(user("carol"), 0, 10).await.unwrap();

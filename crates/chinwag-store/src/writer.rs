@@ -98,6 +98,8 @@ struct Pending {
     /// Tombstones written (`true`) or consumed (`false`) in this batch.
     gone: HashMap<Vec<u8>, bool>,
     streams: HashMap<StreamId, StreamState>,
+    /// Messages from other DCs' streams stored by this batch.
+    replicated_in: u64,
     answers: Vec<Answer>,
     stop: Option<oneshot::Sender<()>>,
 }
@@ -537,6 +539,7 @@ impl Writer {
                     at_ms,
                 };
                 self.insert_message(batch, msg, dedup_key, p);
+                p.replicated_in += 1;
             }
             Entry::Acked { user, ids } => {
                 for id in ids {
@@ -616,6 +619,9 @@ impl Writer {
                 .add_depth(i128::from(depth) - i128::from(before.unwrap_or(0)));
         }
         self.streams.extend(p.streams.drain());
+        self.shared
+            .replicated_in
+            .fetch_add(p.replicated_in, std::sync::atomic::Ordering::Relaxed);
         if self.options.replicate {
             self.log_head
                 .send_if_modified(|head| std::mem::replace(head, self.log_seq) != self.log_seq);

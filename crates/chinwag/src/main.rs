@@ -2,6 +2,8 @@
 
 mod chat;
 mod clients;
+mod cluster;
+mod demo;
 mod serve;
 mod token;
 
@@ -34,6 +36,11 @@ enum Command {
     Listen(clients::ListenArgs),
     /// Chat interactively in the terminal.
     Chat(chat::Args),
+    /// Credentials for a deployment of several DCs.
+    #[command(subcommand)]
+    Cluster(cluster::Command),
+    /// Run several DCs as separate processes on this machine, linked by their gateways.
+    Demo(demo::Args),
 }
 
 /// Where a client finds the server and its token.
@@ -73,6 +80,8 @@ fn main() -> ExitCode {
             Command::Send(args) => clients::send(args).await,
             Command::Listen(args) => clients::listen(args).await,
             Command::Chat(args) => chat::run(args).await,
+            Command::Cluster(command) => cluster::run(command),
+            Command::Demo(args) => demo::run(args).await,
         }
     });
     match result {
