@@ -241,7 +241,7 @@ fn encode_peers(encoder: &mut DescriptorEncoder, status: &ClusterStatus) -> Resu
         ),
     ];
     for (name, help, kind, value) in series {
-        let mut family = encoder.encode_descriptor(name, help, None, kind.clone())?;
+        let mut family = encoder.encode_descriptor(name, help, None, kind)?;
         for peer in &status.peers {
             let label = PeerLabel { peer: peer.dc.clone() };
             let v = value(peer);
