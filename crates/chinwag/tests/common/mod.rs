@@ -226,10 +226,14 @@ pub async fn next_or_close(conn: &mut Connection) -> Result<ServerFrame, ClientE
         .expect("no frame or close in time")
 }
 
-/// Asserts nothing arrives for `quiet`.
+/// Asserts no message (nor anything unexpected) arrives for `quiet`; answers to our own
+/// acknowledgements may.
 pub async fn assert_silent(conn: &mut Connection, quiet: Duration) {
-    if let Ok(result) = tokio::time::timeout(quiet, conn.recv()).await {
-        panic!("expected silence, got {result:?}");
+    let until = tokio::time::Instant::now() + quiet;
+    while let Ok(result) = tokio::time::timeout_at(until, conn.recv()).await {
+        if !matches!(result, Ok(ServerFrame::Acked { .. })) {
+            panic!("expected silence, got {result:?}");
+        }
     }
 }
 
@@ -298,4 +302,193 @@ pub async fn cli_listen(server: &str, token: &str, flags: &[&str]) -> (i32, Stri
     let mut args = vec!["listen", "--server", server, "--token", token.trim()];
     args.extend_from_slice(flags);
     run_cli(&args).await
+}
+
+/// Several DCs as separate `chinwag serve` processes, each with its own data directory,
+/// linked by their gateways through [`Proxy`]s the test can cut.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub names: Vec<String>,
+    pub nodes: Vec<Node>,
+    /// `proxies[(a, b)]` carries the link between DC a and DC b.
+    pub proxies: std::collections::BTreeMap<(usize, usize), Proxy>,
+}
+
+pub const DC_NAMES: [&str; 5] = ["east", "west", "south", "north", "centre"];
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+impl Cluster {
+    pub async fn start(dir: &Path, n: usize) -> Cluster {
+        let names: Vec<String> = DC_NAMES[..n].iter().map(|s| s.to_string()).collect();
+        let creds = dir.join("cluster");
+        let mut init = vec!["cluster", "init", "--dir", creds.to_str().unwrap()];
+        for name in &names {
+            init.extend(["--dc", name]);
+        }
+        let (code, _) = run_cli(&init).await;
+        assert_eq!(code, 0, "cluster init failed");
+        let gateways: Vec<SocketAddr> = (0..n).map(|_| free_addr()).collect();
+        let mut proxies = std::collections::BTreeMap::new();
+        for a in 0..n {
+            for b in a + 1..n {
+                // The DC whose name sorts first dials; its proxy leads to the other.
+                let target = if names[a] < names[b] { gateways[b] } else { gateways[a] };
+                proxies.insert((a, b), Proxy::start(target).await);
+            }
+        }
+        let mut nodes = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let node_dir = dir.join(name);
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let mut config = format!(
+                "dc = \"{name}\"\n[tokens]\nkey_file = \"{}\"\n[cluster]\ngateway_listen = \"{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                creds.join("token.key").display(),
+                gateways[i],
+                creds.join("ca.pem").display(),
+                creds.join(format!("{name}.pem")).display(),
+                creds.join(format!("{name}.key")).display(),
+            );
+            for (j, peer) in names.iter().enumerate().filter(|(j, _)| *j != i) {
+                let proxy = &proxies[&(i.min(j), i.max(j))];
+                config.push_str(&format!(
+                    "[[cluster.peers]]\ndc = \"{peer}\"\ngateway = \"{}\"\n",
+                    proxy.addr
+                ));
+            }
+            nodes.push(Node::start_in(&node_dir, &config));
+        }
+        let cluster = Cluster {
+            dir: dir.to_owned(),
+            names,
+            nodes,
+            proxies,
+        };
+        cluster.wait_linked().await;
+        cluster
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        token_for(&self.dir.join("cluster"), user, Duration::from_secs(3600))
+    }
+
+    pub async fn login(&self, dc: usize, user: &str) -> Connection {
+        let (conn, welcome) = Connection::login(&self.nodes[dc].url(), &self.token(user))
+            .await
+            .expect("login");
+        assert_eq!(welcome.dc, self.names[dc]);
+        conn
+    }
+
+    pub async fn status(&self, dc: usize) -> serde_json::Value {
+        serde_json::from_str(&http_get(&self.nodes[dc].http("/v1/cluster")).await).unwrap()
+    }
+
+    /// Waits until every DC has a live link to every other.
+    pub async fn wait_linked(&self) {
+        self.wait_until("all links up", |s| {
+            s["peers"].as_array().unwrap().iter().all(|p| p["connected"] == true)
+        })
+        .await;
+    }
+
+    /// Waits until every DC has applied everything every other DC has.
+    pub async fn wait_converged(&self) {
+        let mut last = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut applied = Vec::new();
+            for i in 0..self.nodes.len() {
+                applied.push(self.status(i).await["applied"].clone());
+            }
+            if applied.windows(2).all(|w| w[0] == w[1]) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no convergence: {applied:?} (before: {last:?})"
+            );
+            last = applied;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_until(&self, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        'outer: loop {
+            for i in 0..self.nodes.len() {
+                let s = self.status(i).await;
+                if !ok(&s) {
+                    assert!(tokio::time::Instant::now() < deadline, "never {what}: {s}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue 'outer;
+                }
+            }
+            return;
+        }
+    }
+
+    /// Cuts every link of DC `dc` (its processes keep running).
+    pub fn isolate(&self, dc: usize) {
+        for ((a, b), proxy) in &self.proxies {
+            if *a == dc || *b == dc {
+                proxy.cut();
+            }
+        }
+    }
+
+    pub fn heal(&self) {
+        for proxy in self.proxies.values() {
+            proxy.heal();
+        }
+    }
+}
+
+/// A TCP forwarder between two gateways that a test can cut and heal: a real partition
+/// of the link while both processes keep running.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let cut = std::sync::Arc::new(cut);
+        let state = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                if *state.borrow() {
+                    continue; // dropped: refused while cut
+                }
+                let mut cut_rx = state.subscribe();
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut a, mut b) = (inbound, outbound);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                        _ = cut_rx.wait_for(|c| *c) => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, cut }
+    }
+
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    pub fn heal(&self) {
+        self.cut.send_replace(false);
+    }
 }

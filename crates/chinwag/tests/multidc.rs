@@ -1,0 +1,384 @@
+//! Several DCs as real processes: the protocol across DCs, the critical case, faults.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Stdio;
+use std::time::Duration;
+
+use chinwag_client::Connection;
+use chinwag_proto::ClientFrame;
+use common::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+async fn cluster(n: usize) -> (tempfile::TempDir, Cluster) {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(dir.path(), n).await;
+    (dir, cluster)
+}
+
+/// Reads messages until `n` distinct ones arrived (acknowledging each); fails on a
+/// duplicate.
+async fn receive(conn: &mut Connection, n: usize) -> Vec<(String, String)> {
+    let mut got = Vec::new();
+    let mut ids = BTreeSet::new();
+    while got.len() < n {
+        let (id, from, text) = next_message(conn).await;
+        assert!(ids.insert(id.clone()), "{id} delivered twice");
+        conn.send(&ClientFrame::Ack { ids: vec![id] }).await.unwrap();
+        got.push((from, text));
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_scenario_across_three_dcs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let mut demo = tokio::process::Command::new(BIN)
+        .args(["demo", "--dcs", "3", "--data", data, "--json"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let mut dcs = Vec::new();
+    for _ in 0..3 {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        dcs.push((
+            v["dc"].as_str().unwrap().to_owned(),
+            v["ws"].as_str().unwrap().to_owned(),
+        ));
+    }
+    assert_eq!(
+        dcs.iter().map(|(d, _)| d.as_str()).collect::<Vec<_>>(),
+        ["east", "west", "south"]
+    );
+    let token = |user: &str| token_for(dir.path(), user, Duration::from_secs(600));
+    let login = |dc: usize, user: &'static str| {
+        let (url, token) = (dcs[dc].1.clone(), token(user));
+        async move { Connection::login(&url, &token).await.expect("login").0 }
+    };
+
+    // bob listening in DC 2 receives what alice sends from DC 1.
+    let mut bob = login(1, "bob").await;
+    let mut alice = login(0, "alice").await;
+    alice.send_message("bob", "b1", "hello bob").await.unwrap();
+    assert_eq!(
+        receive(&mut bob, 1).await,
+        [("alice".to_owned(), "hello bob".to_owned())]
+    );
+
+    // carol, offline, gets alice's message when she logs into DC 3, exactly once...
+    alice.send_message("carol", "c1", "for carol").await.unwrap();
+    let mut carol = login(2, "carol").await;
+    assert_eq!(receive(&mut carol, 1).await[0].1, "for carol");
+    assert_silent(&mut carol, Duration::from_millis(300)).await;
+    carol.close().await.unwrap();
+    // ...and nothing more when she later logs into DC 2 (once her ack has replicated).
+    let mut carol = login(1, "carol").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), carol.recv()).await {
+            Err(_) => break,
+            Ok(frame) => {
+                // Delivered before the ack arrived: only allowed while replication is in flight.
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "acknowledged message still delivered: {frame:?}"
+                );
+                carol.close().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                carol = login(1, "carol").await;
+            }
+        }
+    }
+
+    // dave logs into DC 2 and alice in DC 1 sends to him at once: he receives it without
+    // reconnecting, although DC 1 cannot yet know he is online.
+    let mut dave = login(1, "dave").await;
+    alice.send_message("dave", "d1", "welcome dave").await.unwrap();
+    assert_eq!(receive(&mut dave, 1).await[0].1, "welcome dave");
+
+    // Ctrl-C stops every DC.
+    let pid = demo.id().unwrap();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), demo.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    for (_, url) in &dcs {
+        assert!(
+            Connection::connect(url).await.is_err(),
+            "{url} still serving after the demo stopped"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_flow_between_every_pair_of_dcs() {
+    let (_dir, c) = cluster(3).await;
+    let users = ["u-east", "u-west", "u-south"];
+    let mut conns = Vec::new();
+    for (dc, user) in users.iter().enumerate() {
+        conns.push(c.login(dc, user).await);
+    }
+    for from in 0..3 {
+        for to in 0..3 {
+            if from != to {
+                let text = format!("{} to {}", users[from], users[to]);
+                conns[from]
+                    .send_message(users[to], &format!("k{from}{to}"), &text)
+                    .await
+                    .unwrap();
+                let got = receive(&mut conns[to], 1).await;
+                assert_eq!(got, [(users[from].to_owned(), text)]);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_in_different_dcs_all_get_it_and_one_ack_clears_it_everywhere() {
+    let (_dir, c) = cluster(3).await;
+    let mut phone = c.login(1, "bob").await;
+    let mut laptop = c.login(2, "bob").await;
+    let mut alice = c.login(0, "alice").await;
+    let sent = alice.send_message("bob", "x1", "to every device").await.unwrap();
+    let (on_phone, _, _) = next_message(&mut phone).await;
+    let (on_laptop, _, _) = next_message(&mut laptop).await;
+    assert_eq!((&on_phone, &on_laptop), (&sent.id, &sent.id));
+    phone.ack(vec![on_phone]).await.unwrap();
+    c.wait_converged().await;
+    for dc in 0..3 {
+        let mut tablet = c.login(dc, "bob").await;
+        assert_silent(&mut tablet, Duration::from_millis(300)).await;
+    }
+    for node in &c.nodes {
+        assert_eq!(node.metric("chinwag_mailbox_depth").await, 0.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_in_another_dc_gets_the_same_ack() {
+    let (_dir, c) = cluster(2).await;
+    let mut alice_east = c.login(0, "alice").await;
+    let first = alice_east.send_message("bob", "same", "once").await.unwrap();
+    c.wait_converged().await;
+    let mut alice_west = c.login(1, "alice").await;
+    let again = alice_west.send_message("bob", "same", "once").await.unwrap();
+    assert_eq!(first, again);
+    let mut bob = c.login(1, "bob").await;
+    let (id, _, _) = next_message(&mut bob).await;
+    assert_eq!(id, first.id);
+    assert_silent(&mut bob, Duration::from_millis(500)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_senders_messages_arrive_in_order_across_dcs() {
+    let (_dir, c) = cluster(2).await;
+    let mut alice = c.login(0, "alice").await;
+    let mut bob = c.login(1, "bob").await;
+    let n = 150;
+    for i in 0..n {
+        let frame = ClientFrame::Send {
+            to: "bob".into(),
+            client_id: format!("o{i}"),
+            text: format!("{i}"),
+        };
+        alice.send(&frame).await.unwrap();
+    }
+    let got = receive(&mut bob, n).await;
+    let texts: Vec<String> = got.into_iter().map(|(_, t)| t).collect();
+    assert_eq!(texts, (0..n).map(|i| i.to_string()).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinates_replicate_to_every_dc() {
+    let (_dir, c) = cluster(3).await;
+    let bob = c.login(1, "bob").await;
+    // Every DC's store learns of bob's coordinate in west.
+    for node in &c.nodes {
+        let deadline = tokio::time::Instant::now() + SOON;
+        while node.metric("chinwag_coordinates").await != 1.0 {
+            assert!(tokio::time::Instant::now() < deadline, "coordinate did not replicate");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    bob.close().await.unwrap();
+    for node in &c.nodes {
+        let deadline = tokio::time::Instant::now() + SOON;
+        while node.metric("chinwag_coordinates").await != 0.0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "coordinate removal did not replicate"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dc_cut_off_keeps_serving_its_users_and_catches_up_after_healing() {
+    let (_dir, c) = cluster(3).await;
+    let mut carol = c.login(2, "carol").await;
+    let mut dave = c.login(2, "dave").await;
+    let mut alice = c.login(0, "alice").await;
+    c.isolate(2);
+    // South's own users keep chatting.
+    for i in 0..5 {
+        carol
+            .send_message("dave", &format!("local{i}"), &format!("local {i}"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(receive(&mut dave, 5).await.len(), 5);
+    // Meanwhile alice in east writes to carol and to dave's absent friend in west.
+    for i in 0..5 {
+        alice
+            .send_message("carol", &format!("far{i}"), &format!("far {i}"))
+            .await
+            .unwrap();
+    }
+    assert_silent(&mut carol, Duration::from_millis(500)).await;
+    c.heal();
+    let got = receive(&mut carol, 5).await;
+    assert_eq!(
+        got.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>(),
+        (0..5).map(|i| format!("far {i}")).collect::<Vec<_>>()
+    );
+    c.wait_converged().await;
+    assert_silent(&mut carol, Duration::from_millis(300)).await;
+    for node in &c.nodes {
+        assert_eq!(
+            node.metric("chinwag_mailbox_depth").await,
+            0.0,
+            "everything was acknowledged"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dc_killed_with_sigkill_restarts_and_converges() {
+    let (_dir, mut c) = cluster(3).await;
+    let mut alice = c.login(0, "alice").await;
+    let mut acked = BTreeSet::new();
+    for i in 0..20 {
+        acked.insert(
+            alice
+                .send_message("bob", &format!("a{i}"), &format!("{i}"))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    c.nodes[1].kill9();
+    // While west is down, more messages are accepted in east.
+    for i in 20..40 {
+        acked.insert(
+            alice
+                .send_message("bob", &format!("a{i}"), &format!("{i}"))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    c.nodes[1].restart();
+    c.wait_linked().await;
+    let mut bob = c.login(1, "bob").await;
+    let mut got = BTreeSet::new();
+    while got.len() < acked.len() {
+        let (id, _, _) = next_message(&mut bob).await;
+        assert!(got.insert(id.clone()), "{id} delivered twice");
+        bob.send(&ClientFrame::Ack { ids: vec![id] }).await.unwrap();
+    }
+    assert_eq!(got, acked);
+    c.wait_converged().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_dc_catches_up_after_sigcont() {
+    let (_dir, c) = cluster(3).await;
+    let mut alice = c.login(0, "alice").await;
+    let pid = c.nodes[2].pid().to_string();
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    for i in 0..10 {
+        alice
+            .send_message("carol", &format!("s{i}"), &format!("{i}"))
+            .await
+            .unwrap();
+    }
+    let mut bob = c.login(1, "bob").await;
+    alice.send_message("bob", "live", "west still works").await.unwrap();
+    assert_eq!(receive(&mut bob, 1).await[0].1, "west still works");
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap();
+    c.wait_linked().await;
+    let mut carol = c.login(2, "carol").await;
+    assert_eq!(receive(&mut carol, 10).await.len(), 10);
+    c.wait_converged().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_without_cluster_credentials_cannot_join_or_inject() {
+    let (_dir, c) = cluster(2).await;
+    // A rogue calling itself "east", with credentials from its own CA, dials west's gateway
+    // directly (as the real east does: "east" sorts before "west").
+    let rogue_dir = tempfile::tempdir().unwrap();
+    let creds = rogue_dir.path().join("cluster");
+    let (code, _) = run_cli(&[
+        "cluster",
+        "init",
+        "--dir",
+        creds.to_str().unwrap(),
+        "--dc",
+        "east",
+        "--dc",
+        "west",
+    ])
+    .await;
+    assert_eq!(code, 0);
+    let west_gateway = c.status(1).await["gateway"].as_str().unwrap().to_owned();
+    let config = format!(
+        "dc = \"east\"\n[cluster]\ngateway_listen = \"127.0.0.1:0\"\nca = \"{0}/ca.pem\"\ncert = \"{0}/east.pem\"\nkey = \"{0}/east.key\"\n[[cluster.peers]]\ndc = \"west\"\ngateway = \"{west_gateway}\"\n",
+        creds.display()
+    );
+    let rogue = Node::start_in(rogue_dir.path(), &config);
+    // The rogue accepts a message from its own user; it must never reach the real cluster.
+    let token = token_for(&rogue_dir.path().join("data"), "mallory", Duration::from_secs(60));
+    let (mut mallory, _) = Connection::login(&rogue.url(), &token).await.unwrap();
+    mallory.send_message("bob", "evil", "injected").await.unwrap();
+    // Give it several dial attempts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rogue_status: serde_json::Value = serde_json::from_str(&http_get(&rogue.http("/v1/cluster")).await).unwrap();
+    assert_eq!(
+        rogue_status["peers"][0]["reachable"], false,
+        "west answered the rogue: {rogue_status}"
+    );
+    let rogue_stream = rogue_status["stream"].as_str().unwrap().to_owned();
+    let west = c.status(1).await;
+    assert!(
+        west["applied"].get(&rogue_stream).is_none(),
+        "west applied the rogue's stream: {west}"
+    );
+    let mut bob = c.login(1, "bob").await;
+    assert_silent(&mut bob, Duration::from_millis(500)).await;
+    // The real link is unaffected.
+    let mut alice = c.login(0, "alice").await;
+    alice.send_message("bob", "real", "genuine").await.unwrap();
+    assert_eq!(receive(&mut bob, 1).await[0].1, "genuine");
+}
