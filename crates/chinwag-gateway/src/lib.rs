@@ -1,19 +1,22 @@
 //! The message gateway: one mutually authenticated TLS link to each peer DC.
 //!
-//! A gateway listens for peers and dials the peers whose names sort after its own (so each
-//! pair has one link), keeps dialling with backoff while a peer is down, and turns each
-//! link into events for the replication driver: the link came up (with a handle to send
-//! on), a message arrived, the link went down. Frames are a 4-byte big-endian length and
-//! a postcard-encoded [`Wire`] message; a frame that does not decode is logged, counted
-//! and skipped, and the link carries on. What to send, and when, is decided elsewhere.
+//! A gateway listens for peers and dials every configured peer, with backoff while it is
+//! down. It accepts any DC holding a certificate from the cluster CA, configured or not,
+//! which is how a new DC joins without the others restarting. When two links to the same
+//! peer exist (both sides dialled), both sides keep the one dialled by the DC whose name
+//! sorts first. Each link becomes events for the replication driver: it came up (with a
+//! handle to send on), a message arrived, it went down. Frames are a 4-byte big-endian
+//! length and a postcard-encoded [`Wire`] message; a frame that does not decode is
+//! logged, counted and skipped, and the link carries on. What to send, and when, is
+//! decided elsewhere.
 
 pub mod pki;
 pub mod tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use chinwag_core::DcName;
@@ -53,6 +56,11 @@ impl LinkHandle {
     pub fn send(&self, msg: &Wire) -> bool {
         self.frames.try_send(wire::encode(msg)).is_ok()
     }
+
+    /// Queues a message, waiting for room; false if the link is gone.
+    pub async fn send_wait(&self, msg: &Wire) -> bool {
+        self.frames.send(wire::encode(msg)).await.is_ok()
+    }
 }
 
 #[derive(Debug)]
@@ -70,7 +78,27 @@ pub struct PeerCounters {
     pub frames_rejected: AtomicU64,
 }
 
-pub type Counters = Arc<BTreeMap<DcName, PeerCounters>>;
+/// Counters of every peer seen so far.
+#[derive(Debug, Default)]
+pub struct Counters(RwLock<BTreeMap<DcName, Arc<PeerCounters>>>);
+
+impl Counters {
+    pub fn get(&self, peer: &DcName) -> Option<Arc<PeerCounters>> {
+        self.0.read().expect("counters lock").get(peer).cloned()
+    }
+
+    fn entry(&self, peer: &DcName) -> Arc<PeerCounters> {
+        if let Some(c) = self.get(peer) {
+            return c;
+        }
+        self.0
+            .write()
+            .expect("counters lock")
+            .entry(peer.clone())
+            .or_default()
+            .clone()
+    }
+}
 
 /// Starts the gateway: binds, accepts and dials in background tasks until `shutdown`.
 pub async fn start(
@@ -78,27 +106,24 @@ pub async fn start(
     tls: Tls,
     events: mpsc::Sender<Event>,
     shutdown: watch::Receiver<bool>,
-) -> std::io::Result<(SocketAddr, Counters)> {
+) -> std::io::Result<(SocketAddr, Arc<Counters>)> {
     let listener = TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
-    let counters: Counters = Arc::new(
-        cfg.peers
-            .iter()
-            .map(|(dc, _)| (dc.clone(), PeerCounters::default()))
-            .collect(),
-    );
+    let counters = Arc::new(Counters::default());
+    for (peer, _) in &cfg.peers {
+        counters.entry(peer);
+    }
     let shared = Arc::new(Shared {
         cfg,
         tls,
         events,
         counters: counters.clone(),
         next_link: AtomicU64::new(1),
+        links: Mutex::new(BTreeMap::new()),
     });
     tokio::spawn(accept_loop(shared.clone(), listener, shutdown.clone()));
     for (peer, address) in shared.cfg.peers.clone() {
-        if shared.cfg.me < peer {
-            tokio::spawn(dial_loop(shared.clone(), peer, address, shutdown.clone()));
-        }
+        tokio::spawn(dial_loop(shared.clone(), peer, address, shutdown.clone()));
     }
     Ok((addr, counters))
 }
@@ -107,8 +132,54 @@ struct Shared {
     cfg: GatewayConfig,
     tls: Tls,
     events: mpsc::Sender<Event>,
-    counters: Counters,
+    counters: Arc<Counters>,
     next_link: AtomicU64,
+    /// The live link to each peer.
+    links: Mutex<BTreeMap<DcName, Slot>>,
+}
+
+struct Slot {
+    id: u64,
+    dialed_by_me: bool,
+    close: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// Registers a new link unless a better one exists; returns its close signal.
+    fn admit(&self, peer: &DcName, id: u64, dialed_by_me: bool) -> Option<watch::Receiver<bool>> {
+        let mut links = self.links.lock().expect("links lock");
+        // Both sides prefer the link dialled by the DC whose name sorts first.
+        let preferred = |dialed_by_me: bool| dialed_by_me == (self.cfg.me < *peer);
+        if let Some(existing) = links.get(peer)
+            && preferred(existing.dialed_by_me)
+            && !preferred(dialed_by_me)
+        {
+            return None;
+        }
+        let (close, closed) = watch::channel(false);
+        if let Some(old) = links.insert(
+            peer.clone(),
+            Slot {
+                id,
+                dialed_by_me,
+                close,
+            },
+        ) {
+            old.close.send_replace(true);
+        }
+        Some(closed)
+    }
+
+    fn release(&self, peer: &DcName, id: u64) {
+        let mut links = self.links.lock().expect("links lock");
+        if links.get(peer).is_some_and(|s| s.id == id) {
+            links.remove(peer);
+        }
+    }
+
+    fn linked(&self, peer: &DcName) -> bool {
+        self.links.lock().expect("links lock").contains_key(peer)
+    }
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
@@ -128,16 +199,16 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut shutdown: w
                 Ok(Err(e)) => return tracing::warn!(%from, error = %e, "gateway refused a peer: TLS handshake failed"),
                 Err(_) => return tracing::warn!(%from, "gateway refused a peer: handshake timed out"),
             };
-            let peers: Vec<DcName> = shared.cfg.peers.iter().map(|(dc, _)| dc.clone()).collect();
+            let me = &shared.cfg.me;
             let peer = stream
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .and_then(|c| tls::identify(c, &peers));
+                .and_then(|c| tls::identify(c, me));
             match peer {
-                Some(peer) => run_link(&shared, peer, stream, shutdown).await,
-                None => tracing::warn!(%from, "gateway refused a peer: its certificate names no configured DC"),
+                Some(peer) => run_link(&shared, peer, stream, false, shutdown).await,
+                None => tracing::warn!(%from, "gateway refused a peer: its certificate names no DC"),
             }
         });
     }
@@ -146,12 +217,17 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut shutdown: w
 async fn dial_loop(shared: Arc<Shared>, peer: DcName, address: String, mut shutdown: watch::Receiver<bool>) {
     let mut backoff = BACKOFF_MIN;
     loop {
-        match dial(&shared, &peer, &address).await {
-            Ok(stream) => {
-                backoff = BACKOFF_MIN;
-                run_link(&shared, peer.clone(), stream, shutdown.clone()).await;
+        if shared.linked(&peer) {
+            // The peer dialled us; nothing to do while that link lives.
+            backoff = BACKOFF_MIN;
+        } else {
+            match dial(&shared, &peer, &address).await {
+                Ok(stream) => {
+                    backoff = BACKOFF_MIN;
+                    run_link(&shared, peer.clone(), stream, true, shutdown.clone()).await;
+                }
+                Err(e) => tracing::debug!(%peer, %address, error = %e, "gateway dial failed"),
             }
-            Err(e) => tracing::debug!(%peer, %address, error = %e, "gateway dial failed"),
         }
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
@@ -178,11 +254,15 @@ async fn dial(
 }
 
 /// Runs one established link until either direction fails or the node shuts down.
-async fn run_link<S>(shared: &Shared, peer: DcName, stream: S, mut shutdown: watch::Receiver<bool>)
+async fn run_link<S>(shared: &Shared, peer: DcName, stream: S, dialed_by_me: bool, mut shutdown: watch::Receiver<bool>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let id = shared.next_link.fetch_add(1, Ordering::Relaxed);
+    let Some(mut replaced) = shared.admit(&peer, id, dialed_by_me) else {
+        tracing::debug!(%peer, "gateway dropped a second link to a linked peer");
+        return;
+    };
     let (frames_tx, mut frames_rx) = mpsc::channel::<Vec<u8>>(shared.cfg.queue);
     let link = LinkHandle { id, frames: frames_tx };
     if shared
@@ -194,10 +274,11 @@ where
         .await
         .is_err()
     {
+        shared.release(&peer, id);
         return;
     }
     tracing::info!(%peer, link = id, "gateway link up");
-    let counters = &shared.counters[&peer];
+    let counters = shared.counters.entry(&peer);
     let (mut rd, mut wr) = tokio::io::split(stream);
     let reader = async {
         loop {
@@ -245,8 +326,10 @@ where
     let why = tokio::select! {
         why = reader => why,
         why = writer => why,
+        _ = replaced.wait_for(|r| *r) => "replaced by a newer link".to_owned(),
         _ = shutdown.changed() => "node stopping".to_owned(),
     };
+    shared.release(&peer, id);
     tracing::info!(%peer, link = id, %why, "gateway link down");
     let _ = shared.events.send(Event::Down { peer, link: id }).await;
 }

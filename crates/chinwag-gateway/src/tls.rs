@@ -94,11 +94,15 @@ pub fn server_name(dc: &DcName) -> Result<ServerName<'static>, TlsError> {
         .map_err(|e| TlsError::Config(format!("DC name {dc} is not a DNS name: {e}")))
 }
 
-/// Which of `candidates` the (already CA-verified) certificate `cert` was issued to.
-pub fn identify(cert: &CertificateDer<'_>, candidates: &[DcName]) -> Option<DcName> {
+/// The DC an (already CA-verified) certificate was issued to, other than `me`.
+pub fn identify(cert: &CertificateDer<'_>, me: &DcName) -> Option<DcName> {
     let cert = webpki::EndEntityCert::try_from(cert).ok()?;
-    candidates
-        .iter()
-        .find(|dc| server_name(dc).is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok()))
-        .cloned()
+    let named = cert
+        .valid_dns_names()
+        .filter_map(|n| DcName::parse(n).ok())
+        .find(|dc| dc != me)?;
+    // The listing above is not a verification; this is.
+    let name = server_name(&named).ok()?;
+    cert.verify_is_valid_for_subject_name(&name).ok()?;
+    Some(named)
 }

@@ -47,6 +47,11 @@ pub struct Config {
     pub max_batch_bytes: usize,
     /// Most early entries held per stream while a gap is repaired.
     pub max_held: usize,
+    /// A peer not heard from for this long is treated as decommissioned: logs are no
+    /// longer kept for it, and if it returns it is sent a snapshot.
+    pub decommission_after_ms: u64,
+    /// A snapshot that did not make a peer catch up is sent again after this long.
+    pub snapshot_retry_ms: u64,
 }
 
 impl Config {
@@ -65,6 +70,8 @@ impl Config {
             max_batch_entries: 256,
             max_batch_bytes: 1024 * 1024,
             max_held: 8_192,
+            decommission_after_ms: 24 * 3600 * 1000,
+            snapshot_retry_ms: 30_000,
         }
     }
 }
@@ -93,6 +100,19 @@ pub enum Action {
         stream: StreamId,
         through: u64,
     },
+    /// `to` needs entries our log no longer holds: send it a snapshot of our whole state
+    /// (`Wire::Snapshot` parts).
+    SendSnapshot {
+        to: DcName,
+    },
+    /// A part of a snapshot from `from`. When `last`, merge everything received, then
+    /// call [`Replicator::on_snapshot_merged`].
+    MergeSnapshot {
+        from: DcName,
+        applied: VersionVector,
+        items: Vec<Vec<u8>>,
+        last: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -120,6 +140,10 @@ pub(crate) struct Peer {
     entries_received: u64,
     /// We cannot serve what it lacks from our log any more.
     behind_log: bool,
+    /// When we learned of it (start, or its first link): the clock for decommissioning
+    /// a peer never heard from.
+    since_ms: u64,
+    snapshot_sent_ms: Option<u64>,
 }
 
 /// A peer as shown by `/v1/cluster`.
@@ -136,6 +160,8 @@ pub struct PeerStatus {
     pub entries_received: u64,
     /// The peer needs entries our log no longer holds.
     pub behind_log: bool,
+    /// Silent for longer than `decommission_after`: logs are no longer kept for it.
+    pub decommissioned: bool,
 }
 
 pub struct Replicator {
@@ -180,8 +206,29 @@ impl Replicator {
         &self.applied
     }
 
+    /// How far each log has been truncated.
+    pub fn truncated(&self) -> &VersionVector {
+        &self.truncated
+    }
+
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// A DC not in the configuration linked to us (it holds a cluster certificate): it
+    /// joins the cluster.
+    pub fn add_peer(&mut self, peer: &DcName, now_ms: u64) {
+        if *peer != self.cfg.me && !self.peers.contains_key(peer) {
+            let p = Peer {
+                since_ms: now_ms,
+                ..Peer::default()
+            };
+            self.peers.insert(peer.clone(), p);
+        }
+    }
+
+    pub fn knows(&self, peer: &DcName) -> bool {
+        self.peers.contains_key(peer)
     }
 
     /// A link to `peer` is up: introduce ourselves.
@@ -235,6 +282,32 @@ impl Replicator {
                 }
                 self.sync_stream(from, &stream, log);
             }
+            Wire::Snapshot { applied, items, last } => {
+                self.out.push_back(Action::MergeSnapshot {
+                    from: from.clone(),
+                    applied,
+                    items,
+                    last,
+                });
+            }
+        }
+    }
+
+    /// A snapshot was merged: we have now applied `applied` (at least).
+    pub fn on_snapshot_merged(&mut self, applied: &VersionVector, log: &impl Log) {
+        self.applied.merge(applied);
+        // Logs do not hold what the snapshot covered.
+        self.truncated.merge(applied);
+        let streams: Vec<StreamId> = self.held.keys().cloned().collect();
+        for stream in streams {
+            self.apply_held(&stream);
+        }
+        for peer in self.peers.values_mut() {
+            peer.digest_due = true;
+        }
+        let names: Vec<DcName> = self.peers.keys().cloned().collect();
+        for name in names {
+            self.sync_peer(&name, log);
         }
     }
 
@@ -318,8 +391,14 @@ impl Replicator {
                 entries_sent: p.entries_sent,
                 entries_received: p.entries_received,
                 behind_log: p.behind_log,
+                decommissioned: self.decommissioned(p),
             })
             .collect()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn out_for_test(&mut self, to: DcName, msg: Wire) {
+        self.send(&to, msg);
     }
 
     fn send(&mut self, to: &DcName, msg: Wire) {
@@ -402,9 +481,16 @@ impl Replicator {
                 .min(MAX_BATCH_ENTRIES)
                 .min((mine - base) as usize);
             let entries = log.read(stream, base + 1, max, self.cfg.max_batch_bytes);
+            let now = self.now_ms;
+            let retry = self.cfg.snapshot_retry_ms;
             let peer = self.peers.get_mut(name).expect("checked");
             if entries.is_empty() {
                 peer.behind_log = base < self.truncated.get(stream);
+                let recently = peer.snapshot_sent_ms.is_some_and(|t| now.saturating_sub(t) < retry);
+                if peer.behind_log && !recently {
+                    peer.snapshot_sent_ms = Some(now);
+                    self.out.push_back(Action::SendSnapshot { to: name.clone() });
+                }
                 return;
             }
             let n = entries.len() as u64;
@@ -515,12 +601,19 @@ impl Replicator {
         }
     }
 
+    /// Whether a peer has been silent so long that we stop keeping logs for it.
+    fn decommissioned(&self, p: &Peer) -> bool {
+        let heard = p.last_heard_ms.unwrap_or(p.since_ms).max(p.since_ms);
+        self.now_ms.saturating_sub(heard) >= self.cfg.decommission_after_ms
+    }
+
     fn truncate(&mut self) {
         let mut actions = Vec::new();
         for (stream, mine) in self.applied.iter() {
             let safe = self
                 .peers
                 .values()
+                .filter(|p| !self.decommissioned(p))
                 .map(|p| p.known.get(stream))
                 .min()
                 .unwrap_or(mine)

@@ -77,6 +77,8 @@ struct Net {
     max_delay: u64,
     /// Cut links (both directions), by DC index pair, until the given time.
     cut_until: BTreeMap<(usize, usize), u64>,
+    /// `decommission_after_ms` of every replicator (defaults to the WAN preset).
+    decommission_after_ms: Option<u64>,
 }
 
 struct Sim {
@@ -88,6 +90,7 @@ struct Sim {
     dcs: Vec<Dc>,
     net: Net,
     written: Vec<u64>,
+    snapshots: usize,
 }
 
 impl Sim {
@@ -102,6 +105,10 @@ impl Sim {
                 cfg.max_batch_entries = 8;
                 cfg.window_entries = 32;
                 cfg.max_held = 16;
+                if let Some(ms) = net.decommission_after_ms {
+                    cfg.decommission_after_ms = ms;
+                    cfg.snapshot_retry_ms = 2_000;
+                }
                 Dc {
                     name: name.clone(),
                     stream,
@@ -120,6 +127,7 @@ impl Sim {
             dcs,
             net,
             written: vec![0; n],
+            snapshots: 0,
         };
         for a in 0..n {
             for b in 0..n {
@@ -196,6 +204,39 @@ impl Sim {
                     if let Some(log) = self.dcs[dc].log.get_mut(&stream) {
                         log.retain(|&seq, _| seq > through);
                     }
+                }
+                Action::SendSnapshot { to } => {
+                    self.snapshots += 1;
+                    // The whole state, one item per stream, in one part.
+                    let d = &self.dcs[dc];
+                    let items = d
+                        .state
+                        .iter()
+                        .map(|(stream, entries)| postcard::to_stdvec(&(stream, entries)).unwrap())
+                        .collect();
+                    let msg = Wire::Snapshot {
+                        applied: d.replicator.applied().clone(),
+                        items,
+                        last: true,
+                    };
+                    self.dcs[dc].replicator.out_for_test(to, msg);
+                }
+                Action::MergeSnapshot { applied, items, .. } => {
+                    let d = &mut self.dcs[dc];
+                    for item in items {
+                        let (stream, entries): (StreamId, Vec<Vec<u8>>) = postcard::from_bytes(&item).unwrap();
+                        let state = d.state.entry(stream.clone()).or_default();
+                        if entries.len() > state.len() {
+                            assert_eq!(
+                                &entries[..state.len()],
+                                &state[..],
+                                "snapshot disagrees with what {} applied",
+                                d.name
+                            );
+                            *state = entries;
+                        }
+                    }
+                    d.replicator.on_snapshot_merged(&applied, &LogView(&d.log));
                 }
             }
         }
@@ -290,6 +331,7 @@ fn converges_on_a_clean_network() {
         min_delay: 20,
         max_delay: 20,
         cut_until: BTreeMap::new(),
+        decommission_after_ms: None,
     };
     let sim = run(1, 3, 200, net);
     assert_converged(&sim, 1);
@@ -303,6 +345,7 @@ fn truncates_logs_once_everyone_has_them() {
         min_delay: 5,
         max_delay: 50,
         cut_until: BTreeMap::new(),
+        decommission_after_ms: None,
     };
     let sim = run(3, 3, 300, net);
     assert_converged(&sim, 3);
@@ -321,9 +364,26 @@ fn a_partitioned_pair_converges_through_a_third_dc() {
         min_delay: 50,
         max_delay: 50,
         cut_until: BTreeMap::from([((0, 1), u64::MAX)]),
+        decommission_after_ms: None,
     };
     let sim = run(5, 3, 200, net);
     assert_converged(&sim, 5);
+}
+
+#[test]
+fn a_dc_back_after_being_decommissioned_catches_up_from_a_snapshot() {
+    // dc2 is cut off from everyone for 9 s; after 2 s the others stop keeping logs for it.
+    let net = Net {
+        loss: 0,
+        dup: 0,
+        min_delay: 20,
+        max_delay: 40,
+        cut_until: BTreeMap::from([((0, 2), 9_000), ((1, 2), 9_000)]),
+        decommission_after_ms: Some(2_000),
+    };
+    let sim = run(11, 3, 200, net);
+    assert_converged(&sim, 11);
+    assert!(sim.snapshots > 0, "the returning DC was never sent a snapshot");
 }
 
 proptest! {
@@ -342,7 +402,7 @@ proptest! {
             .filter(|(a, b, _)| a != b && *a < n && *b < n)
             .map(|(a, b, until)| ((a.min(b), a.max(b)), until))
             .collect();
-        let net = Net { loss, dup, min_delay: 1, max_delay: 300, cut_until };
+        let net = Net { loss, dup, min_delay: 1, max_delay: 300, cut_until, decommission_after_ms: None };
         let sim = run(seed, n, 150, net);
         assert_converged(&sim, seed);
     }

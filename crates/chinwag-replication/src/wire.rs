@@ -12,6 +12,8 @@ pub const MAX_FRAME_BYTES: usize = 4 * 1024 * 1024;
 pub const MAX_BATCH_ENTRIES: usize = 1024;
 /// Most DCs named in one message.
 pub const MAX_DCS: usize = 256;
+/// Most items in one snapshot part.
+pub const MAX_SNAPSHOT_ITEMS: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Wire {
@@ -35,6 +37,14 @@ pub enum Wire {
     },
     /// I am missing `stream` from `from` on (I received later entries, not these).
     Need { stream: StreamId, from: u64 },
+    /// One part of a snapshot of the sender's whole state, for a peer that needs entries
+    /// the sender's log no longer holds. `applied` is what the state reflects; `items` are
+    /// opaque to this layer; the last part has `last` set.
+    Snapshot {
+        applied: VersionVector,
+        items: Vec<Vec<u8>>,
+        last: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,6 +90,9 @@ fn validate(msg: &Wire) -> Result<(), WireError> {
             }
         }
         Wire::Need { from: 0, .. } => Err(WireError::Invalid("streams start at 1")),
+        Wire::Snapshot { applied, items, .. } if applied.len() > MAX_DCS * 4 || items.len() > MAX_SNAPSHOT_ITEMS => {
+            Err(WireError::Invalid("snapshot part too large"))
+        }
         _ => Ok(()),
     }
 }

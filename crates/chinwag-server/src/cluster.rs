@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use chinwag_core::{DcName, StoreError};
 use chinwag_gateway::{Counters, Event, GatewayConfig, LinkHandle, TlsFiles};
-use chinwag_replication::{Action, Config as ReplConfig, PeerStatus, Replicator, StreamId, VersionVector};
+use chinwag_replication::{Action, Config as ReplConfig, PeerStatus, Replicator, StreamId, VersionVector, Wire};
 use chinwag_store::EmbeddedStore;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -43,6 +43,8 @@ pub struct ClusterStatus {
     pub stream: String,
     pub gateway: Option<String>,
     pub applied: BTreeMap<String, u64>,
+    /// How far each stream's log has been dropped because every live peer has it.
+    pub truncated: BTreeMap<String, u64>,
     pub peers: Vec<PeerView>,
 }
 
@@ -61,6 +63,7 @@ pub struct PeerView {
     pub bytes_received: u64,
     pub frames_rejected: u64,
     pub behind_log: bool,
+    pub decommissioned: bool,
 }
 
 fn vv_map(vv: &VersionVector) -> BTreeMap<String, u64> {
@@ -106,6 +109,7 @@ pub async fn start(
         peer_timeout_ms: ms(t.peer_timeout),
         retransmit_ms: ms(t.retransmit),
         relay_after_ms: ms(t.relay_after),
+        decommission_after_ms: ms(t.decommission_after),
         ..ReplConfig::wan(me.clone(), store.stream().clone(), peers)
     };
     let replicator = Replicator::new(repl, applied, truncated, now_ms());
@@ -119,21 +123,36 @@ pub async fn start(
         status: status_tx,
         gateway: addr,
         dropped_sends: 0,
+        incoming: BTreeMap::new(),
     };
     tokio::spawn(driver.run(events, t.anti_entropy_interval, shutdown));
     Ok(status)
 }
 
-type Applying = Pin<Box<dyn Future<Output = (StreamId, Result<u64, StoreError>)> + Send>>;
+/// What the store finished for the replicator.
+enum Done {
+    Applied(StreamId, Result<u64, StoreError>),
+    Merged(Result<VersionVector, StoreError>),
+}
+
+type Applying = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+/// Most snapshot items accepted from one sender; a larger state is refused rather than
+/// exhausting memory (the sender retries later).
+const MAX_SNAPSHOT_ITEMS: usize = 5_000_000;
+/// Items per snapshot part on the wire.
+const SNAPSHOT_PART_ITEMS: usize = 1024;
 
 struct Driver {
     replicator: Replicator,
     store: Arc<EmbeddedStore>,
     links: BTreeMap<DcName, LinkHandle>,
-    counters: Counters,
+    counters: Arc<Counters>,
     status: watch::Sender<ClusterStatus>,
     gateway: SocketAddr,
     dropped_sends: u64,
+    /// Snapshot parts received so far, per sender.
+    incoming: BTreeMap<DcName, Vec<Vec<u8>>>,
 }
 
 impl Driver {
@@ -153,9 +172,16 @@ impl Driver {
                     self.replicator.on_tick(now_ms(), &*self.store);
                     self.publish_status();
                 }
-                Some((stream, result)) = applying.next() => match result {
-                    Ok(through) => self.replicator.on_applied(&stream, through, &*self.store),
-                    Err(e) => tracing::warn!(%stream, error = %e, "applying replicated entries failed; they will be sent again"),
+                Some(done) = applying.next() => match done {
+                    Done::Applied(stream, Ok(through)) => self.replicator.on_applied(&stream, through, &*self.store),
+                    Done::Applied(stream, Err(e)) => {
+                        tracing::warn!(%stream, error = %e, "applying replicated entries failed; they will be sent again");
+                    }
+                    Done::Merged(Ok(applied)) => {
+                        tracing::info!(?applied, "merged a snapshot");
+                        self.replicator.on_snapshot_merged(&applied, &*self.store);
+                    }
+                    Done::Merged(Err(e)) => tracing::warn!(error = %e, "merging a snapshot failed; it will be sent again"),
                 },
                 _ = shutdown.changed() => return,
             }
@@ -166,8 +192,13 @@ impl Driver {
     fn on_event(&mut self, event: Event) {
         match event {
             Event::Up { peer, link } => {
+                if !self.replicator.knows(&peer) {
+                    tracing::info!(%peer, "a new DC joined the cluster");
+                    self.replicator.add_peer(&peer, now_ms());
+                }
                 // A newer link replaces an older one; dropping the old handle closes it.
                 self.links.insert(peer.clone(), link);
+                self.incoming.remove(&peer);
                 self.replicator.on_connected(&peer, now_ms());
             }
             Event::Down { peer, link } => {
@@ -193,13 +224,69 @@ impl Driver {
                 Action::Apply { stream, first, entries } => {
                     // Queued to the store now, so batches of one stream stay in order.
                     let ingest = self.store.ingest(stream.clone(), first, entries);
-                    applying.push(Box::pin(async move { (stream, ingest.await) }));
+                    applying.push(Box::pin(async move { Done::Applied(stream, ingest.await) }));
+                }
+                Action::SendSnapshot { to } => self.send_snapshot(to),
+                Action::MergeSnapshot {
+                    from,
+                    applied,
+                    items,
+                    last,
+                } => {
+                    let parts = self.incoming.entry(from.clone()).or_default();
+                    if parts.len() + items.len() > MAX_SNAPSHOT_ITEMS {
+                        tracing::warn!(%from, "snapshot larger than {MAX_SNAPSHOT_ITEMS} items refused");
+                        self.incoming.remove(&from);
+                        continue;
+                    }
+                    parts.extend(items);
+                    if last {
+                        let items = self.incoming.remove(&from).unwrap_or_default();
+                        let merge = self.store.merge_snapshot(applied, items);
+                        applying.push(Box::pin(async move { Done::Merged(merge.await) }));
+                    }
                 }
                 Action::Truncate { stream, through } => {
                     self.store.truncate(stream, through);
                 }
             }
         }
+    }
+
+    /// Streams a snapshot of this store to `to` in the background, waiting for room on
+    /// the link rather than dropping parts.
+    fn send_snapshot(&self, to: DcName) {
+        let Some(link) = self.links.get(&to).cloned() else {
+            return;
+        };
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let built = tokio::task::spawn_blocking(move || store.snapshot()).await;
+            let Ok(Ok((applied, items))) = built else {
+                return tracing::warn!(peer = %to, "could not build a snapshot");
+            };
+            tracing::info!(peer = %to, items = items.len(), "sending a snapshot");
+            let mut parts = items.chunks(SNAPSHOT_PART_ITEMS).peekable();
+            if parts.peek().is_none() {
+                let msg = Wire::Snapshot {
+                    applied,
+                    items: Vec::new(),
+                    last: true,
+                };
+                link.send_wait(&msg).await;
+                return;
+            }
+            while let Some(part) = parts.next() {
+                let msg = Wire::Snapshot {
+                    applied: applied.clone(),
+                    items: part.to_vec(),
+                    last: parts.peek().is_none(),
+                };
+                if !link.send_wait(&msg).await {
+                    return;
+                }
+            }
+        });
     }
 
     fn publish_status(&self) {
@@ -214,6 +301,7 @@ impl Driver {
             stream: self.replicator.config().stream.to_string(),
             gateway: Some(self.gateway.to_string()),
             applied: vv_map(self.replicator.applied()),
+            truncated: vv_map(self.replicator.truncated()),
             peers,
         };
         self.status.send_replace(status);
@@ -222,7 +310,7 @@ impl Driver {
     fn peer_view(&self, p: PeerStatus) -> PeerView {
         let c = self.counters.get(&p.dc);
         let load = |f: fn(&chinwag_gateway::PeerCounters) -> &std::sync::atomic::AtomicU64| {
-            c.map_or(0, |c| f(c).load(Ordering::Relaxed))
+            c.as_deref().map_or(0, |c| f(c).load(Ordering::Relaxed))
         };
         PeerView {
             dc: p.dc.to_string(),
@@ -237,6 +325,7 @@ impl Driver {
             bytes_received: load(|c| &c.bytes_in),
             frames_rejected: load(|c| &c.frames_rejected),
             behind_log: p.behind_log,
+            decommissioned: p.decommissioned,
         }
     }
 }

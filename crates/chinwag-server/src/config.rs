@@ -89,6 +89,10 @@ pub struct ClusterTiming {
     pub retransmit: Duration,
     #[serde(with = "duration_text")]
     pub relay_after: Duration,
+    /// A DC not heard from for this long is decommissioned: logs stop being kept for it,
+    /// and if it returns it catches up from a snapshot.
+    #[serde(with = "duration_text")]
+    pub decommission_after: Duration,
 }
 
 impl Default for ClusterTiming {
@@ -99,6 +103,7 @@ impl Default for ClusterTiming {
             peer_timeout: Duration::from_secs(3),
             retransmit: Duration::from_millis(500),
             relay_after: Duration::from_secs(1),
+            decommission_after: Duration::from_secs(24 * 3600),
         }
     }
 }

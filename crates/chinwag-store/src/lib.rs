@@ -10,6 +10,7 @@
 
 mod coords;
 mod schema;
+mod snapshot;
 mod watermark;
 mod writer;
 
@@ -283,6 +284,26 @@ impl EmbeddedStore {
     ) -> impl Future<Output = Result<u64, StoreError>> + Send + use<> {
         self.call(
             request(|reply| Op::Ingest(stream, first, entries, reply)),
+            WhenFull::Wait,
+        )
+    }
+
+    /// A consistent snapshot of the whole replicated state — every mailbox, coordinate and
+    /// tombstone — and what it reflects, for a DC that needs entries no log holds any more.
+    /// Reads a point-in-time view; does not block writers.
+    pub fn snapshot(&self) -> Result<(VersionVector, Vec<Vec<u8>>), StoreError> {
+        snapshot::build(&self.tables, &self.stream).map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+
+    /// Merges a snapshot from another DC (see [`EmbeddedStore::snapshot`]) and returns
+    /// what this store has applied afterwards.
+    pub fn merge_snapshot(
+        &self,
+        applied: VersionVector,
+        items: Vec<Vec<u8>>,
+    ) -> impl Future<Output = Result<VersionVector, StoreError>> + Send + use<> {
+        self.call(
+            request(|reply| Op::MergeSnapshot(applied, items, reply)),
             WhenFull::Wait,
         )
     }

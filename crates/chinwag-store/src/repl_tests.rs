@@ -66,6 +66,12 @@ async fn pull(to: &Dc, from: &Dc, stream: &StreamId) {
     }
 }
 
+/// `to` merges a snapshot of `from`.
+async fn merge(to: &Dc, from: &Dc) {
+    let (applied, items) = from.store.snapshot().unwrap();
+    to.store.merge_snapshot(applied, items).await.unwrap();
+}
+
 async fn mailbox(d: &Dc, who: &str) -> BTreeSet<String> {
     d.store
         .scan(user(who), 0, 10_000)
@@ -175,6 +181,50 @@ async fn coordinates_replicate_and_restarts_retract_them() {
 }
 
 #[tokio::test]
+async fn a_late_joiner_catches_up_from_a_snapshot() {
+    let (east, west, north) = (dc("east"), dc("west"), dc("north"));
+    let kept = east.store.append(msg("alice", "bob", "c1")).await.unwrap();
+    east.store.append(msg("alice", "bob", "c2")).await.unwrap();
+    west.store.append(msg("carol", "bob", "c3")).await.unwrap();
+    pull(&east, &west, west.store.stream()).await;
+    // bob acknowledges the second message in east.
+    let page = east.store.scan(user("bob"), 0, 10).await.unwrap();
+    east.store.ack(user("bob"), vec![page[1].seq]).await.unwrap();
+    let online = Coordinate {
+        dc: DcName::parse("east").unwrap(),
+        node: NodeName::parse("n1").unwrap(),
+        incarnation: 1,
+        conn: 9,
+    };
+    east.store.add_coordinate(user("dave"), online.clone()).await.unwrap();
+
+    merge(&north, &east).await;
+    assert_eq!(mailbox(&north, "bob").await, mailbox(&east, "bob").await);
+    assert!(mailbox(&north, "bob").await.contains(&kept.id.to_string()));
+    assert_eq!(north.store.coordinates(&user("dave")), vec![online]);
+    let (north_applied, _) = north.store.replication_state().unwrap();
+    let (east_applied, _) = east.store.replication_state().unwrap();
+    assert!(north_applied.covers(&east_applied));
+    // The arriving messages were handed to the commit listener, like any other.
+    assert_eq!(north.seen.0.lock().unwrap().len(), 2);
+    // Merging the same snapshot again changes nothing.
+    merge(&north, &east).await;
+    assert_eq!(north.store.stats().mailbox_depth, 2);
+}
+
+#[tokio::test]
+async fn a_snapshot_carries_acknowledgements_the_receiver_missed() {
+    let (east, west) = (dc("east"), dc("west"));
+    east.store.append(msg("alice", "bob", "c1")).await.unwrap();
+    pull(&west, &east, east.store.stream()).await;
+    let page = east.store.scan(user("bob"), 0, 10).await.unwrap();
+    east.store.ack(user("bob"), vec![page[0].seq]).await.unwrap();
+    // West never pulls east's ack entry; a snapshot of east tells it instead.
+    merge(&west, &east).await;
+    assert!(mailbox(&west, "bob").await.is_empty());
+}
+
+#[tokio::test]
 async fn entries_after_a_gap_are_not_applied() {
     let (east, west) = (dc("east"), dc("west"));
     for i in 0..3 {
@@ -207,6 +257,11 @@ async fn truncated_logs_no_longer_serve_old_entries() {
 /// One step of a random multi-DC history.
 #[derive(Debug, Clone)]
 enum Step {
+    /// `to` merges a snapshot of `from`'s whole state.
+    Snapshot {
+        to: usize,
+        from: usize,
+    },
     Send {
         dc: usize,
         from: u8,
@@ -235,6 +290,7 @@ fn step(n: usize) -> impl Strategy<Value = Step> {
         2 => (0..n, 0u8..3).prop_map(|(dc, who)| Step::Ack { dc, who }),
         1 => (0..n, 0u8..3).prop_map(|(dc, who)| Step::Online { dc, who }),
         5 => (0..n, 0..n, 0..n).prop_map(|(to, from, origin)| Step::Pull { to, from, origin }),
+        1 => (0..n, 0..n).prop_map(|(to, from)| Step::Snapshot { to, from }),
     ]
 }
 
@@ -273,6 +329,11 @@ async fn run_history(steps: Vec<Step>) {
             Step::Pull { to, from, origin } => {
                 if to != from && to != origin {
                     pull(&dcs[to], &dcs[from], &streams[origin]).await;
+                }
+            }
+            Step::Snapshot { to, from } => {
+                if to != from {
+                    merge(&dcs[to], &dcs[from]).await;
                 }
             }
         }

@@ -121,6 +121,44 @@ pub fn coord_key(user: &UserId, at: &Coordinate) -> Vec<u8> {
     key
 }
 
+/// The user a mailbox key belongs to.
+pub fn split_user(key: &[u8]) -> Option<UserId> {
+    let (&len, rest) = key.split_first()?;
+    let user = rest.get(..usize::from(len))?;
+    UserId::parse(std::str::from_utf8(user).ok()?).ok()
+}
+
+/// A message id key back into the id.
+pub fn split_id_key(key: &[u8]) -> Option<MessageId> {
+    let stream = split_stream_key(key.get(..key.len().checked_sub(8)?)?)?;
+    Some(MessageId {
+        origin: stream.dc.clone(),
+        epoch: stream.epoch(),
+        seq: key_seq(key)?,
+    })
+}
+
+/// One item of a snapshot of a store's state, sent to a DC that needs entries no log
+/// holds any more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotItem {
+    Message {
+        to: UserId,
+        id: IdRecord,
+        from: UserId,
+        client_id: ClientMsgId,
+        text: String,
+        at_ms: u64,
+    },
+    Online {
+        user: UserId,
+        at: Coordinate,
+    },
+    Gone {
+        id: IdRecord,
+    },
+}
+
 /// Splits a coordinate key back into user and coordinate.
 pub fn split_coord_key(key: &[u8]) -> Option<(UserId, Coordinate)> {
     let (&len, rest) = key.split_first()?;

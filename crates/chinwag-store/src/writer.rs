@@ -24,11 +24,11 @@ use chinwag_core::{
     CommitListener, Coordinate, DcName, Epoch, Message, MessageId, NewMessage, Receipt, SharedMessage, StoreError,
     UserId,
 };
-use chinwag_replication::StreamId;
+use chinwag_replication::{StreamId, VersionVector};
 use fjall::{OwnedWriteBatch as WriteBatch, PersistMode};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::schema::{self, DedupRecord, Entry, IdRecord, MessageRecord, StreamState};
+use crate::schema::{self, DedupRecord, Entry, IdRecord, MessageRecord, SnapshotItem, StreamState};
 use crate::watermark::Watermark;
 use crate::{Shared, StoreOptions, Tables};
 
@@ -44,6 +44,8 @@ pub enum Op {
     Ingest(StreamId, u64, Vec<Vec<u8>>, Reply<u64>),
     /// Drop a log prefix every peer has.
     Truncate(StreamId, u64),
+    /// Merge another DC's snapshot; answers what is applied afterwards.
+    MergeSnapshot(VersionVector, Vec<Vec<u8>>, Reply<VersionVector>),
     /// Finish everything queued before this, answer, then stop.
     Shutdown(oneshot::Sender<()>),
 }
@@ -108,6 +110,7 @@ enum Answer {
     Receipt(Reply<Receipt>, Result<Receipt, StoreError>),
     Done(Reply<()>),
     Applied(Reply<u64>, u64),
+    Merged(Reply<VersionVector>, VersionVector),
 }
 
 type Fallible<T> = Result<T, fjall::Error>;
@@ -175,6 +178,7 @@ impl Writer {
                         Answer::Receipt(reply, result) => drop(reply.send(result)),
                         Answer::Done(reply) => drop(reply.send(Ok(()))),
                         Answer::Applied(reply, through) => drop(reply.send(Ok(through))),
+                        Answer::Merged(reply, applied) => drop(reply.send(Ok(applied))),
                     }
                 }
             }
@@ -189,6 +193,7 @@ impl Writer {
                         Answer::Receipt(reply, _) => drop(reply.send(Err(err.clone()))),
                         Answer::Done(reply) => drop(reply.send(Err(err.clone()))),
                         Answer::Applied(reply, _) => drop(reply.send(Err(err.clone()))),
+                        Answer::Merged(reply, _) => drop(reply.send(Err(err.clone()))),
                     }
                 }
             }
@@ -234,6 +239,10 @@ impl Writer {
                 pending.answers.push(Answer::Applied(reply, through));
             }
             Op::Truncate(stream, through) => self.truncate(batch, &stream, through, pending),
+            Op::MergeSnapshot(applied, items, reply) => {
+                let merged = self.merge_snapshot(batch, &applied, items, pending)?;
+                pending.answers.push(Answer::Merged(reply, merged));
+            }
             Op::Shutdown(done) => pending.stop = Some(done),
         }
         Ok(())
@@ -541,10 +550,10 @@ impl Writer {
                 self.insert_message(batch, msg, dedup_key, p);
                 p.replicated_in += 1;
             }
-            Entry::Acked { user, ids } => {
+            Entry::Acked { ids, .. } => {
                 for id in ids {
                     let id: MessageId = id.into();
-                    self.ack_remote(batch, &user, &id, p)?;
+                    self.ack_remote(batch, &id, p)?;
                 }
             }
             Entry::Online { user, at } => self.set_coordinate(batch, user, at, true, p),
@@ -555,18 +564,16 @@ impl Writer {
 
     /// A message was acknowledged in another DC: delete it here, or, if it has not
     /// arrived yet, remember that it must not be stored when it does.
-    fn ack_remote(&mut self, batch: &mut WriteBatch, user: &UserId, id: &MessageId, p: &mut Pending) -> Fallible<()> {
+    fn ack_remote(&mut self, batch: &mut WriteBatch, id: &MessageId, p: &mut Pending) -> Fallible<()> {
         let id_key = schema::id_key(id);
-        let located = match p.ids.get(&id_key) {
-            Some(entry) => entry.clone(),
-            None => self.tables.ids.get(&id_key)?.map(|v| v.to_vec()),
-        };
-        if let Some(mailbox_key) = located {
-            self.delete_message(batch, user, mailbox_key, p)?;
+        if let Some(mailbox_key) = self.located(&id_key, p)? {
+            if let Some(user) = schema::split_user(&mailbox_key) {
+                self.delete_message(batch, &user, mailbox_key, p)?;
+            }
             return Ok(());
         }
         let origin = StreamId::new(id.origin.clone(), id.epoch);
-        if id.seq > self.stream_state(&origin, p).applied && origin != self.stream {
+        if id.seq > self.applied(&origin, p) {
             batch.insert(&self.tables.gone, id_key.clone(), []);
             p.gone.insert(id_key, true);
         }
@@ -598,6 +605,157 @@ impl Writer {
             );
             p.streams.insert(stream.clone(), state);
         }
+    }
+
+    /// How far `stream` is applied here, this DC's own stream included.
+    fn applied(&self, stream: &StreamId, p: &Pending) -> u64 {
+        if *stream == self.stream {
+            self.log_seq
+        } else {
+            self.stream_state(stream, p).applied
+        }
+    }
+
+    fn located(&self, id_key: &[u8], p: &Pending) -> Fallible<Option<Vec<u8>>> {
+        match p.ids.get(id_key) {
+            Some(entry) => Ok(entry.clone()),
+            None => Ok(self.tables.ids.get(id_key)?.map(|v| v.to_vec())),
+        }
+    }
+
+    /// Merges a snapshot by the rule in [`crate::snapshot`].
+    fn merge_snapshot(
+        &mut self,
+        batch: &mut WriteBatch,
+        a_s: &VersionVector,
+        items: Vec<Vec<u8>>,
+        p: &mut Pending,
+    ) -> Fallible<VersionVector> {
+        let mut held = HashSet::new();
+        let mut coords: HashMap<DcName, Vec<(UserId, Coordinate)>> = HashMap::new();
+        for bytes in items {
+            let Ok(item) = postcard::from_bytes::<SnapshotItem>(&bytes) else {
+                tracing::warn!("skipping an undecodable snapshot item");
+                continue;
+            };
+            match item {
+                SnapshotItem::Message {
+                    to,
+                    id,
+                    from,
+                    client_id,
+                    text,
+                    at_ms,
+                } => {
+                    let id: MessageId = id.into();
+                    let id_key = schema::id_key(&id);
+                    held.insert(id_key.clone());
+                    let origin = StreamId::new(id.origin.clone(), id.epoch);
+                    let unseen = id.seq > self.applied(&origin, p);
+                    if unseen && self.located(&id_key, p)?.is_none() && !self.is_gone(&id_key, p)? {
+                        let dedup_key = schema::dedup_key(&from, &client_id);
+                        let msg = Message {
+                            id,
+                            seq: 0,
+                            from,
+                            to,
+                            client_id,
+                            text,
+                            at_ms,
+                        };
+                        self.insert_message(batch, msg, dedup_key, p);
+                        p.replicated_in += 1;
+                    }
+                }
+                SnapshotItem::Online { user, at } => coords.entry(at.dc.clone()).or_default().push((user, at)),
+                SnapshotItem::Gone { id } => {
+                    let id: MessageId = id.into();
+                    // The sender saw it acknowledged before its message arrived there.
+                    self.ack_remote(batch, &id, p)?;
+                }
+            }
+        }
+        // What the sender has seen and no longer holds was acknowledged.
+        for (stream, seen) in a_s.iter() {
+            let lo = schema::entry_key(stream, 1);
+            let hi = schema::entry_key(stream, seen);
+            let ours: Vec<(Vec<u8>, Vec<u8>)> = self
+                .tables
+                .ids
+                .range(lo..=hi)
+                .map(|e| e.into_inner().map(|(k, v)| (k.to_vec(), v.to_vec())))
+                .collect::<Result<_, _>>()?;
+            for (id_key, mailbox_key) in ours {
+                if !held.contains(&id_key)
+                    && p.ids.get(&id_key) != Some(&None)
+                    && let Some(user) = schema::split_user(&mailbox_key)
+                {
+                    self.delete_message(batch, &user, mailbox_key, p)?;
+                }
+            }
+        }
+        self.merge_coordinates(batch, a_s, coords, p)?;
+        let mut merged = VersionVector::default();
+        for (stream, seen) in a_s.iter() {
+            if *stream == self.stream {
+                continue;
+            }
+            let mut state = self.stream_state(stream, p);
+            if seen > state.applied {
+                state.applied = seen;
+                // The log never received these entries, so it cannot relay them.
+                state.truncated = state.truncated.max(seen);
+                batch.insert(
+                    &self.tables.streams,
+                    schema::stream_key(stream),
+                    postcard::to_stdvec(&state).expect("encodes"),
+                );
+                p.streams.insert(stream.clone(), state);
+            }
+        }
+        merged.advance(&self.stream, self.log_seq);
+        for (stream, state) in self.streams.iter().chain(p.streams.iter()) {
+            merged.advance(stream, state.applied);
+        }
+        Ok(merged)
+    }
+
+    /// Takes each other DC's coordinates from the snapshot where the sender is further
+    /// along that DC's stream.
+    fn merge_coordinates(
+        &mut self,
+        batch: &mut WriteBatch,
+        a_s: &VersionVector,
+        mut from_snapshot: HashMap<DcName, Vec<(UserId, Coordinate)>>,
+        p: &mut Pending,
+    ) -> Fallible<()> {
+        let newer: HashSet<DcName> = a_s
+            .iter()
+            .filter(|(stream, seen)| stream.dc != self.options.dc && *seen > self.applied(stream, p))
+            .map(|(stream, _)| stream.dc.clone())
+            .collect();
+        if newer.is_empty() {
+            return Ok(());
+        }
+        let ours: Vec<Vec<u8>> = self
+            .tables
+            .coords
+            .iter()
+            .map(|e| e.key().map(|k| k.to_vec()))
+            .collect::<Result<_, _>>()?;
+        for key in ours {
+            if let Some((user, at)) = schema::split_coord_key(&key)
+                && newer.contains(&at.dc)
+            {
+                self.set_coordinate(batch, user, at, false, p);
+            }
+        }
+        for dc in newer {
+            for (user, at) in from_snapshot.remove(&dc).unwrap_or_default() {
+                self.set_coordinate(batch, user, at, true, p);
+            }
+        }
+        Ok(())
     }
 
     /// Makes a durable batch visible: coordinates first, so a message committed in the same

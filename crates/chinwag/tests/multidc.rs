@@ -382,3 +382,81 @@ async fn a_gateway_without_cluster_credentials_cannot_join_or_inject() {
     alice.send_message("bob", "real", "genuine").await.unwrap();
     assert_eq!(receive(&mut bob, 1).await[0].1, "genuine");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_dc_joins_without_restarting_the_others() {
+    let (_dir, mut c) = cluster(2).await;
+    let mut alice = c.login(0, "alice").await;
+    let waiting = alice.send_message("carol", "w1", "waiting for carol").await.unwrap();
+    alice.send_message("bob", "b1", "for bob").await.unwrap();
+    let mut bob = c.login(1, "bob").await;
+    receive(&mut bob, 1).await;
+    c.wait_converged().await;
+    // Both DCs drop the log entries they both have.
+    let deadline = tokio::time::Instant::now() + SOON;
+    while c.status(0).await["truncated"].as_object().unwrap().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "logs never truncated");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let north = c.add_dc("north", "").await;
+    c.wait_linked().await;
+    c.wait_converged().await;
+    // carol's message, accepted long before north existed, is there.
+    let mut carol = c.login(north, "carol").await;
+    let (id, _, text) = next_message(&mut carol).await;
+    assert_eq!((id, text.as_str()), (waiting.id.clone(), "waiting for carol"));
+    carol.ack(vec![waiting.id]).await.unwrap();
+    // And north takes part like any DC: alice's next message reaches dave there.
+    let mut dave = c.login(north, "dave").await;
+    alice.send_message("dave", "d1", "hello north").await.unwrap();
+    assert_eq!(receive(&mut dave, 1).await[0].1, "hello north");
+    let east = c.status(0).await;
+    assert!(
+        east["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["dc"] == "north" && p["connected"] == true),
+        "{east}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_dc_is_decommissioned_and_catches_up_if_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start_with(dir.path(), 3, "[cluster.timing]\ndecommission_after = \"2s\"\n").await;
+    let mut alice = c.login(0, "alice").await;
+    c.nodes[2].kill9();
+    for i in 0..10 {
+        alice
+            .send_message("carol", &format!("k{i}"), &format!("{i}"))
+            .await
+            .unwrap();
+    }
+    // With south silent past decommission_after, east stops keeping its log for it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let east = c.status(0).await;
+        let stream = east["stream"].as_str().unwrap_or_default().to_owned();
+        let head = east["applied"][&stream].as_u64();
+        let south_gone = east["peers"]
+            .as_array()
+            .is_some_and(|peers| peers.iter().any(|p| p["dc"] == "south" && p["decommissioned"] == true));
+        if south_gone && head.is_some() && east["truncated"][&stream].as_u64() == head {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "east kept its log for a dead DC: {east}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // South comes back: it catches up from a snapshot.
+    c.nodes[2].restart();
+    c.wait_linked().await;
+    c.wait_converged().await;
+    let mut carol = c.login(2, "carol").await;
+    let got = receive(&mut carol, 10).await;
+    assert_eq!(got.len(), 10);
+}

@@ -310,7 +310,7 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub names: Vec<String>,
     pub nodes: Vec<Node>,
-    /// `proxies[(a, b)]` carries the link between DC a and DC b.
+    /// `proxies[(a, b)]` carries the links DC a dials to DC b.
     pub proxies: std::collections::BTreeMap<(usize, usize), Proxy>,
 }
 
@@ -325,6 +325,11 @@ fn free_addr() -> SocketAddr {
 
 impl Cluster {
     pub async fn start(dir: &Path, n: usize) -> Cluster {
+        Self::start_with(dir, n, "").await
+    }
+
+    /// With extra lines for each DC's `[cluster]` table (e.g. `[cluster.timing]`).
+    pub async fn start_with(dir: &Path, n: usize, cluster_extra: &str) -> Cluster {
         let names: Vec<String> = DC_NAMES[..n].iter().map(|s| s.to_string()).collect();
         let creds = dir.join("cluster");
         let mut init = vec!["cluster", "init", "--dir", creds.to_str().unwrap()];
@@ -334,12 +339,13 @@ impl Cluster {
         let (code, _) = run_cli(&init).await;
         assert_eq!(code, 0, "cluster init failed");
         let gateways: Vec<SocketAddr> = (0..n).map(|_| free_addr()).collect();
+        // One proxy per direction: every DC dials every peer.
         let mut proxies = std::collections::BTreeMap::new();
-        for a in 0..n {
-            for b in a + 1..n {
-                // The DC whose name sorts first dials; its proxy leads to the other.
-                let target = if names[a] < names[b] { gateways[b] } else { gateways[a] };
-                proxies.insert((a, b), Proxy::start(target).await);
+        for from in 0..n {
+            for (to, gateway) in gateways.iter().enumerate() {
+                if from != to {
+                    proxies.insert((from, to), Proxy::start(*gateway).await);
+                }
             }
         }
         let mut nodes = Vec::new();
@@ -355,12 +361,13 @@ impl Cluster {
                 creds.join(format!("{name}.key")).display(),
             );
             for (j, peer) in names.iter().enumerate().filter(|(j, _)| *j != i) {
-                let proxy = &proxies[&(i.min(j), i.max(j))];
+                let proxy = &proxies[&(i, j)];
                 config.push_str(&format!(
                     "[[cluster.peers]]\ndc = \"{peer}\"\ngateway = \"{}\"\n",
                     proxy.addr
                 ));
             }
+            config.push_str(cluster_extra);
             nodes.push(Node::start_in(&node_dir, &config));
         }
         let cluster = Cluster {
@@ -375,6 +382,34 @@ impl Cluster {
 
     pub fn token(&self, user: &str) -> String {
         token_for(&self.dir.join("cluster"), user, Duration::from_secs(3600))
+    }
+
+    /// Adds a DC the running ones were never configured with: it gets a certificate from
+    /// the cluster CA and lists them as peers; they accept it when it dials.
+    pub async fn add_dc(&mut self, name: &str, cluster_extra: &str) -> usize {
+        let creds = self.dir.join("cluster");
+        let (code, _) = run_cli(&["cluster", "add-dc", "--dir", creds.to_str().unwrap(), "--dc", name]).await;
+        assert_eq!(code, 0, "cluster add-dc failed");
+        let node_dir = self.dir.join(name);
+        std::fs::create_dir_all(&node_dir).unwrap();
+        let mut config = format!(
+            "dc = \"{name}\"\n[tokens]\nkey_file = \"{}\"\n[cluster]\ngateway_listen = \"127.0.0.1:0\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            creds.join("token.key").display(),
+            creds.join("ca.pem").display(),
+            creds.join(format!("{name}.pem")).display(),
+            creds.join(format!("{name}.key")).display(),
+        );
+        for i in 0..self.nodes.len() {
+            let gateway = self.status(i).await["gateway"].as_str().unwrap().to_owned();
+            config.push_str(&format!(
+                "[[cluster.peers]]\ndc = \"{}\"\ngateway = \"{gateway}\"\n",
+                self.names[i]
+            ));
+        }
+        config.push_str(cluster_extra);
+        self.nodes.push(Node::start_in(&node_dir, &config));
+        self.names.push(name.to_owned());
+        self.nodes.len() - 1
     }
 
     pub async fn login(&self, dc: usize, user: &str) -> Connection {

@@ -1,0 +1,85 @@
+//! Snapshots: the whole replicated state of a store, for a DC that is behind the point
+//! where the other DCs truncated their logs (a DC that joined late, or came back after
+//! being decommissioned).
+//!
+//! # Merging
+//! A snapshot says what its sender has applied (`a_s`) and holds every message it still
+//! has. A message X of stream O is kept after the merge if every side that has seen it
+//! still has it: a side that applied O past X's seq and no longer holds X deleted it
+//! because it was acknowledged. So the receiver (applied `a_r`):
+//! - adds X from the snapshot if it does not have it and has not seen it (`X.seq > a_r[O]`,
+//!   and no tombstone);
+//! - deletes its own X if the sender has seen it (`X.seq <= a_s[O]`) and does not hold it;
+//! - takes each other DC's coordinates from the snapshot if the sender is further along
+//!   that DC's stream;
+//! - then counts every stream as applied to `max(a_r, a_s)`.
+//!
+//! The rule is symmetric and depends only on the two states, so merging is commutative,
+//! and merging the same snapshot twice changes nothing.
+
+use chinwag_replication::{StreamId, VersionVector};
+use fjall::Readable;
+
+use crate::Tables;
+use crate::schema::{self, IdRecord, MessageRecord, SnapshotItem};
+
+pub fn build(t: &Tables, own: &StreamId) -> Result<(VersionVector, Vec<Vec<u8>>), fjall::Error> {
+    let snap = t.db.snapshot();
+    let mut applied = VersionVector::default();
+    let own_head = snap
+        .get(&t.meta, schema::LOG_SEQ)?
+        .and_then(|v| schema::decode_u64(&v))
+        .unwrap_or(0);
+    applied.advance(own, own_head);
+    for entry in snap.iter(&t.streams) {
+        let (key, value) = entry.into_inner()?;
+        if let (Some(stream), Ok(state)) = (
+            schema::split_stream_key(&key),
+            postcard::from_bytes::<schema::StreamState>(&value),
+        ) && stream != *own
+        {
+            applied.advance(&stream, state.applied);
+        }
+    }
+    let mut items = Vec::new();
+    for entry in snap.iter(&t.mailbox) {
+        let (key, value) = entry.into_inner()?;
+        let (Some(to), Ok(record)) = (schema::split_user(&key), postcard::from_bytes::<MessageRecord>(&value)) else {
+            continue;
+        };
+        let (Ok(origin), Ok(from), Ok(client_id)) = (
+            chinwag_core::DcName::parse(record.origin),
+            chinwag_core::UserId::parse(record.from),
+            chinwag_core::ClientMsgId::parse(record.client_id),
+        ) else {
+            continue;
+        };
+        let item = SnapshotItem::Message {
+            to,
+            id: IdRecord {
+                origin,
+                epoch: record.epoch,
+                seq: record.origin_seq,
+            },
+            from,
+            client_id,
+            text: record.text.to_owned(),
+            at_ms: record.at_ms,
+        };
+        items.push(postcard::to_stdvec(&item).expect("encodes"));
+    }
+    for entry in snap.iter(&t.coords) {
+        if let Some((user, at)) = schema::split_coord_key(&entry.key()?) {
+            items.push(postcard::to_stdvec(&SnapshotItem::Online { user, at }).expect("encodes"));
+        }
+    }
+    for entry in snap.iter(&t.gone) {
+        if let Some(id) = schema::split_id_key(&entry.key()?) {
+            let item = SnapshotItem::Gone {
+                id: IdRecord::from(&id),
+            };
+            items.push(postcard::to_stdvec(&item).expect("encodes"));
+        }
+    }
+    Ok((applied, items))
+}
