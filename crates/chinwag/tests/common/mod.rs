@@ -24,22 +24,43 @@ pub struct Node {
     pub addr: SocketAddr,
     pub dir: PathBuf,
     config: String,
+    /// The network namespace the node runs in, if not the host's.
+    netns: Option<String>,
 }
 
 impl Node {
     /// Starts a node in `dir` with these extra config lines (TOML).
     pub fn start_in(dir: &Path, extra_config: &str) -> Node {
-        Self::start_on(dir, extra_config, "127.0.0.1:0".parse().unwrap())
+        Self::start_at(dir, extra_config, "127.0.0.1:0".parse().unwrap())
     }
 
-    fn start_on(dir: &Path, extra_config: &str, listen: SocketAddr) -> Node {
+    /// Starts a node inside network namespace `netns`, listening on `listen`.
+    pub fn start_in_netns(dir: &Path, extra_config: &str, listen: SocketAddr, netns: &str) -> Node {
+        Self::spawn(dir, extra_config, listen, Some(netns.to_owned()))
+    }
+
+    /// Starts a node listening on `listen`.
+    pub fn start_at(dir: &Path, extra_config: &str, listen: SocketAddr) -> Node {
+        Self::spawn(dir, extra_config, listen, None)
+    }
+
+    fn spawn(dir: &Path, extra_config: &str, listen: SocketAddr, netns: Option<String>) -> Node {
         let config = format!(
             "listen = \"{listen}\"\ndata = \"{}\"\n{extra_config}\n[log]\nlevel = \"warn\"\n",
             dir.join("data").display()
         );
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, &config).unwrap();
-        let mut child = Command::new(BIN)
+        let mut command = match &netns {
+            Some(ns) => {
+                // `ip netns exec` execs the command, so the child's pid is the node's.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = command
             .args(["serve", "--config"])
             .arg(&config_path)
             .env_remove("RUST_LOG")
@@ -53,6 +74,7 @@ impl Node {
             addr,
             dir: dir.to_owned(),
             config: extra_config.to_owned(),
+            netns,
         }
     }
 
@@ -82,7 +104,7 @@ impl Node {
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let node = Self::start_on(&self.dir, &self.config.clone(), self.addr);
+        let node = Self::spawn(&self.dir, &self.config.clone(), self.addr, self.netns.clone());
         *self = node;
     }
 
