@@ -213,25 +213,11 @@ impl Writer {
                 pending.answers.push(Answer::Done(reply));
             }
             Op::AddCoordinate(user, at, reply) => {
-                self.log_own(
-                    batch,
-                    &Entry::Online {
-                        user: user.clone(),
-                        at: at.clone(),
-                    },
-                );
-                self.set_coordinate(batch, user, at, true, pending);
+                self.local_coordinate(batch, user, at, true, pending);
                 pending.answers.push(Answer::Done(reply));
             }
             Op::RemoveCoordinate(user, at, reply) => {
-                self.log_own(
-                    batch,
-                    &Entry::Offline {
-                        user: user.clone(),
-                        at: at.clone(),
-                    },
-                );
-                self.set_coordinate(batch, user, at, false, pending);
+                self.local_coordinate(batch, user, at, false, pending);
                 pending.answers.push(Answer::Done(reply));
             }
             Op::Ingest(stream, first, entries, reply) => {
@@ -258,6 +244,18 @@ impl Writer {
                 entry.encode(),
             );
         }
+    }
+
+    /// A connection of this DC logged in or closed: store it and tell the other DCs.
+    fn local_coordinate(&mut self, batch: &mut WriteBatch, user: UserId, at: Coordinate, added: bool, p: &mut Pending) {
+        let (u, a) = (user.clone(), at.clone());
+        let entry = if added {
+            Entry::Online { user: u, at: a }
+        } else {
+            Entry::Offline { user: u, at: a }
+        };
+        self.log_own(batch, &entry);
+        self.set_coordinate(batch, user, at, added, p);
     }
 
     fn set_coordinate(&self, batch: &mut WriteBatch, user: UserId, at: Coordinate, added: bool, p: &mut Pending) {

@@ -267,31 +267,26 @@ async fn a_dc_cut_off_keeps_serving_its_users_and_catches_up_after_healing() {
     }
 }
 
+/// Sends messages `a{i}` to bob for each i in `range`, collecting their ids.
+async fn send_range(alice: &mut Connection, range: std::ops::Range<u32>, ids: &mut BTreeSet<String>) {
+    for i in range {
+        let sent = alice
+            .send_message("bob", &format!("a{i}"), &format!("{i}"))
+            .await
+            .unwrap();
+        ids.insert(sent.id);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dc_killed_with_sigkill_restarts_and_converges() {
     let (_dir, mut c) = cluster(3).await;
     let mut alice = c.login(0, "alice").await;
     let mut acked = BTreeSet::new();
-    for i in 0..20 {
-        acked.insert(
-            alice
-                .send_message("bob", &format!("a{i}"), &format!("{i}"))
-                .await
-                .unwrap()
-                .id,
-        );
-    }
+    send_range(&mut alice, 0..20, &mut acked).await;
     c.nodes[1].kill9();
     // While west is down, more messages are accepted in east.
-    for i in 20..40 {
-        acked.insert(
-            alice
-                .send_message("bob", &format!("a{i}"), &format!("{i}"))
-                .await
-                .unwrap()
-                .id,
-        );
-    }
+    send_range(&mut alice, 20..40, &mut acked).await;
     c.nodes[1].restart();
     c.wait_linked().await;
     let mut bob = c.login(1, "bob").await;
