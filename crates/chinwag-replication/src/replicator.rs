@@ -105,6 +105,11 @@ pub enum Action {
     SendSnapshot {
         to: DcName,
     },
+    /// `dc` has been silent for `decommission_after`: its users' coordinates are no longer
+    /// believed (it may be gone for good; if it returns, it announces them again).
+    Forget {
+        dc: DcName,
+    },
     /// A part of a snapshot from `from`. When `last`, merge everything received, then
     /// call [`Replicator::on_snapshot_merged`].
     MergeSnapshot {
@@ -144,6 +149,8 @@ pub(crate) struct Peer {
     /// a peer never heard from.
     since_ms: u64,
     snapshot_sent_ms: Option<u64>,
+    /// `Forget` was emitted for this silence.
+    forgotten: bool,
 }
 
 /// A peer as shown by `/v1/cluster`.
@@ -258,6 +265,7 @@ impl Replicator {
         self.now_ms = now_ms;
         let Some(peer) = self.peers.get_mut(from) else { return };
         peer.last_heard_ms = Some(now_ms);
+        peer.forgotten = false;
         match msg {
             Wire::Hello { applied, .. } => {
                 peer.known.merge(&applied);
@@ -361,6 +369,20 @@ impl Replicator {
             self.maybe_digest(name, &unreachable);
         }
         self.truncate();
+        self.forget_silent();
+    }
+
+    fn forget_silent(&mut self) {
+        let silent: Vec<DcName> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| !p.forgotten && p.last_heard_ms.is_some() && self.decommissioned(p))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for dc in silent {
+            self.peers.get_mut(&dc).expect("listed").forgotten = true;
+            self.out.push_back(Action::Forget { dc });
+        }
     }
 
     /// DCs we cannot currently hear.

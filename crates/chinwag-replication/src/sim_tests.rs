@@ -205,6 +205,7 @@ impl Sim {
                         log.retain(|&seq, _| seq > through);
                     }
                 }
+                Action::Forget { .. } => {}
                 Action::SendSnapshot { to } => {
                     self.snapshots += 1;
                     // The whole state, one item per stream, in one part.

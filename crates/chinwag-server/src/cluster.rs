@@ -227,6 +227,10 @@ impl Driver {
                     applying.push(Box::pin(async move { Done::Applied(stream, ingest.await) }));
                 }
                 Action::SendSnapshot { to } => self.send_snapshot(to),
+                Action::Forget { dc } => {
+                    tracing::warn!(%dc, "DC silent past decommission_after: forgetting its coordinates");
+                    self.store.forget_coordinates(dc);
+                }
                 Action::MergeSnapshot {
                     from,
                     applied,

@@ -308,6 +308,11 @@ impl EmbeddedStore {
         )
     }
 
+    /// Forgets the coordinates of DC `dc` (it has been silent too long to be believed).
+    pub fn forget_coordinates(&self, dc: DcName) {
+        let _ = self.ops.try_send(Op::ForgetCoordinates(dc));
+    }
+
     /// Drops the log of `stream` through `through` (every peer has it).
     ///
     /// Best effort: if the writer's queue is full it is skipped, and a later truncation

@@ -44,6 +44,8 @@ pub enum Op {
     Ingest(StreamId, u64, Vec<Vec<u8>>, Reply<u64>),
     /// Drop a log prefix every peer has.
     Truncate(StreamId, u64),
+    /// Drop the coordinates of a DC that has gone silent (not logged: a local belief).
+    ForgetCoordinates(DcName),
     /// Merge another DC's snapshot; answers what is applied afterwards.
     MergeSnapshot(VersionVector, Vec<Vec<u8>>, Reply<VersionVector>),
     /// Finish everything queued before this, answer, then stop.
@@ -225,6 +227,7 @@ impl Writer {
                 pending.answers.push(Answer::Applied(reply, through));
             }
             Op::Truncate(stream, through) => self.truncate(batch, &stream, through, pending),
+            Op::ForgetCoordinates(dc) => self.forget_coordinates(batch, &dc, pending)?,
             Op::MergeSnapshot(applied, items, reply) => {
                 let merged = self.merge_snapshot(batch, &applied, items, pending)?;
                 pending.answers.push(Answer::Merged(reply, merged));
@@ -716,6 +719,23 @@ impl Writer {
             merged.advance(stream, state.applied);
         }
         Ok(merged)
+    }
+
+    fn forget_coordinates(&mut self, batch: &mut WriteBatch, dc: &DcName, p: &mut Pending) -> Fallible<()> {
+        let ours: Vec<Vec<u8>> = self
+            .tables
+            .coords
+            .iter()
+            .map(|e| e.key().map(|k| k.to_vec()))
+            .collect::<Result<_, _>>()?;
+        for key in ours {
+            if let Some((user, at)) = schema::split_coord_key(&key)
+                && at.dc == *dc
+            {
+                self.set_coordinate(batch, user, at, false, p);
+            }
+        }
+        Ok(())
     }
 
     /// Takes each other DC's coordinates from the snapshot where the sender is further

@@ -422,7 +422,17 @@ async fn a_dead_dc_is_decommissioned_and_catches_up_if_it_returns() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = Cluster::start_with(dir.path(), 3, "[cluster.timing]\ndecommission_after = \"2s\"\n").await;
     let mut alice = c.login(0, "alice").await;
+    let erin = c.login(2, "erin").await;
+    let deadline = tokio::time::Instant::now() + SOON;
+    while c.nodes[0].metric("chinwag_coordinates").await != 2.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "erin's coordinate never reached east"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     c.nodes[2].kill9();
+    drop(erin);
     for i in 0..10 {
         alice
             .send_message("carol", &format!("k{i}"), &format!("{i}"))
@@ -447,6 +457,8 @@ async fn a_dead_dc_is_decommissioned_and_catches_up_if_it_returns() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Nobody believes south's coordinates any more: erin is not online anywhere.
+    assert_eq!(c.nodes[0].metric("chinwag_coordinates").await, 1.0);
     // South comes back: it catches up from a snapshot.
     c.nodes[2].restart();
     c.wait_linked().await;

@@ -277,12 +277,29 @@ pub async fn next_error(conn: &mut Connection) -> (chinwag_proto::ErrorCode, Opt
     }
 }
 
+/// Something users can log in to: a node, or a [`Place`].
+pub trait LogIn {
+    async fn log_in(&self, user: &str) -> Connection;
+}
+
+impl LogIn for Node {
+    async fn log_in(&self, user: &str) -> Connection {
+        self.login(user).await
+    }
+}
+
+impl LogIn for Place {
+    async fn log_in(&self, user: &str) -> Connection {
+        self.login(user).await
+    }
+}
+
 /// Proves the node still serves everyone else: a fresh pair logs in and exchanges a
 /// message both ways.
-pub async fn assert_others_unaffected(node: &Node, tag: &str) {
+pub async fn assert_others_unaffected(node: &impl LogIn, tag: &str) {
     let (a, b) = (format!("{tag}-x"), format!("{tag}-y"));
-    let mut x = node.login(&a).await;
-    let mut y = node.login(&b).await;
+    let mut x = node.log_in(&a).await;
+    let mut y = node.log_in(&b).await;
     x.send_message(&b, "probe-1", "are you there?").await.expect("send x→y");
     let (id, from, text) = next_message(&mut y).await;
     assert_eq!((from.as_str(), text.as_str()), (a.as_str(), "are you there?"));
@@ -454,24 +471,24 @@ impl Cluster {
         .await;
     }
 
-    /// Waits until every DC has applied everything every other DC has.
+    /// Waits until every DC has applied everything every other DC has: the version vectors
+    /// agree, and still agree unchanged a few status updates later (each DC publishes its
+    /// status once per anti-entropy tick, so a single agreeing poll could be stale).
     pub async fn wait_converged(&self) {
-        let mut last = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut previous: Option<serde_json::Value> = None;
         loop {
             let mut applied = Vec::new();
             for i in 0..self.nodes.len() {
                 applied.push(self.status(i).await["applied"].clone());
             }
-            if applied.windows(2).all(|w| w[0] == w[1]) {
+            let agreed = applied.windows(2).all(|w| w[0] == w[1]);
+            if agreed && previous.as_ref() == Some(&applied[0]) {
                 return;
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no convergence: {applied:?} (before: {last:?})"
-            );
-            last = applied;
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(tokio::time::Instant::now() < deadline, "no convergence: {applied:?}");
+            previous = agreed.then(|| applied[0].clone());
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 
@@ -547,5 +564,68 @@ impl Proxy {
 
     pub fn heal(&self) {
         self.cut.send_replace(false);
+    }
+}
+
+/// Where a protocol test runs: one node, or three DCs with users spread over them (each
+/// user always in the same DC, chosen from the name).
+pub enum Place {
+    Single(tempfile::TempDir, Node),
+    Spread(tempfile::TempDir, Cluster),
+}
+
+impl Place {
+    pub async fn single(config: &str) -> Place {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::start_in(dir.path(), config);
+        Place::Single(dir, node)
+    }
+
+    pub async fn spread(config: &str) -> Place {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::start_with(dir.path(), 3, config).await;
+        Place::Spread(dir, cluster)
+    }
+
+    fn dc_of(user: &str) -> usize {
+        user.bytes().map(usize::from).sum::<usize>() % 3
+    }
+
+    pub fn url(&self, user: &str) -> String {
+        match self {
+            Place::Single(_, node) => node.url(),
+            Place::Spread(_, c) => c.nodes[Self::dc_of(user)].url(),
+        }
+    }
+
+    pub async fn login(&self, user: &str) -> Connection {
+        match self {
+            Place::Single(_, node) => node.login(user).await,
+            Place::Spread(_, c) => c.login(Self::dc_of(user), user).await,
+        }
+    }
+
+    /// A metric once replication has settled: counters summed over the DCs, gauges (which
+    /// must then agree) from any.
+    pub async fn metric(&self, name: &str) -> f64 {
+        match self {
+            Place::Single(_, node) => node.metric(name).await,
+            Place::Spread(_, c) => {
+                c.wait_converged().await;
+                let mut values = Vec::new();
+                for node in &c.nodes {
+                    values.push(node.metric(name).await);
+                }
+                if name.ends_with("_total") {
+                    values.iter().sum()
+                } else {
+                    assert!(
+                        values.windows(2).all(|w| w[0] == w[1]),
+                        "{name} differs between DCs: {values:?}"
+                    );
+                    values[0]
+                }
+            }
+        }
     }
 }
