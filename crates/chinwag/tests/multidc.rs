@@ -467,3 +467,26 @@ async fn a_dead_dc_is_decommissioned_and_catches_up_if_it_returns() {
     let got = receive(&mut carol, 10).await;
     assert_eq!(got.len(), 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_dcs_cut_off_from_each_other_converge_through_a_third() {
+    let (_dir, c) = cluster(3).await;
+    c.cut_pair(0, 1);
+    let mut alice = c.login(0, "alice").await;
+    let mut bob = c.login(1, "bob").await;
+    // east and west cannot talk; south relays in both directions.
+    alice.send_message("bob", "r1", "via south").await.unwrap();
+    assert_eq!(receive(&mut bob, 1).await[0].1, "via south");
+    bob.send_message("alice", "r2", "and back").await.unwrap();
+    assert_eq!(receive(&mut alice, 1).await[0].1, "and back");
+    c.wait_converged().await;
+    let east = c.status(0).await;
+    let west = east["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["dc"] == "west")
+        .unwrap()
+        .clone();
+    assert_eq!(west["connected"], false, "the pair was really cut: {east}");
+}

@@ -516,6 +516,12 @@ impl Cluster {
         }
     }
 
+    /// Cuts the links between DCs `a` and `b` only.
+    pub fn cut_pair(&self, a: usize, b: usize) {
+        self.proxies[&(a, b)].cut();
+        self.proxies[&(b, a)].cut();
+    }
+
     pub fn heal(&self) {
         for proxy in self.proxies.values() {
             proxy.heal();
