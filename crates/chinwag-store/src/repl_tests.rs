@@ -225,6 +225,20 @@ async fn a_snapshot_carries_acknowledgements_the_receiver_missed() {
 }
 
 #[tokio::test]
+async fn a_retry_accepted_in_two_dcs_converges_on_one_copy() {
+    let (east, west) = (dc("east"), dc("west"));
+    // The same send reached both DCs before either heard of the other.
+    let a = east.store.append(msg("alice", "bob", "same")).await.unwrap();
+    let b = west.store.append(msg("alice", "bob", "same")).await.unwrap();
+    assert_ne!(a.id, b.id);
+    pull(&west, &east, east.store.stream()).await;
+    pull(&east, &west, west.store.stream()).await;
+    let keep = a.id.clone().min(b.id.clone()).to_string();
+    assert_eq!(mailbox(&east, "bob").await, BTreeSet::from([keep.clone()]));
+    assert_eq!(mailbox(&west, "bob").await, BTreeSet::from([keep]));
+}
+
+#[tokio::test]
 async fn entries_after_a_gap_are_not_applied() {
     let (east, west) = (dc("east"), dc("west"));
     for i in 0..3 {

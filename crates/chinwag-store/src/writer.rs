@@ -340,6 +340,37 @@ impl Writer {
         Ok(Ok(receipt))
     }
 
+    /// Stores a message that arrived from another DC, unless it is the twin of one already
+    /// here: the same sender and client id accepted under another id, because a retry
+    /// reached two DCs before either heard of the other. Every DC keeps the smaller of the
+    /// two ids and drops the other, so all converge on one copy.
+    fn insert_replicated(&mut self, batch: &mut WriteBatch, msg: Message, p: &mut Pending) -> Fallible<()> {
+        let dedup_key = schema::dedup_key(&msg.from, &msg.client_id);
+        let twin = match p.dedup.get(&dedup_key) {
+            Some(receipt) => Some(receipt.id.clone()),
+            None => self
+                .tables
+                .dedup
+                .get(&dedup_key)?
+                .and_then(|r| postcard::from_bytes::<DedupRecord>(&r).ok())
+                .map(|r| MessageId::from(r.id)),
+        };
+        match twin {
+            Some(twin) if twin < msg.id => return Ok(()),
+            Some(twin) if twin > msg.id => {
+                if let Some(mailbox_key) = self.located(&schema::id_key(&twin), p)?
+                    && let Some(user) = schema::split_user(&mailbox_key)
+                {
+                    self.delete_message(batch, &user, mailbox_key, p)?;
+                }
+            }
+            _ => {}
+        }
+        self.insert_message(batch, msg, dedup_key, p);
+        p.replicated_in += 1;
+        Ok(())
+    }
+
     /// Puts a message into its recipient's mailbox at the next mailbox seq.
     fn insert_message(&mut self, batch: &mut WriteBatch, mut msg: Message, dedup_key: Vec<u8>, p: &mut Pending) {
         msg.seq = self.next_seq;
@@ -538,7 +569,6 @@ impl Writer {
                     p.gone.insert(id_key, false);
                     return Ok(());
                 }
-                let dedup_key = schema::dedup_key(&from, &client_id);
                 let msg = Message {
                     id,
                     seq: 0,
@@ -548,8 +578,7 @@ impl Writer {
                     text,
                     at_ms,
                 };
-                self.insert_message(batch, msg, dedup_key, p);
-                p.replicated_in += 1;
+                self.insert_replicated(batch, msg, p)?;
             }
             Entry::Acked { ids, .. } => {
                 for id in ids {
@@ -654,7 +683,6 @@ impl Writer {
                     let origin = StreamId::new(id.origin.clone(), id.epoch);
                     let unseen = id.seq > self.applied(&origin, p);
                     if unseen && self.located(&id_key, p)?.is_none() && !self.is_gone(&id_key, p)? {
-                        let dedup_key = schema::dedup_key(&from, &client_id);
                         let msg = Message {
                             id,
                             seq: 0,
@@ -664,8 +692,7 @@ impl Writer {
                             text,
                             at_ms,
                         };
-                        self.insert_message(batch, msg, dedup_key, p);
-                        p.replicated_in += 1;
+                        self.insert_replicated(batch, msg, p)?;
                     }
                 }
                 SnapshotItem::Online { user, at } => coords.entry(at.dc.clone()).or_default().push((user, at)),
