@@ -52,6 +52,13 @@ pub struct Config {
     pub decommission_after_ms: u64,
     /// A snapshot that did not make a peer catch up is sent again after this long.
     pub snapshot_retry_ms: u64,
+    /// Push new entries to every peer at once. Off only to study anti-entropy alone.
+    pub eager_push: bool,
+    /// Classic gossip: each tick, exchange digests with this many peers chosen at random
+    /// (from `gossip_seed`) instead of all, and relay anything a contacted peer lacks.
+    /// `None` (every peer, every tick) suits a handful of DCs; gossip scales to many.
+    pub fanout: Option<usize>,
+    pub gossip_seed: u64,
 }
 
 impl Config {
@@ -72,6 +79,9 @@ impl Config {
             max_held: 8_192,
             decommission_after_ms: 24 * 3600 * 1000,
             snapshot_retry_ms: 30_000,
+            eager_push: true,
+            fanout: None,
+            gossip_seed: 0,
         }
     }
 }
@@ -181,6 +191,7 @@ pub struct Replicator {
     pub(crate) peers: BTreeMap<DcName, Peer>,
     out: VecDeque<Action>,
     now_ms: u64,
+    ticks: u64,
 }
 
 impl Replicator {
@@ -202,6 +213,7 @@ impl Replicator {
             peers,
             out: VecDeque::new(),
             now_ms,
+            ticks: 0,
         }
     }
 
@@ -273,10 +285,19 @@ impl Replicator {
                 self.sync_peer(from, log);
             }
             Wire::Digest { applied, unreachable } => {
+                // Push-pull gossip: a contact that has what we lack hears our digest back
+                // at once, so it can send it.
+                if self.cfg.fanout.is_some() && !self.applied.covers(&applied) {
+                    peer.digest_due = true;
+                }
                 peer.known.merge(&applied);
                 peer.unreachable = unreachable.into_iter().collect();
                 self.note_lag(from);
                 self.sync_peer(from, log);
+                if self.cfg.fanout.is_some() && self.peers[from].digest_due {
+                    let unreachable = self.unreachable();
+                    self.maybe_digest(from, &unreachable);
+                }
             }
             Wire::Entries { stream, first, entries } => {
                 let last = first + entries.len() as u64 - 1;
@@ -323,6 +344,9 @@ impl Replicator {
     pub fn on_local(&mut self, through: u64, log: &impl Log) {
         let own = self.cfg.stream.clone();
         self.applied.advance(&own, through);
+        if !self.cfg.eager_push {
+            return;
+        }
         let peers: Vec<DcName> = self.peers.keys().cloned().collect();
         for peer in peers {
             self.sync_stream(&peer, &own, log);
@@ -336,6 +360,9 @@ impl Replicator {
             self.applying.remove(stream);
         }
         self.apply_held(stream);
+        if !self.cfg.eager_push {
+            return;
+        }
         // Relay at once to peers that cannot hear the origin.
         let relay_to: Vec<DcName> = self
             .peers
@@ -350,13 +377,23 @@ impl Replicator {
 
     pub fn on_tick(&mut self, now_ms: u64, log: &impl Log) {
         self.now_ms = now_ms;
+        self.ticks += 1;
         let unreachable = self.unreachable();
-        let names: Vec<DcName> = self.peers.keys().cloned().collect();
+        let names: Vec<DcName> = match self.cfg.fanout {
+            Some(k) => self.gossip_contacts(k),
+            None => self.peers.keys().cloned().collect(),
+        };
         for name in &names {
-            let peer = self.peers.get_mut(name).expect("listed");
-            if !peer.connected {
+            if !self.peers[name].connected {
                 continue;
             }
+            // A peer we cannot hear only gets the keepalive: resending into a partition
+            // costs bandwidth and achieves nothing. Hearing it again resumes the flow.
+            if unreachable.contains(name) {
+                self.maybe_digest(name, &unreachable);
+                continue;
+            }
+            let peer = self.peers.get_mut(name).expect("listed");
             // Sent and never confirmed: assume lost, send again.
             let retransmit = self.cfg.retransmit_ms;
             for (stream, sent) in peer.sent.iter_mut() {
@@ -366,6 +403,10 @@ impl Replicator {
                 }
             }
             self.sync_peer(name, log);
+            if self.cfg.fanout.is_some() {
+                // A gossip contact always hears our digest this round.
+                self.peers.get_mut(name).expect("listed").digest_due = true;
+            }
             self.maybe_digest(name, &unreachable);
         }
         self.truncate();
@@ -383,6 +424,32 @@ impl Replicator {
             self.peers.get_mut(&dc).expect("listed").forgotten = true;
             self.out.push_back(Action::Forget { dc });
         }
+    }
+
+    /// This tick's gossip contacts: `k` distinct peers, picked by a generator seeded from
+    /// the configuration, our name and the tick, so runs are reproducible.
+    fn gossip_contacts(&self, k: usize) -> Vec<DcName> {
+        let names: Vec<&DcName> = self.peers.keys().collect();
+        let mut state = self.cfg.gossip_seed ^ self.ticks.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        for b in self.cfg.me.as_str().bytes() {
+            state = (state ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        let mut picked: Vec<DcName> = Vec::with_capacity(k);
+        let mut tries = 0;
+        while picked.len() < k.min(names.len()) && tries < 16 * k + 16 {
+            // splitmix64
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            let candidate = names[(z % names.len() as u64) as usize];
+            if !picked.contains(candidate) {
+                picked.push(candidate.clone());
+            }
+            tries += 1;
+        }
+        picked
     }
 
     /// DCs we cannot currently hear.
@@ -429,6 +496,13 @@ impl Replicator {
 
     fn maybe_digest(&mut self, name: &DcName, unreachable: &[DcName]) {
         let keepalive = self.cfg.keepalive_ms;
+        // Gossip contacts relay everything anyway; naming every silent DC would only grow
+        // the digest with the cluster.
+        let unreachable = if self.cfg.fanout.is_some() {
+            &[][..]
+        } else {
+            unreachable
+        };
         let current = (self.applied.clone(), unreachable.to_vec());
         let peer = self.peers.get_mut(name).expect("listed");
         let changed = peer.last_digest.as_ref() != Some(&current);
@@ -467,6 +541,9 @@ impl Replicator {
     fn should_send(&self, name: &DcName, peer: &Peer, stream: &StreamId) -> bool {
         if stream.dc == *name {
             return false;
+        }
+        if self.cfg.fanout.is_some() {
+            return true;
         }
         if *stream == self.cfg.stream || peer.unreachable.contains(&stream.dc) {
             return true;
