@@ -110,6 +110,7 @@ pub async fn start(
         retransmit_ms: ms(t.retransmit),
         relay_after_ms: ms(t.relay_after),
         decommission_after_ms: ms(t.decommission_after),
+        fanout: (cfg.gossip_fanout > 0).then_some(cfg.gossip_fanout),
         ..ReplConfig::wan(me.clone(), store.stream().clone(), peers)
     };
     let replicator = Replicator::new(repl, applied, truncated, now_ms());

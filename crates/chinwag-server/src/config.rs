@@ -61,6 +61,10 @@ pub struct ClusterConfig {
     /// Messages queued per peer link before sends are dropped (and later repaired).
     #[serde(default = "default_link_queue")]
     pub link_queue: usize,
+    /// 0: every DC exchanges digests with every other each tick (a full mesh, right for a
+    /// handful of DCs). k > 0: with k random peers per tick (gossip, for many DCs).
+    #[serde(default)]
+    pub gossip_fanout: usize,
 }
 
 fn default_link_queue() -> usize {

@@ -72,6 +72,7 @@ fn config_for(dir: &Path, me: &Planned, all: &[Planned]) -> Config {
             .collect(),
         timing: ClusterTiming::default(),
         link_queue: 4096,
+        gossip_fanout: 0,
     });
     config
 }
