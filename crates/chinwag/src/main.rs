@@ -1,5 +1,6 @@
 //! The `chinwag` command: the server and its command-line clients in one binary.
 
+mod bench;
 mod chat;
 mod clients;
 mod cluster;
@@ -41,6 +42,8 @@ enum Command {
     Cluster(cluster::Command),
     /// Run several DCs as separate processes on this machine, linked by their gateways.
     Demo(demo::Args),
+    /// Load a server with real WebSocket clients and measure it.
+    Bench(bench::Args),
 }
 
 /// Where a client finds the server and its token.
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
             Command::Chat(args) => chat::run(args).await,
             Command::Cluster(command) => cluster::run(command),
             Command::Demo(args) => demo::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     match result {

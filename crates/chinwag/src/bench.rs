@@ -1,0 +1,640 @@
+//! `chinwag bench`: a load generator speaking protocol v1 over real WebSockets.
+//!
+//! Scenarios: `idle` (connect and log in N users, hold the connections), `pairs` (N users
+//! in N/2 sender→receiver pairs, at a fixed offered rate or as fast as the server accepts),
+//! `offline` (senders fill N/2 offline mailboxes, then the recipients log in and drain
+//! them). Every message carries its send time; receivers measure end-to-end latency into
+//! an HDR histogram and account for every message by sender and sequence number, so lost
+//! and duplicated messages are counted, not guessed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chinwag_auth::{TokenKey, TokenPolicy};
+use chinwag_core::UserId;
+use chinwag_proto::{ClientFrame, ServerFrame};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Server to load; repeat to spread users over several nodes or DCs (user i goes to
+    /// server i mod count).
+    #[arg(long = "server", required = true)]
+    servers: Vec<String>,
+    /// Data directory holding the token key.
+    #[arg(long, default_value_os_t = crate::default_data())]
+    data: PathBuf,
+    #[arg(long, value_enum)]
+    scenario: Scenario,
+    /// Users (connections).
+    #[arg(long, default_value_t = 1000)]
+    users: usize,
+    /// Offered messages per second in total (pairs); without it, as fast as the server
+    /// accepts, with a window of outstanding sends per sender.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// How long to run (pairs, idle).
+    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
+    duration: Duration,
+    /// Message body size in bytes.
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// Messages in all (offline).
+    #[arg(long, default_value_t = 10_000)]
+    messages: u64,
+    /// Connections opened per second.
+    #[arg(long, default_value_t = 20_000)]
+    ramp: u64,
+    /// Outstanding sends per sender when no --rate is given.
+    #[arg(long, default_value_t = 32)]
+    window: u64,
+    /// The server's process id, to report its memory and CPU.
+    #[arg(long)]
+    pid: Option<u32>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    Idle,
+    Pairs,
+    Offline,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Percentiles {
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    scenario: &'static str,
+    connections: usize,
+    logins_per_sec: f64,
+    sent: u64,
+    delivered: u64,
+    delivered_per_sec: f64,
+    latency_ms: Percentiles,
+    errors: u64,
+    lost: u64,
+    duplicated: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stored_per_sec: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drained_per_sec: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_rss_kib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rss_kib_per_conn: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_cpu_percent: Option<f64>,
+}
+
+/// Shared counters, also read by the progress line.
+#[derive(Default)]
+struct Counters {
+    connected: AtomicU64,
+    sent: AtomicU64,
+    accepted: AtomicU64,
+    delivered: AtomicU64,
+    duplicated: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// What every receiver has seen, by sender and sequence number.
+struct Ledger {
+    /// Per sender: accepted (bit set when `sent` arrives) and delivered (count per seq).
+    accepted: Vec<Vec<bool>>,
+    delivered: Vec<Vec<u8>>,
+    latency: Histogram<u64>,
+}
+
+impl Ledger {
+    fn new(senders: usize) -> Self {
+        Self {
+            accepted: vec![Vec::new(); senders],
+            delivered: vec![Vec::new(); senders],
+            latency: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"),
+        }
+    }
+
+    fn mark(v: &mut Vec<u8>, seq: usize) -> u8 {
+        if v.len() <= seq {
+            v.resize(seq + 1, 0);
+        }
+        v[seq] = v[seq].saturating_add(1);
+        v[seq]
+    }
+
+    fn lost(&self) -> u64 {
+        let mut lost = 0;
+        for (accepted, delivered) in self.accepted.iter().zip(&self.delivered) {
+            for (seq, ok) in accepted.iter().enumerate() {
+                if *ok && delivered.get(seq).copied().unwrap_or(0) == 0 {
+                    lost += 1;
+                }
+            }
+        }
+        lost
+    }
+}
+
+struct Run {
+    args: Args,
+    key: TokenKey,
+    start: Instant,
+    counters: Counters,
+    ledger: Mutex<Ledger>,
+    body: String,
+    /// Prefix of this run's client ids: runs must not collide with the server's memory of
+    /// earlier runs' idempotency keys.
+    nonce: String,
+}
+
+impl Run {
+    fn token(&self, user: usize) -> String {
+        let id = UserId::parse(&format!("bench-{user}")).expect("valid user id");
+        chinwag_auth::mint(
+            &self.key,
+            &id,
+            Duration::from_secs(24 * 3600),
+            chinwag_server::now_ms(),
+            &TokenPolicy::default(),
+        )
+    }
+
+    fn server(&self, user: usize) -> &str {
+        &self.args.servers[user % self.args.servers.len()]
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    /// Connects and logs in user `i`.
+    async fn login(&self, user: usize) -> anyhow::Result<Ws> {
+        let url = chinwag_client::ws_url(self.server(user));
+        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        let login = chinwag_proto::encode_client(&ClientFrame::Login {
+            token: self.token(user),
+        });
+        ws.send(WsMessage::text(login)).await?;
+        loop {
+            match next_frame(&mut ws).await? {
+                ServerFrame::Welcome { .. } => break,
+                ServerFrame::Error { code, message, .. } => anyhow::bail!("login refused: {code}: {message}"),
+                _ => {}
+            }
+        }
+        self.counters.connected.fetch_add(1, Ordering::Relaxed);
+        Ok(ws)
+    }
+
+    /// The text of message `seq` from sender `from`: send time, sender, seq, padding.
+    fn text(&self, from: usize, seq: u64) -> String {
+        let head = format!("{}|{from}|{seq}|", self.now_ns());
+        let pad = self.args.size.saturating_sub(head.len());
+        format!("{head}{}", &self.body[..pad.min(self.body.len())])
+    }
+
+    async fn on_message(&self, text: &str) {
+        let now = self.now_ns();
+        let mut parts = text.splitn(4, '|');
+        let (Some(t), Some(from), Some(seq)) = (parts.next(), parts.next(), parts.next()) else {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let (Ok(t), Ok(from), Ok(seq)) = (t.parse::<u64>(), from.parse::<usize>(), seq.parse::<usize>()) else {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let mut ledger = self.ledger.lock().await;
+        let Some(delivered) = ledger.delivered.get_mut(from) else {
+            return;
+        };
+        if Ledger::mark(delivered, seq) > 1 {
+            self.counters.duplicated.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+            let _ = ledger.latency.record(now.saturating_sub(t).max(1));
+        }
+    }
+
+    async fn on_accepted(&self, from: usize, client_id: &str) {
+        let Some(Ok(seq)) = client_id.rsplit_once('-').map(|(_, seq)| seq.parse::<usize>()) else {
+            return;
+        };
+        let mut ledger = self.ledger.lock().await;
+        let accepted = &mut ledger.accepted[from];
+        if accepted.len() <= seq {
+            accepted.resize(seq + 1, false);
+        }
+        accepted[seq] = true;
+        self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+async fn next_frame(ws: &mut Ws) -> anyhow::Result<ServerFrame> {
+    loop {
+        match ws.next().await {
+            Some(Ok(WsMessage::Text(t))) => return Ok(chinwag_proto::decode_server(t.as_str())?),
+            Some(Ok(WsMessage::Close(_))) | None => anyhow::bail!("connection closed"),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+        }
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let key = TokenKey::load(&args.data.join(chinwag_auth::KEY_FILE)).with_context(|| {
+        format!(
+            "the token key in {} (use the server's data directory)",
+            args.data.display()
+        )
+    })?;
+    let senders = args.users / 2;
+    let run = Arc::new(Run {
+        key,
+        start: Instant::now(),
+        counters: Counters::default(),
+        ledger: Mutex::new(Ledger::new(senders.max(1))),
+        body: "x".repeat(args.size),
+        nonce: crate::clients::random_client_id()[..8].to_owned(),
+        args,
+    });
+    let cpu_before = run.args.pid.and_then(cpu_ticks);
+    let rss_before = run.args.pid.and_then(rss_kib);
+    let progress = tokio::spawn(progress(run.clone()));
+    let mut report = match run.args.scenario {
+        Scenario::Idle => idle(&run).await?,
+        Scenario::Pairs => pairs(&run).await?,
+        Scenario::Offline => offline(&run).await?,
+    };
+    progress.abort();
+    eprintln!();
+    if let Some(pid) = run.args.pid {
+        report.server_rss_kib = rss_kib(pid);
+        if let (Some(before), Some(after)) = (rss_before, report.server_rss_kib)
+            && report.connections > 0
+        {
+            report.rss_kib_per_conn = Some(after.saturating_sub(before) as f64 / report.connections as f64);
+        }
+        if let (Some(before), Some(after)) = (cpu_before, cpu_ticks(pid)) {
+            let secs = run.start.elapsed().as_secs_f64();
+            report.server_cpu_percent = Some((after - before) as f64 / clock_ticks_per_sec() / secs * 100.0);
+        }
+    }
+    print_report(&report, run.args.json);
+    Ok(if report.lost == 0 && report.duplicated == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+/// Opens `users` connections at the ramp rate; returns them and the logins per second.
+async fn connect_all(run: &Arc<Run>, users: std::ops::Range<usize>) -> anyhow::Result<(Vec<(usize, Ws)>, f64)> {
+    let started = Instant::now();
+    let gap = Duration::from_secs_f64(1.0 / run.args.ramp.max(1) as f64);
+    let mut tasks = Vec::new();
+    for (n, user) in users.enumerate() {
+        let target = started + gap * n as u32;
+        tokio::time::sleep_until(target.into()).await;
+        let run = run.clone();
+        tasks.push(tokio::spawn(async move { run.login(user).await.map(|ws| (user, ws)) }));
+    }
+    let mut conns = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        conns.push(task.await??);
+    }
+    let rate = conns.len() as f64 / started.elapsed().as_secs_f64();
+    Ok((conns, rate))
+}
+
+async fn idle(run: &Arc<Run>) -> anyhow::Result<Report> {
+    let (conns, rate) = connect_all(run, 0..run.args.users).await?;
+    tokio::time::sleep(run.args.duration).await;
+    Ok(Report {
+        scenario: "idle",
+        connections: conns.len(),
+        logins_per_sec: rate,
+        ..Report::default()
+    })
+}
+
+async fn pairs(run: &Arc<Run>) -> anyhow::Result<Report> {
+    let senders = run.args.users / 2;
+    let (conns, rate) = connect_all(run, 0..senders * 2).await?;
+    let started = Instant::now();
+    let deadline = started + run.args.duration;
+    let per_sender_rate = run.args.rate.map(|r| r as f64 / senders as f64);
+    let mut tasks = Vec::new();
+    for (user, ws) in conns {
+        let run = run.clone();
+        tasks.push(if user < senders {
+            tokio::spawn(async move { sender(&run, user, ws, deadline, per_sender_rate, None).await })
+        } else {
+            tokio::spawn(async move { receiver(&run, ws, deadline + GRACE).await })
+        });
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let ledger = run.ledger.lock().await;
+    let elapsed = run.args.duration.as_secs_f64();
+    Ok(Report {
+        scenario: "pairs",
+        connections: senders * 2,
+        logins_per_sec: rate,
+        sent: run.counters.accepted.load(Ordering::Relaxed),
+        delivered: run.counters.delivered.load(Ordering::Relaxed),
+        delivered_per_sec: run.counters.delivered.load(Ordering::Relaxed) as f64 / elapsed,
+        latency_ms: percentiles(&ledger.latency),
+        errors: run.counters.errors.load(Ordering::Relaxed),
+        lost: ledger.lost(),
+        duplicated: run.counters.duplicated.load(Ordering::Relaxed),
+        ..Report::default()
+    })
+}
+
+/// How long receivers keep reading after senders stop.
+const GRACE: Duration = Duration::from_secs(3);
+
+async fn offline(run: &Arc<Run>) -> anyhow::Result<Report> {
+    let senders = run.args.users / 2;
+    let (conns, rate) = connect_all(run, 0..senders).await?;
+    let per_sender = run.args.messages.div_ceil(senders as u64);
+    let started = Instant::now();
+    let far = started + Duration::from_secs(3600);
+    let mut tasks = Vec::new();
+    for (user, ws) in conns {
+        let run = run.clone();
+        tasks.push(tokio::spawn(async move {
+            sender(&run, user, ws, far, None, Some(per_sender)).await
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let stored = run.counters.accepted.load(Ordering::Relaxed);
+    let stored_per_sec = stored as f64 / started.elapsed().as_secs_f64();
+    // The recipients come online and drain their mailboxes.
+    let drain_started = Instant::now();
+    let (receivers, _) = connect_all(run, senders..senders * 2).await?;
+    let mut tasks = Vec::new();
+    for (_, ws) in receivers {
+        let run = run.clone();
+        tasks.push(tokio::spawn(async move { drain(&run, ws, per_sender).await }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let drained = run.counters.delivered.load(Ordering::Relaxed);
+    let drained_per_sec = drained as f64 / drain_started.elapsed().as_secs_f64();
+    let ledger = run.ledger.lock().await;
+    Ok(Report {
+        scenario: "offline",
+        connections: senders * 2,
+        logins_per_sec: rate,
+        sent: stored,
+        delivered: drained,
+        delivered_per_sec: drained_per_sec,
+        latency_ms: percentiles(&ledger.latency),
+        errors: run.counters.errors.load(Ordering::Relaxed),
+        lost: ledger.lost(),
+        duplicated: run.counters.duplicated.load(Ordering::Relaxed),
+        stored_per_sec: Some(stored_per_sec),
+        drained_per_sec: Some(drained_per_sec),
+        ..Report::default()
+    })
+}
+
+/// Sends to this sender's partner until the deadline (or `count` messages), paced by
+/// `rate` per second or by a window of outstanding sends.
+async fn sender(
+    run: &Run,
+    me: usize,
+    mut ws: Ws,
+    deadline: Instant,
+    rate: Option<f64>,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    let to = format!("bench-{}", me + run.args.users / 2);
+    let mut seq: u64 = 0;
+    let mut outstanding: u64 = 0;
+    let mut pace = rate.map(|r| tokio::time::interval(Duration::from_secs_f64(1.0 / r.max(0.001))));
+    let window = if rate.is_some() { u64::MAX } else { run.args.window };
+    let done = |seq: u64| Instant::now() >= deadline || count.is_some_and(|c| seq >= c);
+    loop {
+        if done(seq) && outstanding == 0 {
+            break;
+        }
+        let can_send = !done(seq) && outstanding < window;
+        tokio::select! {
+            _ = async { pace.as_mut().expect("paced").tick().await }, if can_send && pace.is_some() => {
+                send_one(run, &mut ws, me, &to, seq).await?;
+                seq += 1;
+                outstanding += 1;
+            }
+            () = std::future::ready(()), if can_send && pace.is_none() => {
+                send_one(run, &mut ws, me, &to, seq).await?;
+                seq += 1;
+                outstanding += 1;
+            }
+            frame = next_frame(&mut ws) => match frame? {
+                ServerFrame::Sent { client_id, .. } => {
+                    outstanding = outstanding.saturating_sub(1);
+                    run.on_accepted(me, &client_id).await;
+                }
+                ServerFrame::Error { .. } => {
+                    outstanding = outstanding.saturating_sub(1);
+                    run.counters.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            },
+            () = tokio::time::sleep_until((deadline + GRACE).into()), if done(seq) => break,
+        }
+    }
+    let _ = ws.close(None).await;
+    Ok(())
+}
+
+async fn send_one(run: &Run, ws: &mut Ws, me: usize, to: &str, seq: u64) -> anyhow::Result<()> {
+    let frame = ClientFrame::Send {
+        to: to.to_owned(),
+        client_id: format!("{}-{seq}", run.nonce),
+        text: run.text(me, seq),
+    };
+    ws.send(WsMessage::text(chinwag_proto::encode_client(&frame))).await?;
+    run.counters.sent.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Acknowledgements go out in batches of this many ids (or when the stream pauses).
+const ACK_BATCH: usize = 64;
+
+/// Receives and acknowledges until `until`.
+async fn receiver(run: &Run, mut ws: Ws, until: Instant) -> anyhow::Result<()> {
+    let mut acks = Vec::new();
+    loop {
+        let frame = tokio::select! {
+            f = next_frame(&mut ws) => f?,
+            () = tokio::time::sleep(Duration::from_millis(2)), if !acks.is_empty() => {
+                flush_acks(&mut ws, &mut acks).await?;
+                continue;
+            }
+            () = tokio::time::sleep_until(until.into()) => break,
+        };
+        if let ServerFrame::Message { id, text, .. } = frame {
+            run.on_message(&text).await;
+            acks.push(id);
+            if acks.len() >= ACK_BATCH {
+                flush_acks(&mut ws, &mut acks).await?;
+            }
+        }
+    }
+    let _ = ws.close(None).await;
+    Ok(())
+}
+
+/// Receives until `expected` messages arrived (or nothing comes for a while).
+async fn drain(run: &Run, mut ws: Ws, expected: u64) -> anyhow::Result<()> {
+    let mut acks = Vec::new();
+    let mut got = 0;
+    while got < expected {
+        let frame = tokio::select! {
+            f = next_frame(&mut ws) => f?,
+            () = tokio::time::sleep(Duration::from_millis(2)), if !acks.is_empty() => {
+                flush_acks(&mut ws, &mut acks).await?;
+                continue;
+            }
+            () = tokio::time::sleep(GRACE) => break,
+        };
+        if let ServerFrame::Message { id, text, .. } = frame {
+            run.on_message(&text).await;
+            got += 1;
+            acks.push(id);
+            if acks.len() >= ACK_BATCH {
+                flush_acks(&mut ws, &mut acks).await?;
+            }
+        }
+    }
+    flush_acks(&mut ws, &mut acks).await?;
+    let _ = ws.close(None).await;
+    Ok(())
+}
+
+async fn flush_acks(ws: &mut Ws, acks: &mut Vec<String>) -> anyhow::Result<()> {
+    if acks.is_empty() {
+        return Ok(());
+    }
+    let frame = ClientFrame::Ack {
+        ids: std::mem::take(acks),
+    };
+    ws.send(WsMessage::text(chinwag_proto::encode_client(&frame))).await?;
+    Ok(())
+}
+
+fn percentiles(h: &Histogram<u64>) -> Percentiles {
+    let ms = |ns: u64| ns as f64 / 1e6;
+    if h.is_empty() {
+        return Percentiles::default();
+    }
+    Percentiles {
+        p50: ms(h.value_at_quantile(0.50)),
+        p99: ms(h.value_at_quantile(0.99)),
+        p999: ms(h.value_at_quantile(0.999)),
+        max: ms(h.max()),
+    }
+}
+
+async fn progress(run: Arc<Run>) {
+    let mut last = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let c = &run.counters;
+        let delivered = c.delivered.load(Ordering::Relaxed);
+        eprint!(
+            "\r[{:>5.1}s] connected {:>6}  sent {:>9}  delivered {:>9} ({:>7}/s)  errors {}   ",
+            run.start.elapsed().as_secs_f64(),
+            c.connected.load(Ordering::Relaxed),
+            c.sent.load(Ordering::Relaxed),
+            delivered,
+            (delivered - last) * 2,
+            c.errors.load(Ordering::Relaxed),
+        );
+        last = delivered;
+    }
+}
+
+fn print_report(r: &Report, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(r).expect("serialises"));
+        return;
+    }
+    let opt = |v: Option<f64>, unit: &str| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}{unit}"));
+    println!("scenario          {}", r.scenario);
+    println!("connections       {}", r.connections);
+    println!("logins/s          {:.0}", r.logins_per_sec);
+    println!("messages sent     {}", r.sent);
+    println!("delivered         {} ({:.0}/s)", r.delivered, r.delivered_per_sec);
+    println!(
+        "latency ms        p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+        r.latency_ms.p50, r.latency_ms.p99, r.latency_ms.p999, r.latency_ms.max
+    );
+    println!("lost / duplicated {} / {}", r.lost, r.duplicated);
+    println!("errors            {}", r.errors);
+    println!("stored/s          {}", opt(r.stored_per_sec, ""));
+    println!("drained/s         {}", opt(r.drained_per_sec, ""));
+    println!(
+        "server RSS        {}",
+        r.server_rss_kib.map_or_else(|| "-".to_owned(), |v| format!("{v} KiB"))
+    );
+    println!("RSS per conn      {}", opt(r.rss_kib_per_conn, " KiB"));
+    println!("server CPU        {}", opt(r.server_cpu_percent, "%"));
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces; fields after its closing parenthesis are fixed.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    // Linux reports process times in USER_HZ, 100 on every mainstream configuration.
+    100.0
+}
