@@ -13,6 +13,11 @@ use chinwag_proto::{ErrorCode, ServerFrame};
 
 use crate::node::NodeState;
 
+/// Bytes read from a WebSocket at a time.
+const WS_READ_BUFFER: usize = 1024;
+/// Bytes written frames may gather before they go to the socket.
+const WS_WRITE_BUFFER: usize = 16 * 1024;
+
 pub fn router<S: Store>(state: Arc<NodeState<S>>) -> Router {
     Router::new()
         .route("/", get(index))
@@ -75,6 +80,11 @@ async fn websocket<S: Store>(State(node): State<Arc<NodeState<S>>>, upgrade: Web
     upgrade
         .max_message_size(max)
         .max_frame_size(max)
+        // The library's defaults (128 KiB each) would make every idle connection cost
+        // hundreds of KiB. Reads are small frames; writes are flushed by the driver.
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
+        .max_write_buffer_size(WS_WRITE_BUFFER + 2 * max)
         .on_upgrade(move |socket| async move {
             crate::connection::serve(node, socket).await;
             drop(slot);

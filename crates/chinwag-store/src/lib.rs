@@ -186,11 +186,11 @@ impl EmbeddedStore {
             stream: stream.clone(),
             next_seq: recovered.next_seq,
             log_seq: recovered.log_seq,
-            streams: recovered.streams,
+            streams: recovered.streams.into_iter().collect(),
             log_head: log_head_tx,
             commits: recovered.commits,
             watermark,
-            depths: recovered.depths,
+            depths: recovered.depths.into_iter().collect(),
             // Sweep after the first commit: a node restarted after a long stop has a backlog.
             last_sweep: Instant::now()
                 .checked_sub(writer::DEDUP_SWEEP_EVERY)

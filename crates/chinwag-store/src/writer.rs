@@ -16,7 +16,7 @@
 //! same batch (see [`crate::schema::Entry`]), and entries of other DCs' streams are applied
 //! here too ([`Writer::ingest`]).
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -106,6 +106,8 @@ struct Pending {
     replicated_in: u64,
     answers: Vec<Answer>,
     stop: Option<oneshot::Sender<()>>,
+    /// The batch must reach the disk before anyone is answered.
+    durable: bool,
 }
 
 enum Answer {
@@ -148,7 +150,7 @@ impl Writer {
         let started = Instant::now();
         let (seq_before, log_before) = (self.next_seq, self.log_seq);
         let mut pending = Pending::default();
-        let mut batch = self.tables.db.batch().durability(Some(PersistMode::SyncAll));
+        let mut batch = self.tables.db.batch();
         let mut count = 0;
         let mut result = Ok(());
         for op in ops {
@@ -157,19 +159,32 @@ impl Writer {
                 result = Err(e);
             }
         }
+        let durable = pending.durable;
         let result = result.and_then(|()| {
+            self.write_depths(&mut batch, &pending);
             let meta = &self.tables.meta;
             batch.insert(meta, schema::NEXT_SEQ, schema::encode_u64(self.next_seq));
             batch.insert(meta, schema::LOG_SEQ, schema::encode_u64(self.log_seq));
-            batch.insert(meta, schema::COMMITS, schema::encode_u64(self.commits + 1));
-            batch.commit()
+            if durable {
+                batch.insert(meta, schema::COMMITS, schema::encode_u64(self.commits + 1));
+            }
+            // A batch of nothing but this node's coordinates need not wait for the disk:
+            // after a crash the node drops them anyway. Everything else is fsynced.
+            let mode = if durable {
+                PersistMode::SyncAll
+            } else {
+                PersistMode::Buffer
+            };
+            batch.durability(Some(mode)).commit()
         });
         match result {
             Ok(()) => {
-                self.commits += 1;
-                if let Err(e) = self.watermark.record(self.commits) {
-                    // Only the detection of later damage is weakened; the data is safe.
-                    tracing::warn!(error = %e, "cannot record the commit watermark");
+                if durable {
+                    self.commits += 1;
+                    if let Err(e) = self.watermark.record(self.commits) {
+                        // Only the detection of later damage is weakened; the data is safe.
+                        tracing::warn!(error = %e, "cannot record the commit watermark");
+                    }
                 }
                 (self.observer)(started.elapsed(), count);
                 self.publish(&mut pending);
@@ -205,6 +220,10 @@ impl Writer {
 
     /// Adds one operation to the batch. `Err` is a storage failure that fails the batch.
     fn apply(&mut self, batch: &mut WriteBatch, op: Op, pending: &mut Pending) -> Fallible<()> {
+        pending.durable |= matches!(
+            op,
+            Op::Append(..) | Op::Ack(..) | Op::Ingest(..) | Op::MergeSnapshot(..)
+        );
         match op {
             Op::Append(new, reply) => {
                 let result = self.append(batch, new, pending)?;
@@ -237,9 +256,12 @@ impl Writer {
         Ok(())
     }
 
-    /// Appends `entry` to this DC's own stream, if replicating.
-    fn log_own(&mut self, batch: &mut WriteBatch, entry: &Entry) {
+    /// Appends `entry` to this DC's own stream, if replicating. Stream entries are always
+    /// made durable: peers receive them as soon as they commit, and a seq lost in a crash
+    /// would be reused for something else.
+    fn log_own(&mut self, batch: &mut WriteBatch, entry: &Entry, p: &mut Pending) {
         if self.options.replicate {
+            p.durable = true;
             self.log_seq += 1;
             batch.insert(
                 &self.tables.log,
@@ -257,7 +279,7 @@ impl Writer {
         } else {
             Entry::Offline { user: u, at: a }
         };
-        self.log_own(batch, &entry);
+        self.log_own(batch, &entry, p);
         self.set_coordinate(batch, user, at, added, p);
     }
 
@@ -316,7 +338,7 @@ impl Writer {
             // replication is turned on later.
             self.log_seq += 1;
         }
-        self.log_own(batch, &entry);
+        self.log_own(batch, &entry, p);
         let id = MessageId {
             origin: self.options.dc.clone(),
             epoch: self.stream.epoch(),
@@ -381,7 +403,10 @@ impl Writer {
             mailbox_key.clone(),
             MessageRecord::of(&msg).encode(),
         );
-        p.inserted.insert(mailbox_key.clone(), msg.id.clone());
+        if self.options.replicate {
+            // Only replicated entries can delete a message in the batch that stored it.
+            p.inserted.insert(mailbox_key.clone(), msg.id.clone());
+        }
         let dedup = DedupRecord {
             id: IdRecord::from(&msg.id),
             at_ms: msg.at_ms,
@@ -397,7 +422,7 @@ impl Writer {
             p.ids.insert(id_key, Some(mailbox_key));
         }
         let depth = self.depth(&msg.to, p) + 1;
-        self.set_depth(batch, &msg.to, depth, p);
+        p.depths.insert(msg.to.clone(), depth);
         p.dedup.insert(
             dedup_key,
             Receipt {
@@ -409,14 +434,17 @@ impl Writer {
         p.committed.push(Arc::new(msg));
     }
 
-    fn set_depth(&self, batch: &mut WriteBatch, user: &UserId, depth: u64, p: &mut Pending) {
-        let key = user.as_str().as_bytes();
-        if depth == 0 {
-            batch.remove(&self.tables.depth, key);
-        } else {
-            batch.insert(&self.tables.depth, key, schema::encode_u64(depth));
+    /// Writes the final size of every mailbox the batch touched, once per batch however
+    /// many messages it stored or deleted.
+    fn write_depths(&self, batch: &mut WriteBatch, p: &Pending) {
+        for (user, &depth) in &p.depths {
+            let key = user.as_str().as_bytes();
+            if depth == 0 {
+                batch.remove(&self.tables.depth, key);
+            } else {
+                batch.insert(&self.tables.depth, key, schema::encode_u64(depth));
+            }
         }
-        p.depths.insert(user.clone(), depth);
     }
 
     /// Deletes a mailbox entry if it is still there; returns its message id.
@@ -456,7 +484,7 @@ impl Writer {
             p.ids.insert(id_key, None);
         }
         let depth = self.depth(user, p).saturating_sub(1);
-        self.set_depth(batch, user, depth, p);
+        p.depths.insert(user.clone(), depth);
         Ok(id)
     }
 
@@ -469,7 +497,7 @@ impl Writer {
             }
         }
         if !ids.is_empty() {
-            self.log_own(batch, &Entry::Acked { user, ids });
+            self.log_own(batch, &Entry::Acked { user, ids }, p);
         }
         Ok(())
     }
@@ -661,8 +689,8 @@ impl Writer {
         items: Vec<Vec<u8>>,
         p: &mut Pending,
     ) -> Fallible<VersionVector> {
-        let mut held = HashSet::new();
-        let mut coords: HashMap<DcName, Vec<(UserId, Coordinate)>> = HashMap::new();
+        let mut held = HashSet::default();
+        let mut coords: HashMap<DcName, Vec<(UserId, Coordinate)>> = HashMap::default();
         for bytes in items {
             let Ok(item) = postcard::from_bytes::<SnapshotItem>(&bytes) else {
                 tracing::warn!("skipping an undecodable snapshot item");

@@ -191,9 +191,12 @@ impl Run {
     /// Connects and logs in user `i`.
     async fn login(&self, user: usize) -> anyhow::Result<Ws> {
         let url = chinwag_client::ws_url(self.server(user));
-        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        let tcp = connect_tcp(&url, user)
             .await
             .with_context(|| format!("connecting to {url}"))?;
+        let (mut ws, _) = tokio_tungstenite::client_async(url.as_str(), MaybeTlsStream::Plain(tcp))
+            .await
+            .with_context(|| format!("upgrading {url}"))?;
         let login = chinwag_proto::encode_client(&ClientFrame::Login {
             token: self.token(user),
         });
@@ -251,6 +254,29 @@ impl Run {
         accepted[seq] = true;
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// Opens the TCP connection for user `user`. Toward a loopback server, connections come
+/// from many loopback source addresses: tens of thousands of connections from one address
+/// make the kernel's search for a free local port the bottleneck of the benchmark itself.
+async fn connect_tcp(url: &str, user: usize) -> std::io::Result<TcpStream> {
+    let host = url
+        .split("://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_default();
+    let Ok(std::net::SocketAddr::V4(addr)) = host.parse::<std::net::SocketAddr>() else {
+        return TcpStream::connect(host).await;
+    };
+    if !addr.ip().is_loopback() {
+        return TcpStream::connect(addr).await;
+    }
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    let source = std::net::Ipv4Addr::new(127, 0, 1 + (user / 250 % 200) as u8, 2 + (user % 250) as u8);
+    socket.bind(std::net::SocketAddr::from((source, 0)))?;
+    let tcp = socket.connect(addr.into()).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
 }
 
 async fn next_frame(ws: &mut Ws) -> anyhow::Result<ServerFrame> {

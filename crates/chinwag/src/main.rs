@@ -14,6 +14,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+/// glibc's allocator spent about a sixth of the server's CPU at saturation (see
+/// docs/performance.md); mimalloc is made for many threads allocating small objects.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "chinwag",

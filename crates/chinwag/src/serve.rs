@@ -36,9 +36,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     config.validate()?;
     init_logging(&config)?;
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener = listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     let (dc, node_name) = (config.dc.clone(), config.node.clone());
     let node = Node::start(config, listener).await?;
     let addr = node.local_addr()?;
@@ -47,6 +45,21 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     std::io::stdout().flush()?;
     node.serve(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Connections waiting to be accepted. The usual default (1024) overflows when thousands
+/// of clients reconnect at once, and an overflowed SYN costs the client a one-second retry.
+const LISTEN_BACKLOG: u32 = 8192;
+
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 fn init_logging(config: &Config) -> anyhow::Result<()> {
