@@ -153,6 +153,13 @@ impl Node {
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), NodeError> {
         let Node { state, listener, stop } = self;
         let app = crate::http::router(state.clone());
+        // Frames are small and latency matters more than packet count: without TCP_NODELAY a
+        // push can sit behind the peer's delayed ACK for tens of milliseconds.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown.await;

@@ -171,7 +171,7 @@ impl Writer {
             // A batch of nothing but this node's coordinates need not wait for the disk:
             // after a crash the node drops them anyway. Everything else is fsynced.
             let mode = if durable {
-                PersistMode::SyncAll
+                PersistMode::SyncData
             } else {
                 PersistMode::Buffer
             };

@@ -116,6 +116,8 @@ struct Counters {
     delivered: AtomicU64,
     duplicated: AtomicU64,
     errors: AtomicU64,
+    /// When the latest first delivery arrived, in ns since the start of the run.
+    last_delivery_ns: AtomicU64,
 }
 
 /// What every receiver has seen, by sender and sequence number.
@@ -123,6 +125,8 @@ struct Ledger {
     /// Per sender: accepted (bit set when `sent` arrives) and delivered (count per seq).
     accepted: Vec<Vec<bool>>,
     delivered: Vec<Vec<u8>>,
+    /// Per sender: it has stopped and has no send left unanswered.
+    finished: Vec<bool>,
     latency: Histogram<u64>,
 }
 
@@ -131,6 +135,7 @@ impl Ledger {
         Self {
             accepted: vec![Vec::new(); senders],
             delivered: vec![Vec::new(); senders],
+            finished: vec![false; senders],
             latency: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"),
         }
     }
@@ -141,6 +146,16 @@ impl Ledger {
         }
         v[seq] = v[seq].saturating_add(1);
         v[seq]
+    }
+
+    /// Whether everything `sender` will ever have accepted has been delivered.
+    fn complete(&self, sender: usize) -> bool {
+        let delivered = &self.delivered[sender];
+        self.finished[sender]
+            && self.accepted[sender]
+                .iter()
+                .enumerate()
+                .all(|(seq, ok)| !ok || delivered.get(seq).is_some_and(|n| *n > 0))
     }
 
     fn lost(&self) -> u64 {
@@ -213,8 +228,8 @@ impl Run {
     }
 
     /// The text of message `seq` from sender `from`: send time, sender, seq, padding.
-    fn text(&self, from: usize, seq: u64) -> String {
-        let head = format!("{}|{from}|{seq}|", self.now_ns());
+    fn text(&self, sent_ns: u64, from: usize, seq: u64) -> String {
+        let head = format!("{sent_ns}|{from}|{seq}|");
         let pad = self.args.size.saturating_sub(head.len());
         format!("{head}{}", &self.body[..pad.min(self.body.len())])
     }
@@ -238,6 +253,7 @@ impl Run {
             self.counters.duplicated.fetch_add(1, Ordering::Relaxed);
         } else {
             self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+            self.counters.last_delivery_ns.fetch_max(now, Ordering::Relaxed);
             let _ = ledger.latency.record(now.saturating_sub(t).max(1));
         }
     }
@@ -379,14 +395,17 @@ async fn pairs(run: &Arc<Run>) -> anyhow::Result<Report> {
         tasks.push(if user < senders {
             tokio::spawn(async move { sender(&run, user, ws, deadline, per_sender_rate, None).await })
         } else {
-            tokio::spawn(async move { receiver(&run, ws, deadline + GRACE).await })
+            tokio::spawn(async move { receiver(&run, ws, user - senders, deadline).await })
         });
     }
     for task in tasks {
         task.await??;
     }
     let ledger = run.ledger.lock().await;
-    let elapsed = run.args.duration.as_secs_f64();
+    // Deliveries that trail in after the senders stop count, and so does the time they took.
+    let last_ns = run.counters.last_delivery_ns.load(Ordering::Relaxed);
+    let started_ns = started.duration_since(run.start).as_nanos() as u64;
+    let elapsed = (last_ns.saturating_sub(started_ns) as f64 / 1e9).max(run.args.duration.as_secs_f64());
     Ok(Report {
         scenario: "pairs",
         connections: senders * 2,
@@ -402,8 +421,11 @@ async fn pairs(run: &Arc<Run>) -> anyhow::Result<Report> {
     })
 }
 
-/// How long receivers keep reading after senders stop.
+/// How long a receiver waits, once the senders have stopped, before checking whether it
+/// has everything; also how long a draining receiver waits for a message that never comes.
 const GRACE: Duration = Duration::from_secs(3);
+/// The longest anyone waits for answers or deliveries after the senders stop.
+const DRAIN_MAX: Duration = Duration::from_secs(120);
 
 async fn offline(run: &Arc<Run>) -> anyhow::Result<Report> {
     let senders = run.args.users / 2;
@@ -467,7 +489,7 @@ async fn sender(
     let to = format!("bench-{}", me + run.args.users / 2);
     let mut seq: u64 = 0;
     let mut outstanding: u64 = 0;
-    let mut pace = rate.map(|r| tokio::time::interval(Duration::from_secs_f64(1.0 / r.max(0.001))));
+    let mut pace = rate.map(|r| Pace::new(run, me, r));
     let window = if rate.is_some() { u64::MAX } else { run.args.window };
     let done = |seq: u64| Instant::now() >= deadline || count.is_some_and(|c| seq >= c);
     loop {
@@ -476,15 +498,20 @@ async fn sender(
         }
         let can_send = !done(seq) && outstanding < window;
         tokio::select! {
-            _ = async { pace.as_mut().expect("paced").tick().await }, if can_send && pace.is_some() => {
-                send_one(run, &mut ws, me, &to, seq).await?;
+            sent_ns = async { pace.as_mut().expect("paced").next(seq).await }, if can_send && pace.is_some() => {
+                send_one(run, &mut ws, me, &to, seq, sent_ns).await?;
                 seq += 1;
                 outstanding += 1;
             }
             () = std::future::ready(()), if can_send && pace.is_none() => {
-                send_one(run, &mut ws, me, &to, seq).await?;
-                seq += 1;
-                outstanding += 1;
+                // Fill the window with one write, as a busy client would.
+                while !done(seq) && outstanding < window {
+                    ws.feed(send_frame(run, me, &to, seq, run.now_ns())).await?;
+                    run.counters.sent.fetch_add(1, Ordering::Relaxed);
+                    seq += 1;
+                    outstanding += 1;
+                }
+                ws.flush().await?;
             }
             frame = next_frame(&mut ws) => match frame? {
                 ServerFrame::Sent { client_id, .. } => {
@@ -497,20 +524,64 @@ async fn sender(
                 }
                 _ => {}
             },
-            () = tokio::time::sleep_until((deadline + GRACE).into()), if done(seq) => break,
+            () = tokio::time::sleep_until((deadline + DRAIN_MAX).into()), if done(seq) => break,
         }
     }
+    run.ledger.lock().await.finished[me] = true;
     let _ = ws.close(None).await;
     Ok(())
 }
 
-async fn send_one(run: &Run, ws: &mut Ws, me: usize, to: &str, seq: u64) -> anyhow::Result<()> {
+const TIMER_RESOLUTION_NS: u64 = 1_000_000;
+
+/// An open-loop schedule for one sender: message `seq` is due at `phase + seq * period`.
+/// Senders' phases are spread evenly over one period, so the offered load arrives smoothly
+/// rather than in bursts of one message per sender.
+struct Pace {
+    start: Instant,
+    phase_ns: u64,
+    period_ns: u64,
+}
+
+impl Pace {
+    fn new(run: &Run, me: usize, rate: f64) -> Self {
+        let period_ns = (1e9 / rate.max(0.001)) as u64;
+        let senders = (run.args.users / 2).max(1) as u64;
+        let phase_ns = run.now_ns() + period_ns * (me as u64 % senders) / senders;
+        Pace {
+            start: run.start,
+            phase_ns,
+            period_ns,
+        }
+    }
+
+    /// Waits until message `seq` is due and returns the time to stamp it with. A sender
+    /// that fell behind stamps the time it was due, not the time it left, so the queueing it
+    /// suffered is not hidden (coordinated omission). Lateness within the timer's 1 ms
+    /// resolution is the generator's own and is not charged to the server.
+    async fn next(&self, seq: u64) -> u64 {
+        let due_ns = self.phase_ns + seq * self.period_ns;
+        tokio::time::sleep_until((self.start + Duration::from_nanos(due_ns)).into()).await;
+        let now_ns = self.start.elapsed().as_nanos() as u64;
+        if now_ns.saturating_sub(due_ns) <= TIMER_RESOLUTION_NS {
+            now_ns
+        } else {
+            due_ns
+        }
+    }
+}
+
+fn send_frame(run: &Run, me: usize, to: &str, seq: u64, sent_ns: u64) -> WsMessage {
     let frame = ClientFrame::Send {
         to: to.to_owned(),
         client_id: format!("{}-{seq}", run.nonce),
-        text: run.text(me, seq),
+        text: run.text(sent_ns, me, seq),
     };
-    ws.send(WsMessage::text(chinwag_proto::encode_client(&frame))).await?;
+    WsMessage::text(chinwag_proto::encode_client(&frame))
+}
+
+async fn send_one(run: &Run, ws: &mut Ws, me: usize, to: &str, seq: u64, sent_ns: u64) -> anyhow::Result<()> {
+    ws.send(send_frame(run, me, to, seq, sent_ns)).await?;
     run.counters.sent.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
@@ -518,9 +589,12 @@ async fn send_one(run: &Run, ws: &mut Ws, me: usize, to: &str, seq: u64) -> anyh
 /// Acknowledgements go out in batches of this many ids (or when the stream pauses).
 const ACK_BATCH: usize = 64;
 
-/// Receives and acknowledges until `until`.
-async fn receiver(run: &Run, mut ws: Ws, until: Instant) -> anyhow::Result<()> {
+/// Receives and acknowledges until everything `partner` had accepted has arrived: an
+/// overloaded server still has messages to deliver after the senders stop, and those
+/// count as delivered late, not lost. Bounded by [`DRAIN_MAX`] after `senders_stop`.
+async fn receiver(run: &Run, mut ws: Ws, partner: usize, senders_stop: Instant) -> anyhow::Result<()> {
     let mut acks = Vec::new();
+    let mut check = tokio::time::interval_at((senders_stop + GRACE).into(), Duration::from_millis(100));
     loop {
         let frame = tokio::select! {
             f = next_frame(&mut ws) => f?,
@@ -528,7 +602,12 @@ async fn receiver(run: &Run, mut ws: Ws, until: Instant) -> anyhow::Result<()> {
                 flush_acks(&mut ws, &mut acks).await?;
                 continue;
             }
-            () = tokio::time::sleep_until(until.into()) => break,
+            _ = check.tick() => {
+                if run.ledger.lock().await.complete(partner) || Instant::now() >= senders_stop + DRAIN_MAX {
+                    break;
+                }
+                continue;
+            }
         };
         if let ServerFrame::Message { id, text, .. } = frame {
             run.on_message(&text).await;
@@ -538,6 +617,7 @@ async fn receiver(run: &Run, mut ws: Ws, until: Instant) -> anyhow::Result<()> {
             }
         }
     }
+    flush_acks(&mut ws, &mut acks).await?;
     let _ = ws.close(None).await;
     Ok(())
 }
