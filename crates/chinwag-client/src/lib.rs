@@ -5,13 +5,18 @@
 //! third-party client would.
 
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use chinwag_proto::{ClientFrame, ErrorCode, Limits, ServerFrame};
 use futures_util::{SinkExt, StreamExt};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 pub use tokio_tungstenite::tungstenite;
 
@@ -64,21 +69,75 @@ pub fn ws_url(server: &str) -> String {
     }
 }
 
+/// The roots `wss://` servers are checked against: `ca` if given, else the system's.
+fn tls_config(ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+            for cert in certs {
+                roots.add(cert).map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+        }
+        None => {
+            // Unreadable system certificates are skipped; if none is left, the handshake
+            // says so.
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 pub struct Connection {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     /// Frames read while waiting for something else, returned by later `recv`s.
     pending: VecDeque<ServerFrame>,
 }
 
+/// How to reach a server, beyond its address.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// PEM file with the certificate authority (or the self-signed certificate) to trust
+    /// for `wss://` servers, instead of the system's roots.
+    pub ca: Option<PathBuf>,
+    /// An `Origin` header to send, as a browser would.
+    pub origin: Option<String>,
+}
+
 impl Connection {
     pub async fn connect(server: &str) -> Result<Self, ClientError> {
+        Self::connect_with(server, &ConnectOptions::default()).await
+    }
+
+    pub async fn connect_with(server: &str, options: &ConnectOptions) -> Result<Self, ClientError> {
         let url = ws_url(server);
-        let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+        let failed = |detail: String| ClientError::Connect {
+            url: url.clone(),
+            detail,
+        };
+        let mut request = url.as_str().into_client_request().map_err(|e| failed(e.to_string()))?;
+        if let Some(origin) = &options.origin {
+            let value = origin.parse().map_err(|_| failed(format!("bad origin {origin:?}")))?;
+            request.headers_mut().insert("origin", value);
+        }
+        let connector = if url.starts_with("wss://") {
+            Some(Connector::Rustls(tls_config(options.ca.as_deref()).map_err(failed)?))
+        } else {
+            None
+        };
+        let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector)
             .await
-            .map_err(|e| ClientError::Connect {
-                url,
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| failed(e.to_string()))?;
         Ok(Self {
             ws,
             pending: VecDeque::new(),
@@ -87,7 +146,16 @@ impl Connection {
 
     /// Connects and logs in.
     pub async fn login(server: &str, token: &str) -> Result<(Self, Welcome), ClientError> {
-        let mut conn = Self::connect(server).await?;
+        Self::login_with(server, token, &ConnectOptions::default()).await
+    }
+
+    /// Connects with `options` and logs in.
+    pub async fn login_with(
+        server: &str,
+        token: &str,
+        options: &ConnectOptions,
+    ) -> Result<(Self, Welcome), ClientError> {
+        let mut conn = Self::connect_with(server, options).await?;
         conn.send(&ClientFrame::Login { token: token.into() }).await?;
         loop {
             match conn.recv().await? {

@@ -1,5 +1,11 @@
-//! A token bucket fed by the caller's clock, so it behaves the same in a test, a
-//! simulation and a server.
+//! Token buckets fed by the caller's clock, so they behave the same in a test, a
+//! simulation and a server: one per connection, and [`UserBuckets`] shared by all of a
+//! user's connections on a node.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::ids::UserId;
 
 /// Allows `rate_per_sec` events per second on average and bursts of up to `burst`.
 #[derive(Debug, Clone)]
@@ -40,6 +46,52 @@ impl TokenBucket {
             Err(missing.div_ceil(self.rate_per_sec))
         }
     }
+
+    /// Whether the bucket has refilled completely by `now_ms`.
+    pub fn is_full(&self, now_ms: u64) -> bool {
+        let refill = now_ms.saturating_sub(self.last_ms).saturating_mul(self.rate_per_sec);
+        self.milli_tokens.saturating_add(refill) >= self.capacity_milli
+    }
+}
+
+/// One token bucket per user, shared by that user's connections: opening more
+/// connections does not buy a user more sending.
+pub struct UserBuckets {
+    rate_per_sec: u32,
+    burst: u32,
+    /// Users tracked before idle buckets are forgotten.
+    max_users: usize,
+    buckets: Mutex<HashMap<UserId, TokenBucket>>,
+}
+
+impl UserBuckets {
+    pub fn new(rate_per_sec: u32, burst: u32, max_users: usize) -> Self {
+        Self {
+            rate_per_sec,
+            burst,
+            max_users: max_users.max(1),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token from `user`'s bucket, or says how many milliseconds until one is
+    /// available.
+    pub fn take(&self, user: &UserId, now_ms: u64) -> Result<(), u64> {
+        let mut buckets = self.buckets.lock().expect("user buckets lock");
+        if buckets.len() >= self.max_users && !buckets.contains_key(user) {
+            // A full bucket is the same as no bucket, so forgetting those loses nothing.
+            buckets.retain(|_, b| !b.is_full(now_ms));
+        }
+        buckets
+            .entry(user.clone())
+            .or_insert_with(|| TokenBucket::new(self.rate_per_sec, self.burst, now_ms))
+            .take(now_ms)
+    }
+
+    /// Users with a bucket that is not full.
+    pub fn tracked(&self) -> usize {
+        self.buckets.lock().expect("user buckets lock").len()
+    }
 }
 
 #[cfg(test)]
@@ -57,6 +109,38 @@ mod tests {
         assert_eq!(b.take(50), Err(50));
         assert!(b.take(100).is_ok());
         assert!(b.take(100).is_err());
+    }
+
+    #[test]
+    fn a_users_connections_share_one_bucket() {
+        let users = UserBuckets::new(10, 2, 100);
+        let bob = UserId::parse("bob").unwrap();
+        let alice = UserId::parse("alice").unwrap();
+        assert!(users.take(&bob, 0).is_ok());
+        assert!(users.take(&bob, 0).is_ok());
+        assert_eq!(users.take(&bob, 0), Err(100));
+        assert!(
+            users.take(&alice, 0).is_ok(),
+            "one user's sending does not limit another"
+        );
+    }
+
+    #[test]
+    fn idle_users_are_forgotten_at_the_cap_busy_ones_are_not() {
+        let users = UserBuckets::new(10, 2, 2);
+        let (a, b, c) = (
+            UserId::parse("a").unwrap(),
+            UserId::parse("b").unwrap(),
+            UserId::parse("c").unwrap(),
+        );
+        users.take(&a, 0).unwrap();
+        users.take(&a, 0).unwrap();
+        users.take(&b, 0).unwrap();
+        // At 150 ms, b has refilled (a full bucket), a has not: adding c forgets only b.
+        users.take(&c, 150).unwrap();
+        assert_eq!(users.tracked(), 2);
+        assert_eq!(users.take(&a, 150), Ok(()));
+        assert_eq!(users.take(&a, 150), Err(50), "a's bucket was kept, not reset to full");
     }
 
     #[test]

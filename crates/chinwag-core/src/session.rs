@@ -27,7 +27,7 @@ use chinwag_proto::{ClientFrame, ErrorCode, Limits, PROTOCOL_VERSION, ServerFram
 use crate::auth::{AuthError, Authenticate};
 use crate::ids::{ClientMsgId, Coordinate, MessageId, UserId};
 use crate::message::{NewMessage, Receipt, SharedMessage};
-use crate::ratelimit::TokenBucket;
+use crate::ratelimit::{TokenBucket, UserBuckets};
 use crate::store::StoreError;
 
 /// Per-connection limits. Validated by the server's config before a session sees them.
@@ -47,6 +47,14 @@ pub struct SessionLimits {
     pub rate_per_sec: u32,
     pub burst: u32,
     pub login_timeout_ms: u64,
+    /// A logged-in client not heard from for this long is pinged...
+    pub ping_interval_ms: u64,
+    /// ...and closed once it has not been heard from for this long.
+    pub idle_timeout_ms: u64,
+    /// Sends per second for one user across all its connections on a node (with
+    /// [`Session::with_user_buckets`]).
+    pub user_rate_per_sec: u32,
+    pub user_burst: u32,
 }
 
 impl Default for SessionLimits {
@@ -61,6 +69,10 @@ impl Default for SessionLimits {
             rate_per_sec: 100,
             burst: 200,
             login_timeout_ms: 10_000,
+            ping_interval_ms: 30_000,
+            idle_timeout_ms: 75_000,
+            user_rate_per_sec: 200,
+            user_burst: 400,
         }
     }
 }
@@ -95,6 +107,8 @@ pub enum Output {
     /// Append durably, then call [`Session::on_appended`]. Results must be fed back in the
     /// order the appends were asked for.
     Append(NewMessage),
+    /// Send a WebSocket ping: the client has been quiet for a while.
+    Ping,
     /// Read `user`'s mailbox after `after`, then call [`Session::on_scanned`].
     Scan { user: UserId, after: u64, limit: usize },
     /// Delete these messages from `user`'s mailbox, then call [`Session::on_acked`].
@@ -134,8 +148,12 @@ pub struct Session {
     auth: Arc<dyn Authenticate>,
     coordinate: Coordinate,
     bucket: TokenBucket,
+    users: Option<Arc<UserBuckets>>,
     pending_sends: usize,
     state: State,
+    /// When the client last sent anything at all, and whether it has been pinged since.
+    last_heard_ms: u64,
+    pinged: bool,
     out: VecDeque<Output>,
 }
 
@@ -148,10 +166,20 @@ impl Session {
             auth,
             coordinate,
             bucket,
+            users: None,
             pending_sends: 0,
             state: State::AwaitingLogin { deadline_ms },
+            last_heard_ms: now_ms,
+            pinged: false,
             out: VecDeque::new(),
         }
+    }
+
+    /// Limits sends per user as well as per connection, with buckets shared by every
+    /// session of the node.
+    pub fn with_user_buckets(mut self, users: Arc<UserBuckets>) -> Self {
+        self.users = Some(users);
+        self
     }
 
     /// The next thing for the driver to do.
@@ -163,7 +191,9 @@ impl Session {
     pub fn poll_timeout(&self) -> Option<u64> {
         match self.state {
             State::AwaitingLogin { deadline_ms } => Some(deadline_ms),
-            _ => None,
+            State::Open(_) if self.pinged => Some(self.last_heard_ms.saturating_add(self.limits.idle_timeout_ms)),
+            State::Open(_) => Some(self.last_heard_ms.saturating_add(self.limits.ping_interval_ms)),
+            State::Closed => None,
         }
     }
 
@@ -203,11 +233,28 @@ impl Session {
     }
 
     pub fn on_timeout(&mut self, now_ms: u64) {
-        if let State::AwaitingLogin { deadline_ms } = self.state
-            && now_ms >= deadline_ms
-        {
-            self.fail(ErrorCode::LoginTimeout, "no login within the login timeout".into());
+        match self.state {
+            State::AwaitingLogin { deadline_ms } if now_ms >= deadline_ms => {
+                self.fail(ErrorCode::LoginTimeout, "no login within the login timeout".into());
+            }
+            State::Open(_) => {
+                let quiet_ms = now_ms.saturating_sub(self.last_heard_ms);
+                if quiet_ms >= self.limits.idle_timeout_ms {
+                    let detail = format!("nothing heard from the client for {} ms", quiet_ms);
+                    self.fail(ErrorCode::IdleTimeout, detail);
+                } else if quiet_ms >= self.limits.ping_interval_ms && !self.pinged {
+                    self.pinged = true;
+                    self.out.push_back(Output::Ping);
+                }
+            }
+            _ => {}
         }
+    }
+
+    /// Anything at all arrived from the client (a frame of any kind, a ping, a pong).
+    pub fn on_heard(&mut self, now_ms: u64) {
+        self.last_heard_ms = self.last_heard_ms.max(now_ms);
+        self.pinged = false;
     }
 
     /// A text frame arrived.
@@ -215,6 +262,7 @@ impl Session {
         if self.is_closed() {
             return;
         }
+        self.on_heard(now_ms);
         let frame = match chinwag_proto::decode_client(text) {
             Ok(frame) => frame,
             Err(e) => return self.error(e.code, e.detail, None),
@@ -330,6 +378,21 @@ impl Session {
                 self.limits.max_text_bytes
             );
             return self.error(ErrorCode::TextTooLarge, detail, Some(client_id));
+        }
+        if let Some(users) = &self.users
+            && let Err(retry_after_ms) = users.take(&from, now_ms)
+        {
+            let message = format!(
+                "user over {} sends/s across its connections (burst {}); not sent",
+                self.limits.user_rate_per_sec, self.limits.user_burst
+            );
+            self.out.push_back(Output::Frame(ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                message,
+                client_id: Some(client_id),
+                retry_after_ms: Some(retry_after_ms),
+            }));
+            return;
         }
         self.pending_sends += 1;
         self.out.push_back(Output::Append(NewMessage {

@@ -121,11 +121,14 @@ pub enum ErrorCode {
     MailboxFull,
     Unavailable,
     ServerBusy,
+    TooManyConnections,
+    OriginNotAllowed,
+    IdleTimeout,
 }
 
 impl ErrorCode {
     /// All codes, for documentation checks and exhaustive tests.
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::BadFrame,
@@ -144,6 +147,9 @@ impl ErrorCode {
         ErrorCode::MailboxFull,
         ErrorCode::Unavailable,
         ErrorCode::ServerBusy,
+        ErrorCode::TooManyConnections,
+        ErrorCode::OriginNotAllowed,
+        ErrorCode::IdleTimeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -166,6 +172,9 @@ impl ErrorCode {
             ErrorCode::MailboxFull => "mailbox_full",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::ServerBusy => "server_busy",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::OriginNotAllowed => "origin_not_allowed",
+            ErrorCode::IdleTimeout => "idle_timeout",
         }
     }
 
@@ -179,6 +188,8 @@ impl ErrorCode {
             ErrorCode::BadToken | ErrorCode::TokenExpired | ErrorCode::LoginTimeout => Some(1008),
             // 1013: "try again later".
             ErrorCode::ServerBusy => Some(1013),
+            // 1001: "going away" — the server gave up on a client it no longer hears.
+            ErrorCode::IdleTimeout => Some(1001),
             _ => None,
         }
     }

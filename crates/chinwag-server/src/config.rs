@@ -38,6 +38,9 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub store: StoreConfig,
     pub log: LogConfig,
+    /// Client TLS; absent means plain HTTP and WebSocket (for loopback and development).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
     /// Present when this DC is one of several; absent for a single-DC deployment.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
@@ -112,6 +115,15 @@ impl Default for ClusterTiming {
     }
 }
 
+/// PEM files for clients' TLS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TokenConfig {
@@ -125,6 +137,18 @@ pub struct TokenConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    #[serde(with = "duration_text")]
+    pub handshake_timeout: Duration,
+    #[serde(with = "duration_text")]
+    pub ping_interval: Duration,
+    #[serde(with = "duration_text")]
+    pub idle_timeout: Duration,
+    #[serde(with = "duration_text")]
+    pub send_timeout: Duration,
+    pub user_rate_per_sec: u32,
+    pub user_burst: u32,
+    pub allowed_origins: Vec<String>,
     pub max_frame_bytes: usize,
     pub max_text_bytes: usize,
     pub max_ack_ids: usize,
@@ -177,6 +201,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             store: StoreConfig::default(),
             log: LogConfig::default(),
+            tls: None,
             cluster: None,
         }
     }
@@ -187,6 +212,14 @@ impl Default for LimitsConfig {
         let session = SessionLimits::default();
         Self {
             max_connections: 100_000,
+            max_connections_per_ip: 1_000,
+            handshake_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_millis(session.ping_interval_ms),
+            idle_timeout: Duration::from_millis(session.idle_timeout_ms),
+            send_timeout: Duration::from_secs(10),
+            user_rate_per_sec: session.user_rate_per_sec,
+            user_burst: session.user_burst,
+            allowed_origins: Vec::new(),
             max_frame_bytes: session.max_frame_bytes,
             max_text_bytes: session.max_text_bytes,
             max_ack_ids: session.max_ack_ids,
@@ -250,6 +283,9 @@ impl Config {
         let l = &self.limits;
         let positive = [
             ("limits.max_connections", l.max_connections as u64),
+            ("limits.max_connections_per_ip", l.max_connections_per_ip as u64),
+            ("limits.user_rate_per_sec", u64::from(l.user_rate_per_sec)),
+            ("limits.user_burst", u64::from(l.user_burst)),
             ("limits.max_text_bytes", l.max_text_bytes as u64),
             ("limits.max_ack_ids", l.max_ack_ids as u64),
             ("limits.max_inflight", l.max_inflight as u64),
@@ -274,8 +310,17 @@ impl Config {
         if l.max_frame_bytes > 16 * 1024 * 1024 {
             return bad("limits.max_frame_bytes is capped at 16 MiB".into());
         }
-        if l.login_timeout.is_zero() {
-            return bad("limits.login_timeout must be positive".into());
+        let timeouts = [
+            ("limits.login_timeout", l.login_timeout),
+            ("limits.handshake_timeout", l.handshake_timeout),
+            ("limits.ping_interval", l.ping_interval),
+            ("limits.send_timeout", l.send_timeout),
+        ];
+        if let Some((name, _)) = timeouts.iter().find(|(_, d)| d.is_zero()) {
+            return bad(format!("{name} must be positive"));
+        }
+        if l.idle_timeout <= l.ping_interval {
+            return bad("limits.idle_timeout must exceed limits.ping_interval, or every quiet client is cut".into());
         }
         if l.max_connections > 10_000_000 {
             return bad("limits.max_connections is capped at 10000000".into());
@@ -321,9 +366,25 @@ impl Config {
             push_buffer: l.push_buffer,
             rate_per_sec: l.rate_per_sec,
             burst: l.burst,
-            login_timeout_ms: l.login_timeout.as_millis().try_into().unwrap_or(u64::MAX),
+            login_timeout_ms: millis(l.login_timeout),
+            ping_interval_ms: millis(l.ping_interval),
+            idle_timeout_ms: millis(l.idle_timeout),
+            user_rate_per_sec: l.user_rate_per_sec,
+            user_burst: l.user_burst,
         }
     }
+
+    pub fn edge_limits(&self) -> crate::edge::EdgeLimits {
+        crate::edge::EdgeLimits {
+            max_connections: self.limits.max_connections,
+            max_connections_per_ip: self.limits.max_connections_per_ip,
+            handshake_timeout: self.limits.handshake_timeout,
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().try_into().unwrap_or(u64::MAX)
 }
 
 impl ClusterConfig {

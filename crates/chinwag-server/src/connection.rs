@@ -3,6 +3,7 @@
 //! session's; this file only does I/O.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -40,12 +41,14 @@ enum End {
     ClientClosed,
     SessionClosed,
     Shutdown,
+    SlowClient,
     Transport(String),
 }
 
-pub async fn serve<S: Store>(node: Arc<NodeState<S>>, socket: WebSocket) {
+pub async fn serve<S: Store>(node: Arc<NodeState<S>>, socket: WebSocket, peer: SocketAddr) {
     let (coordinate, inbox) = node.registry.open();
-    let mut session = Session::new(node.limits.clone(), node.auth.clone(), coordinate.clone(), now_ms());
+    let mut session = Session::new(node.limits.clone(), node.auth.clone(), coordinate.clone(), now_ms())
+        .with_user_buckets(node.user_buckets.clone());
     let end = Driver {
         node: &node,
         session: &mut session,
@@ -57,10 +60,10 @@ pub async fn serve<S: Store>(node: Arc<NodeState<S>>, socket: WebSocket) {
     node.registry.close(&coordinate);
     match &end {
         End::Transport(error) => {
-            tracing::debug!(user = ?session.user(), conn = coordinate.conn, %error, "connection lost")
+            tracing::debug!(user = ?session.user(), conn = coordinate.conn, %peer, %error, "connection lost")
         }
         _ => {
-            tracing::debug!(user = ?session.user(), conn = coordinate.conn, ?end, "connection closed")
+            tracing::debug!(user = ?session.user(), conn = coordinate.conn, %peer, ?end, "connection closed")
         }
     }
     if let Some(user) = session.user() {
@@ -108,8 +111,20 @@ impl<S: Store> Driver<'_, S> {
         let mut ops = Ops::new();
         let mut shutdown = self.node.shutdown.clone();
         loop {
-            if let Err(e) = self.flush_outputs(&mut appends, &mut ops).await {
-                return End::Transport(e.to_string());
+            // A client that does not read fills its socket and then this write; rather than
+            // hold its frames, the connection is dropped. Its messages stay in the mailbox.
+            match tokio::time::timeout(
+                self.node.config.limits.send_timeout,
+                self.flush_outputs(&mut appends, &mut ops),
+            )
+            .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return End::Transport(e.to_string()),
+                Err(_) => {
+                    self.node.metrics.slow_clients.inc();
+                    return End::SlowClient;
+                }
             }
             if self.session.is_closed() {
                 return End::SessionClosed;
@@ -173,8 +188,12 @@ impl<S: Store> Driver<'_, S> {
         match event {
             Event::Frame(frame) => match frame {
                 Some(Ok(WsMessage::Text(text))) => self.session.on_text(text.as_str(), now_ms()),
-                Some(Ok(WsMessage::Binary(_))) => self.session.on_binary(),
-                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                Some(Ok(WsMessage::Binary(_))) => {
+                    self.session.on_heard(now_ms());
+                    self.session.on_binary();
+                }
+                // The WebSocket library answers pings itself; either way the client is alive.
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => self.session.on_heard(now_ms()),
                 Some(Ok(WsMessage::Close(_))) | None => return Some(End::ClientClosed),
                 Some(Err(e)) if is_oversized(&e) => self.session.on_oversized(),
                 Some(Err(e)) => return Some(End::Transport(e.to_string())),
@@ -231,6 +250,10 @@ impl<S: Store> Driver<'_, S> {
                 Output::Deliver(msg) => {
                     self.node.metrics.messages_out.inc();
                     self.socket.feed(text(msg.encode_frame())).await?;
+                    wrote = true;
+                }
+                Output::Ping => {
+                    self.socket.feed(WsMessage::Ping(Default::default())).await?;
                     wrote = true;
                 }
                 Output::Close { code, reason } => {

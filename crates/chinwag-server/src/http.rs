@@ -2,15 +2,17 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::Router;
 use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chinwag_core::Store;
 use chinwag_proto::{ErrorCode, ServerFrame};
 
+use crate::edge::ConnInfo;
 use crate::node::NodeState;
 
 /// Bytes read from a WebSocket at a time.
@@ -62,20 +64,16 @@ async fn metrics<S: Store>(State(node): State<Arc<NodeState<S>>>) -> Response {
         .into_response()
 }
 
-async fn websocket<S: Store>(State(node): State<Arc<NodeState<S>>>, upgrade: WebSocketUpgrade) -> Response {
-    let Ok(slot) = node.connection_slots.clone().try_acquire_owned() else {
-        node.metrics.error(ErrorCode::ServerBusy);
-        let body = ServerFrame::Error {
-            code: ErrorCode::ServerBusy,
-            message: format!(
-                "this node is at its limit of {} connections",
-                node.config.limits.max_connections
-            ),
-            client_id: None,
-            retry_after_ms: None,
-        };
-        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
-    };
+async fn websocket<S: Store>(
+    State(node): State<Arc<NodeState<S>>>,
+    Extension(conn): Extension<ConnInfo>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if let Some(refused) = check_origin(&node.config.limits.allowed_origins, &headers) {
+        node.metrics.error(ErrorCode::OriginNotAllowed);
+        return refused;
+    }
     let max = node.limits.max_frame_bytes;
     upgrade
         .max_message_size(max)
@@ -86,7 +84,28 @@ async fn websocket<S: Store>(State(node): State<Arc<NodeState<S>>>, upgrade: Web
         .write_buffer_size(WS_WRITE_BUFFER)
         .max_write_buffer_size(WS_WRITE_BUFFER + 2 * max)
         .on_upgrade(move |socket| async move {
-            crate::connection::serve(node, socket).await;
-            drop(slot);
+            crate::connection::serve(node, socket, conn.peer).await;
+            // The connection's place at the edge is given back only now.
+            drop(conn);
         })
+}
+
+/// Browsers send `Origin` with every WebSocket handshake, and a page on any site can open
+/// one: with an allow-list configured, handshakes from other origins are refused (403).
+/// Clients that are not browsers send no `Origin` and are not affected.
+fn check_origin(allowed: &[String], headers: &HeaderMap) -> Option<Response> {
+    let origin = headers.get(header::ORIGIN)?;
+    if allowed.is_empty() || allowed.iter().any(|a| a.as_bytes() == origin.as_bytes()) {
+        return None;
+    }
+    let body = ServerFrame::Error {
+        code: ErrorCode::OriginNotAllowed,
+        message: format!(
+            "origin {:?} is not allowed on this node",
+            String::from_utf8_lossy(origin.as_bytes())
+        ),
+        client_id: None,
+        retry_after_ms: None,
+    };
+    Some((StatusCode::FORBIDDEN, axum::Json(body)).into_response())
 }

@@ -8,6 +8,7 @@
 pub mod cluster;
 pub mod config;
 mod connection;
+pub mod edge;
 mod http;
 pub mod metrics;
 pub mod node;

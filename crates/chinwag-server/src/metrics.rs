@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::edge::Refusal;
 use chinwag_core::DeliveryStats;
 use chinwag_proto::ErrorCode;
 use prometheus_client::collector::Collector;
@@ -32,6 +33,8 @@ pub struct Metrics {
     pub messages_in: Counter,
     pub messages_out: Counter,
     pub errors: Family<CodeLabel, Counter>,
+    pub slow_clients: Counter,
+    refused: Family<ReasonLabel, Counter>,
 }
 
 /// Store commit metrics. Created before the store, which reports into them from its
@@ -63,6 +66,7 @@ impl CommitMetrics {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Snapshot {
     pub connections: u64,
+    pub sockets: u64,
     pub mailbox_depth: u64,
     pub coordinates: u64,
     pub replicated_in: u64,
@@ -110,6 +114,18 @@ impl Metrics {
             "Operations made durable per commit",
             commit.ops.clone(),
         );
+        let slow_clients = Counter::default();
+        registry.register(
+            "slow_clients",
+            "Connections dropped because the client did not read within limits.send_timeout",
+            slow_clients.clone(),
+        );
+        let refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections turned away at the edge, by limit (node, address)",
+            refused.clone(),
+        );
         registry.register_collector(Box::new(snapshotter));
         Self {
             registry,
@@ -117,7 +133,17 @@ impl Metrics {
             messages_in,
             messages_out,
             errors,
+            slow_clients,
+            refused,
         }
+    }
+
+    pub fn refused(&self, refusal: Refusal) {
+        let reason = match refusal {
+            Refusal::NodeFull => "node",
+            Refusal::AddressFull => "address",
+        };
+        self.refused.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     pub fn error(&self, code: ErrorCode) {
@@ -133,6 +159,11 @@ impl Metrics {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: &'static str,
 }
@@ -141,7 +172,16 @@ impl Collector for Snapshotter {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snap = (self.read)();
         let gauges = [
-            ("connections", "Open client connections on this node", snap.connections),
+            (
+                "connections",
+                "Open WebSocket connections on this node",
+                snap.connections,
+            ),
+            (
+                "sockets",
+                "Open client TCP connections on this node, logged in or not (limits.max_connections)",
+                snap.sockets,
+            ),
             (
                 "mailbox_depth",
                 "Unacknowledged messages in all mailboxes",

@@ -5,13 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chinwag_auth::{KeyError, TokenKey, TokenPolicy, Verifier};
+use chinwag_core::ratelimit::UserBuckets;
 use chinwag_core::{Authenticate, CommitListener, Delivery, SessionLimits, Store};
 use chinwag_store::{EmbeddedStore, OpenError, StoreOptions};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use crate::cluster::{ClusterError, ClusterStatus};
 use crate::config::{Config, ConfigError};
+use crate::edge::{Admission, Edge, TlsConfigError};
 use crate::metrics::{CommitMetrics, Metrics, Snapshot, Snapshotter};
 use crate::registry::Registry;
 
@@ -22,11 +24,13 @@ pub struct NodeState<S> {
     pub registry: Arc<Registry>,
     pub auth: Arc<dyn Authenticate>,
     pub limits: Arc<SessionLimits>,
+    /// Per-user send rate, across the user's connections to this node.
+    pub user_buckets: Arc<UserBuckets>,
     pub metrics: Arc<Metrics>,
     /// Changes once, when the node begins to shut down.
     pub shutdown: watch::Receiver<bool>,
-    /// One permit per allowed connection.
-    pub connection_slots: Arc<Semaphore>,
+    /// Connection limits, shared with the edge that accepts connections.
+    pub admission: Arc<Admission>,
     pub incarnation: u64,
     /// The multi-DC layer's view, when this DC has peers.
     pub cluster: Option<watch::Receiver<ClusterStatus>>,
@@ -45,8 +49,8 @@ pub enum NodeError {
     TokenKey(#[from] KeyError),
     #[error(transparent)]
     Store(#[from] OpenError),
-    #[error("serving HTTP failed: {0}")]
-    Serve(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] TlsConfigError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
 }
@@ -59,6 +63,7 @@ pub struct Node {
     state: Arc<NodeState<EmbeddedStore>>,
     listener: TcpListener,
     stop: watch::Sender<bool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Node {
@@ -71,6 +76,10 @@ impl Node {
             source,
         })?;
         let key = TokenKey::load_or_create(&config.token_key_path())?;
+        let tls = match &config.tls {
+            Some(tls) => Some(crate::edge::tls_acceptor(&tls.cert, &tls.key)?),
+            None => None,
+        };
         let policy = TokenPolicy {
             issuer: config.tokens.issuer.clone(),
             audience: config.tokens.audience.clone(),
@@ -107,13 +116,15 @@ impl Node {
             None => None,
         };
 
+        let admission = Admission::new(config.edge_limits());
         let snapshotter = Snapshotter {
             read: {
-                let (store, registry) = (store.clone(), registry.clone());
+                let (store, registry, admission) = (store.clone(), registry.clone(), admission.clone());
                 Box::new(move || {
                     let stats = store.stats();
                     Snapshot {
                         connections: registry.len() as u64,
+                        sockets: admission.open() as u64,
                         mailbox_depth: stats.mailbox_depth,
                         coordinates: stats.coordinates,
                         replicated_in: stats.replicated_in,
@@ -125,7 +136,12 @@ impl Node {
         };
         let state = Arc::new(NodeState {
             limits: Arc::new(config.session_limits()),
-            connection_slots: Arc::new(Semaphore::new(config.limits.max_connections)),
+            user_buckets: Arc::new(UserBuckets::new(
+                config.limits.user_rate_per_sec,
+                config.limits.user_burst,
+                config.limits.max_connections,
+            )),
+            admission,
             config,
             store,
             registry,
@@ -142,7 +158,12 @@ impl Node {
             data = %state.config.data.display(),
             "node started"
         );
-        Ok(Node { state, listener, stop })
+        Ok(Node {
+            state,
+            listener,
+            stop,
+            tls,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
@@ -151,26 +172,23 @@ impl Node {
 
     /// Serves until `shutdown` completes, then closes every connection and the store.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), NodeError> {
-        let Node { state, listener, stop } = self;
+        let Node {
+            state,
+            listener,
+            stop,
+            tls,
+        } = self;
         let app = crate::http::router(state.clone());
-        // Frames are small and latency matters more than packet count: without TCP_NODELAY a
-        // push can sit behind the peer's delayed ACK for tens of milliseconds.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                // Tell every connection to close; axum waits for them before returning.
-                let _ = stop.send(true);
-            })
-            .await;
+        let edge = Edge::new(state.admission.clone(), tls, app, state.metrics.clone());
+        let accepting = tokio::spawn(edge.run(listener, state.shutdown.clone()));
+        shutdown.await;
+        // Stop accepting, and tell every connection to close.
+        let _ = stop.send(true);
+        let _ = accepting.await;
         drain(&state).await;
         state.store.close().await;
         tracing::info!("node stopped");
-        served.map_err(NodeError::Serve)
+        Ok(())
     }
 }
 
@@ -184,12 +202,8 @@ pub async fn run(
 }
 
 async fn drain<S: Store>(state: &NodeState<S>) {
-    let all = u32::try_from(state.config.limits.max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(DRAIN_TIMEOUT, state.connection_slots.acquire_many(all))
-        .await
-        .is_err()
-    {
-        tracing::warn!(open = state.registry.len(), "connections still open at shutdown");
+    if !state.admission.drained(DRAIN_TIMEOUT).await {
+        tracing::warn!(open = state.admission.open(), "connections still open at shutdown");
     }
 }
 

@@ -687,6 +687,8 @@ impl World {
                     c.session.on_text(&chinwag_proto::encode_client(&ack), now);
                 }
             }
+            // The sim never calls `on_timeout`: its clients are never idle long enough.
+            Output::Ping => {}
             Output::Close { .. } => {
                 self.dcs[dc].conns.remove(&conn);
                 self.devices[device].conn = None;

@@ -92,7 +92,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut attempt = 0u32;
     loop {
-        let (mut conn, welcome) = match Connection::login(&args.server.server, &args.server.token).await {
+        let (mut conn, welcome) = match args.server.login().await {
             Ok(ok) => ok,
             Err(e @ (ClientError::Server { .. } | ClientError::Protocol(_))) => {
                 anyhow::bail!("{e}")

@@ -60,6 +60,22 @@ pub struct ServerArgs {
     /// Login token (see `chinwag token`).
     #[arg(long, env = "CHINWAG_TOKEN", hide_env_values = true)]
     pub token: String,
+    /// For `wss://` servers with a private certificate authority: its PEM file (else the
+    /// system's roots are used).
+    #[arg(long, env = "CHINWAG_CA")]
+    pub ca: Option<std::path::PathBuf>,
+}
+
+impl ServerArgs {
+    pub async fn login(
+        &self,
+    ) -> Result<(chinwag_client::Connection, chinwag_client::Welcome), chinwag_client::ClientError> {
+        let options = chinwag_client::ConnectOptions {
+            ca: self.ca.clone(),
+            origin: None,
+        };
+        chinwag_client::Connection::login_with(&self.server, &self.token, &options).await
+    }
 }
 
 /// Parses durations such as `500ms`, `10s`, `24h`.

@@ -38,10 +38,15 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
 
     let listener = listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     let (dc, node_name) = (config.dc.clone(), config.node.clone());
+    let (http, ws) = if config.tls.is_some() {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
     let node = Node::start(config, listener).await?;
     let addr = node.local_addr()?;
     // One line on stdout, once the node is ready, for people and scripts; logs go to stderr.
-    println!("chinwag listening on http://{addr} (dc {dc}, node {node_name}), WebSocket at ws://{addr}/v1/ws");
+    println!("chinwag listening on {http}://{addr} (dc {dc}, node {node_name}), WebSocket at {ws}://{addr}/v1/ws");
     std::io::stdout().flush()?;
     node.serve(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

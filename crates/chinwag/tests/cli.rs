@@ -177,7 +177,7 @@ async fn config_file_cli_and_env_overrides() {
         .unwrap()
         .unwrap();
     assert!(line.contains("(dc east, node edge-1)"), "{line}");
-    let addr = line.split("http://").nth(1).unwrap().split_whitespace().next().unwrap();
+    let addr = line.split("://").nth(1).unwrap().split_whitespace().next().unwrap();
     assert_ne!(addr, "127.0.0.1:1", "--listen must override the file");
     let health: serde_json::Value = serde_json::from_str(&http_get(&format!("http://{addr}/healthz")).await).unwrap();
     assert_eq!(

@@ -5,6 +5,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::ids::{DcName, Epoch, NodeName};
 use crate::message::Message;
+use crate::ratelimit::UserBuckets;
 
 /// Accepts tokens of the form `user:<id>`, `expired` and nothing else.
 struct PlainAuth;
@@ -125,6 +126,65 @@ fn login_times_out() {
     s.on_timeout(10_000);
     assert_eq!(error_codes(&drain(&mut s)), vec![ErrorCode::LoginTimeout]);
     assert!(s.is_closed());
+}
+
+#[test]
+fn a_quiet_client_is_pinged_then_closed_unless_it_answers() {
+    let limits = SessionLimits {
+        ping_interval_ms: 1_000,
+        idle_timeout_ms: 3_000,
+        ..SessionLimits::default()
+    };
+    let (mut s, _) = logged_in(limits);
+    assert_eq!(s.poll_timeout(), Some(1_000));
+    s.on_timeout(1_000);
+    assert_eq!(drain(&mut s), vec![Output::Ping]);
+    assert_eq!(s.poll_timeout(), Some(3_000), "one ping, then the idle deadline");
+    // The pong (or any frame) restarts the clock.
+    s.on_heard(2_500);
+    assert_eq!(s.poll_timeout(), Some(3_500));
+    s.on_timeout(3_500);
+    assert_eq!(drain(&mut s), vec![Output::Ping]);
+    s.on_timeout(5_500);
+    let out = drain(&mut s);
+    assert_eq!(error_codes(&out), vec![ErrorCode::IdleTimeout]);
+    assert_eq!(
+        out.last(),
+        Some(&Output::Close {
+            code: 1001,
+            reason: "idle_timeout"
+        })
+    );
+    assert!(s.is_closed());
+}
+
+#[test]
+fn a_user_is_limited_across_its_connections() {
+    let limits = SessionLimits {
+        user_rate_per_sec: 1,
+        user_burst: 2,
+        ..SessionLimits::default()
+    };
+    let users = Arc::new(UserBuckets::new(1, 2, 100));
+    let phone = logged_in(limits.clone()).0.with_user_buckets(users.clone());
+    let laptop = logged_in(limits).0.with_user_buckets(users);
+    let mut sent = Vec::new();
+    for (i, mut s) in [phone, laptop].into_iter().enumerate() {
+        for j in 0..2 {
+            s.on_text(
+                &format!(r#"{{"type":"send","to":"al","client_id":"c{i}{j}","text":"x"}}"#),
+                0,
+            );
+        }
+        sent.push(drain(&mut s));
+    }
+    let appended = |out: &[Output]| out.iter().filter(|o| matches!(o, Output::Append(_))).count();
+    assert_eq!(appended(&sent[0]), 2);
+    assert_eq!(appended(&sent[1]), 0, "the second device shares the first one's budget");
+    assert_eq!(
+        error_codes(&sent[1]),
+        vec![ErrorCode::RateLimited, ErrorCode::RateLimited]
+    );
 }
 
 #[test]
@@ -386,7 +446,7 @@ impl World {
                 }
                 Output::Ack { seqs, .. } => self.store_acks.push_back(seqs),
                 Output::Close { .. } => panic!("session closed"),
-                Output::Frame(_) | Output::Join { .. } | Output::Append(_) => {}
+                Output::Frame(_) | Output::Join { .. } | Output::Append(_) | Output::Ping => {}
             }
         }
     }

@@ -161,7 +161,7 @@ fn read_listen_line(child: &mut Child) -> SocketAddr {
     });
     let line = rx.recv_timeout(Duration::from_secs(30)).expect("node did not start");
     let addr = line
-        .split("http://")
+        .split("://")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("unexpected first line: {line}"));
