@@ -82,6 +82,11 @@ impl TokenKey {
         }
     }
 
+    /// A key from its bytes, which must be at least 32.
+    pub fn from_secret(secret: Vec<u8>) -> Option<Self> {
+        (secret.len() >= KEY_BYTES).then_some(Self { secret })
+    }
+
     /// Reads an existing key file: hex text, at least 32 bytes of key.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
         let text = fs::read_to_string(path).map_err(|source| KeyError::Read {

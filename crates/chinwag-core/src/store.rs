@@ -66,6 +66,12 @@ pub trait Store: Send + Sync + 'static {
     /// Where `user` is online right now. Served from memory: it sits on the delivery path
     /// of every message.
     fn coordinates(&self, user: &UserId) -> Vec<Coordinate>;
+
+    /// Why the store cannot currently write, if it cannot (a full disk, an I/O error):
+    /// what a health check reports.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Receives every message the store commits, in commit order, with the coordinates of its

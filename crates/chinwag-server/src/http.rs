@@ -35,13 +35,21 @@ async fn index() -> &'static str {
 }
 
 async fn healthz<S: Store>(State(node): State<Arc<NodeState<S>>>) -> Response {
+    let failure = node.store.failure();
     let body = serde_json::json!({
-        "status": "ok",
+        "status": if failure.is_some() { "failing" } else { "ok" },
         "dc": node.config.dc,
         "node": node.config.node,
         "incarnation": node.incarnation,
+        "store": failure.as_deref().unwrap_or("ok"),
     });
-    axum::Json(body).into_response()
+    // A node whose store cannot write should be taken out of rotation by load balancers.
+    let status = if failure.is_some() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (status, axum::Json(body)).into_response()
 }
 
 async fn cluster<S: Store>(State(node): State<Arc<NodeState<S>>>) -> Response {

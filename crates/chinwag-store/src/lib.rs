@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chinwag_core::{
@@ -30,6 +30,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use coords::CoordinateMap;
+pub use schema::Entry;
 pub use writer::CommitObserver;
 use writer::{Op, Writer};
 
@@ -77,9 +78,15 @@ pub struct Shared {
     coordinates: RwLock<CoordinateMap>,
     mailbox_depth: AtomicU64,
     replicated_in: AtomicU64,
+    /// The error of the last commit, if it failed; cleared by the next one that succeeds.
+    failure: Mutex<Option<String>>,
 }
 
 impl Shared {
+    fn set_failure(&self, failure: Option<String>) {
+        *self.failure.lock().expect("failure lock") = failure;
+    }
+
     fn add_depth(&self, delta: i128) {
         let amount = u64::try_from(delta.unsigned_abs()).unwrap_or(u64::MAX);
         if delta >= 0 {
@@ -173,6 +180,7 @@ impl EmbeddedStore {
             coordinates: RwLock::new(recovered.coordinates),
             mailbox_depth: AtomicU64::new(depth_total),
             replicated_in: AtomicU64::new(0),
+            failure: Mutex::new(None),
         });
         let (ops, rx) = mpsc::channel(options.queue);
         let (log_head_tx, log_head) = watch::channel(recovered.log_seq);
@@ -387,6 +395,10 @@ enum WhenFull {
 }
 
 impl Store for EmbeddedStore {
+    fn failure(&self) -> Option<String> {
+        self.shared.failure.lock().expect("failure lock").clone()
+    }
+
     fn append(&self, msg: NewMessage) -> impl Future<Output = Result<Receipt, StoreError>> + Send {
         self.call(request(|reply| Op::Append(msg, reply)), WhenFull::Refuse)
     }

@@ -187,6 +187,7 @@ impl Writer {
                     }
                 }
                 (self.observer)(started.elapsed(), count);
+                self.shared.set_failure(None);
                 self.publish(&mut pending);
                 for answer in pending.answers {
                     // A caller that went away (its connection closed) no longer needs the
@@ -205,6 +206,7 @@ impl Writer {
                 self.next_seq = seq_before;
                 self.log_seq = log_before;
                 let err = StoreError::Unavailable(format!("commit failed: {e}"));
+                self.shared.set_failure(Some(err.to_string()));
                 for answer in pending.answers {
                     match answer {
                         Answer::Receipt(reply, _) => drop(reply.send(Err(err.clone()))),
