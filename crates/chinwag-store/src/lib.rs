@@ -610,3 +610,6 @@ mod tests;
 
 #[cfg(test)]
 mod repl_tests;
+
+#[cfg(test)]
+mod model_tests;

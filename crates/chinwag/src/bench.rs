@@ -99,8 +99,14 @@ struct Report {
     stored_per_sec: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     drained_per_sec: Option<f64>,
+    /// The server's RSS before the first connection, and at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_rss_before_kib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     server_rss_kib: Option<u64>,
+    /// The server's RSS every [`RSS_SAMPLE_EVERY`] of the run: flat in a healthy soak.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    server_rss_timeline_kib: Vec<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rss_kib_per_conn: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -326,6 +332,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let cpu_before = run.args.pid.and_then(cpu_ticks);
     let rss_before = run.args.pid.and_then(rss_kib);
     let progress = tokio::spawn(progress(run.clone()));
+    let timeline = Arc::new(Mutex::new(Vec::new()));
+    let sampler = run.args.pid.map(|pid| tokio::spawn(sample_rss(pid, timeline.clone())));
     let mut report = match run.args.scenario {
         Scenario::Idle => idle(&run).await?,
         Scenario::Pairs => pairs(&run).await?,
@@ -334,7 +342,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     progress.abort();
     eprintln!();
     if let Some(pid) = run.args.pid {
+        report.server_rss_before_kib = rss_before;
         report.server_rss_kib = rss_kib(pid);
+        if let Some(sampler) = sampler {
+            sampler.abort();
+            report.server_rss_timeline_kib = timeline.lock().await.clone();
+        }
         if let (Some(before), Some(after)) = (rss_before, report.server_rss_kib)
             && report.connections > 0
         {
@@ -673,6 +686,19 @@ fn percentiles(h: &Histogram<u64>) -> Percentiles {
     }
 }
 
+/// How often a long run samples the server's RSS.
+const RSS_SAMPLE_EVERY: Duration = Duration::from_secs(30);
+
+async fn sample_rss(pid: u32, timeline: Arc<Mutex<Vec<u64>>>) {
+    let mut tick = tokio::time::interval(RSS_SAMPLE_EVERY);
+    loop {
+        tick.tick().await;
+        if let Some(rss) = rss_kib(pid) {
+            timeline.lock().await.push(rss);
+        }
+    }
+}
+
 async fn progress(run: Arc<Run>) {
     let mut last = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -713,8 +739,9 @@ fn print_report(r: &Report, json: bool) {
     println!("stored/s          {}", opt(r.stored_per_sec, ""));
     println!("drained/s         {}", opt(r.drained_per_sec, ""));
     println!(
-        "server RSS        {}",
-        r.server_rss_kib.map_or_else(|| "-".to_owned(), |v| format!("{v} KiB"))
+        "server RSS        {} before, {} after",
+        opt(r.server_rss_before_kib.map(|v| v as f64), " KiB"),
+        opt(r.server_rss_kib.map(|v| v as f64), " KiB")
     );
     println!("RSS per conn      {}", opt(r.rss_kib_per_conn, " KiB"));
     println!("server CPU        {}", opt(r.server_cpu_percent, "%"));
