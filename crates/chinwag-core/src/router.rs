@@ -3,7 +3,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::ids::Coordinate;
+use std::sync::Arc;
+
+use crate::ids::{Coordinate, MessageId, UserId};
 use crate::message::SharedMessage;
 use crate::store::CommitListener;
 
@@ -27,6 +29,13 @@ pub enum PushOutcome {
 /// connection will fetch it from there.
 pub trait Router: Send + Sync + 'static {
     fn push(&self, to: &Coordinate, msg: &SharedMessage) -> PushOutcome;
+
+    /// Tells the connection at `to` that these messages it sent were delivered. Receipts
+    /// are best effort: one that cannot be queued at once is dropped.
+    fn push_receipt(&self, to: &Coordinate, ids: &Arc<[MessageId]>) -> PushOutcome {
+        let _ = (to, ids);
+        PushOutcome::Unroutable
+    }
 }
 
 /// Counts of push outcomes, for metrics.
@@ -36,6 +45,8 @@ pub struct DeliveryStats {
     pub overflowed: AtomicU64,
     pub gone: AtomicU64,
     pub unroutable: AtomicU64,
+    /// Delivery receipts queued for senders' connections.
+    pub receipts: AtomicU64,
 }
 
 /// The messaging core's half of "store, then deliver": every committed message is pushed
@@ -75,10 +86,26 @@ impl<R: Router> CommitListener for Delivery<R> {
             counter.fetch_add(1, Ordering::Relaxed);
         }
     }
+
+    fn delivered(&self, _from: &UserId, ids: &[MessageId], online: &[Coordinate]) {
+        if online.is_empty() {
+            return;
+        }
+        let ids: Arc<[MessageId]> = ids.into();
+        for coordinate in online {
+            if self.router.push_receipt(coordinate, &ids) == PushOutcome::Queued {
+                self.stats.receipts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 impl<R: Router> Router for std::sync::Arc<R> {
     fn push(&self, to: &Coordinate, msg: &SharedMessage) -> PushOutcome {
         (**self).push(to, msg)
+    }
+
+    fn push_receipt(&self, to: &Coordinate, ids: &Arc<[MessageId]>) -> PushOutcome {
+        (**self).push_receipt(to, ids)
     }
 }

@@ -477,6 +477,16 @@ impl Session {
         self.out.push_back(Output::Frame(frame));
     }
 
+    /// Messages this user sent were delivered (see [`ServerFrame::Delivered`]).
+    pub fn on_delivered(&mut self, ids: &[MessageId]) {
+        if let State::Open(open) = &self.state
+            && open.joined
+        {
+            let ids = ids.iter().map(ToString::to_string).collect();
+            self.out.push_back(Output::Frame(ServerFrame::Delivered { ids }));
+        }
+    }
+
     /// The router had to drop a push to this connection. Drivers call this before handing
     /// over any push that was queued after the drop.
     pub fn on_push_dropped(&mut self) {

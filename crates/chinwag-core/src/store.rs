@@ -7,7 +7,7 @@
 
 use std::future::Future;
 
-use crate::ids::{Coordinate, UserId};
+use crate::ids::{Coordinate, MessageId, UserId};
 use crate::message::{NewMessage, Receipt, SharedMessage};
 
 /// Why a store operation failed. Every variant means nothing was changed: an operation
@@ -79,4 +79,11 @@ pub trait Store: Send + Sync + 'static {
 /// knowing about connections: the messaging core implements it with a [`crate::Router`].
 pub trait CommitListener: Send + Sync + 'static {
     fn committed(&self, msg: &SharedMessage, online: &[Coordinate]);
+
+    /// A device of each message's recipient acknowledged these messages of `from` (here,
+    /// or in another DC whose acknowledgement this store has now applied); `online` is
+    /// where `from` is connected. For delivery receipts, which are best effort.
+    fn delivered(&self, from: &UserId, ids: &[MessageId], online: &[Coordinate]) {
+        let _ = (from, ids, online);
+    }
 }

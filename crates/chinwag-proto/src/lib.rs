@@ -69,6 +69,9 @@ pub enum ServerFrame {
     },
     /// These acknowledgements are durable: the messages will not be pushed again.
     Acked { ids: Vec<String> },
+    /// Messages this user sent were acknowledged by a device of their recipient. Best
+    /// effort: sent to the sender's connections that are open at that moment.
+    Delivered { ids: Vec<String> },
     /// Answer to `ping`.
     Pong {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -359,7 +362,7 @@ mod tests {
         }
         for frame in CLIENT_TYPES
             .iter()
-            .chain(&["welcome", "message", "sent", "acked", "pong", "error"])
+            .chain(&["welcome", "message", "sent", "acked", "delivered", "pong", "error"])
         {
             assert!(
                 doc.contains(&format!("### `{frame}`")),

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::node::NodeState;
-use crate::registry::Inbox;
+use crate::registry::{Inbox, Push};
 
 /// Wall-clock Unix milliseconds: what tokens and message timestamps are measured in.
 pub fn now_ms() -> u64 {
@@ -99,7 +99,7 @@ enum Event {
     Frame(Option<Result<WsMessage, axum::Error>>),
     Appended(ClientMsgId, Result<Receipt, StoreError>),
     Done(Done),
-    Push(SharedMessage),
+    Push(Push),
     PushDropped,
     Timeout,
     Shutdown,
@@ -214,12 +214,13 @@ impl<S: Store> Driver<'_, S> {
                 Done::Scanned(result, limit) => self.session.on_scanned(result, limit),
                 Done::Acked(ids, result) => self.session.on_acked(ids, result),
             },
-            Event::Push(msg) => {
+            Event::Push(Push::Message(msg)) => {
                 if self.inbox.signal.take() {
                     self.session.on_push_dropped();
                 }
                 self.session.on_push(msg);
             }
+            Event::Push(Push::Receipt(ids)) => self.session.on_delivered(&ids),
             Event::PushDropped => {
                 if self.inbox.signal.take() {
                     self.session.on_push_dropped();

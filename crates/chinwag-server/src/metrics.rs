@@ -214,6 +214,13 @@ impl Collector for Snapshotter {
             let value = ConstCounter::new(counter.load(Ordering::Relaxed));
             value.encode(family.encode_family(&OutcomeLabel { outcome })?)?;
         }
+        let receipts = ConstCounter::new(stats.receipts.load(Ordering::Relaxed));
+        receipts.encode(encoder.encode_descriptor(
+            "receipts",
+            "Delivery receipts queued for senders' connections",
+            None,
+            receipts.metric_type(),
+        )?)?;
         let Some(cluster) = &self.cluster else { return Ok(()) };
         let replicated = ConstCounter::new(snap.replicated_in);
         replicated.encode(encoder.encode_descriptor(

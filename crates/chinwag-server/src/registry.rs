@@ -4,12 +4,19 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use chinwag_core::{Coordinate, DcName, NodeName, PushOutcome, Router, SharedMessage};
+use chinwag_core::{Coordinate, DcName, MessageId, NodeName, PushOutcome, Router, SharedMessage};
 use tokio::sync::{Notify, mpsc};
 
 /// What a connection's task holds to receive pushes.
+/// What the router hands a connection.
+pub enum Push {
+    Message(SharedMessage),
+    /// Messages this connection's user sent were delivered.
+    Receipt(Arc<[MessageId]>),
+}
+
 pub struct Inbox {
-    pub messages: mpsc::Receiver<SharedMessage>,
+    pub messages: mpsc::Receiver<Push>,
     pub signal: Arc<DropSignal>,
 }
 
@@ -36,7 +43,7 @@ impl DropSignal {
 }
 
 struct Entry {
-    queue: mpsc::Sender<SharedMessage>,
+    queue: mpsc::Sender<Push>,
     signal: Arc<DropSignal>,
 }
 
@@ -124,7 +131,7 @@ impl Router for Registry {
         let Some(entry) = conns.get(&to.conn) else {
             return PushOutcome::Gone;
         };
-        match entry.queue.try_send(msg.clone()) {
+        match entry.queue.try_send(Push::Message(msg.clone())) {
             Ok(()) => PushOutcome::Queued,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 entry.signal.raise();
@@ -133,11 +140,27 @@ impl Router for Registry {
             Err(mpsc::error::TrySendError::Closed(_)) => PushOutcome::Gone,
         }
     }
+
+    fn push_receipt(&self, to: &Coordinate, ids: &Arc<[MessageId]>) -> PushOutcome {
+        if !self.is_mine(to) {
+            return PushOutcome::Unroutable;
+        }
+        let conns = self.conns.read().expect("registry lock");
+        let Some(entry) = conns.get(&to.conn).filter(|_| to.incarnation == self.incarnation()) else {
+            return PushOutcome::Gone;
+        };
+        // A receipt that does not fit is dropped: unlike a message, nothing depends on it.
+        match entry.queue.try_send(Push::Receipt(ids.clone())) {
+            Ok(()) => PushOutcome::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => PushOutcome::Overflowed,
+            Err(mpsc::error::TrySendError::Closed(_)) => PushOutcome::Gone,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use chinwag_core::{ClientMsgId, Message, MessageId, UserId};
+    use chinwag_core::{ClientMsgId, Message, UserId};
 
     use super::*;
 
@@ -172,7 +195,7 @@ mod tests {
         assert_eq!(r.push(&c, &msg(3)), PushOutcome::Overflowed);
         assert!(inbox.signal.take());
         assert!(!inbox.signal.take());
-        assert_eq!(inbox.messages.try_recv().unwrap().seq, 1);
+        assert!(matches!(inbox.messages.try_recv().unwrap(), Push::Message(m) if m.seq == 1));
     }
 
     #[test]

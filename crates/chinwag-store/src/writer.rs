@@ -95,6 +95,9 @@ struct Pending {
     /// Mailbox keys deleted in this batch, so two devices acknowledging the same message
     /// at once count it once.
     deleted: HashSet<Vec<u8>>,
+    /// Messages deleted because a recipient's device acknowledged them, by sender: for
+    /// the senders' delivery receipts.
+    receipts: HashMap<UserId, Vec<MessageId>>,
     /// Mailbox keys written in this batch, with their message ids.
     inserted: HashMap<Vec<u8>, MessageId>,
     /// Message id index entries written (`Some`) or removed (`None`) in this batch.
@@ -467,11 +470,17 @@ impl Writer {
                     return Ok(None);
                 };
                 match postcard::from_bytes::<MessageRecord>(&record) {
-                    Ok(r) => DcName::parse(r.origin).ok().map(|origin| MessageId {
-                        origin,
-                        epoch: Epoch(r.epoch),
-                        seq: r.origin_seq,
-                    }),
+                    Ok(r) => {
+                        let id = DcName::parse(r.origin).ok().map(|origin| MessageId {
+                            origin,
+                            epoch: Epoch(r.epoch),
+                            seq: r.origin_seq,
+                        });
+                        if let (Some(id), Ok(from)) = (&id, UserId::parse(r.from)) {
+                            p.receipts.entry(from).or_default().push(id.clone());
+                        }
+                        id
+                    }
                     Err(_) => None,
                 }
             }
@@ -864,6 +873,9 @@ impl Writer {
         let acked = |m: &SharedMessage| !p.deleted.is_empty() && p.deleted.contains(&schema::mailbox_key(&m.to, m.seq));
         for msg in p.committed.iter().filter(|m| !acked(m)) {
             self.listener.committed(msg, coords.of(&msg.to));
+        }
+        for (from, ids) in p.receipts.drain() {
+            self.listener.delivered(&from, &ids, coords.of(&from));
         }
     }
 

@@ -240,3 +240,24 @@ on_both!(
         assert_others_unaffected(&place, "mf").await;
     }
 );
+
+on_both!(the_sender_gets_a_receipt_when_the_recipient_acknowledges, "", |place| {
+    let mut alice = place.login("alice").await;
+    let mut bob = place.login("bob").await;
+    let sent = alice.send_message("bob", "r-1", "did you get this?").await.unwrap();
+    let (id, _, _) = next_message(&mut bob).await;
+    assert_eq!(id, sent.id);
+    // No receipt before the recipient acknowledges.
+    assert_silent(&mut alice, Duration::from_millis(300)).await;
+    bob.ack(vec![id.clone()]).await.unwrap();
+    loop {
+        match next(&mut alice).await {
+            ServerFrame::Delivered { ids } => {
+                assert_eq!(ids, vec![id]);
+                break;
+            }
+            ServerFrame::Acked { .. } => {}
+            other => panic!("expected a receipt, got {other:?}"),
+        }
+    }
+});

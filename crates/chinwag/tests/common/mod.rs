@@ -253,7 +253,7 @@ pub async fn next_or_close(conn: &mut Connection) -> Result<ServerFrame, ClientE
 pub async fn assert_silent(conn: &mut Connection, quiet: Duration) {
     let until = tokio::time::Instant::now() + quiet;
     while let Ok(result) = tokio::time::timeout_at(until, conn.recv()).await {
-        if !matches!(result, Ok(ServerFrame::Acked { .. })) {
+        if !matches!(result, Ok(ServerFrame::Acked { .. } | ServerFrame::Delivered { .. })) {
             panic!("expected silence, got {result:?}");
         }
     }
@@ -264,7 +264,7 @@ pub async fn next_message(conn: &mut Connection) -> (String, String, String) {
     loop {
         match next(conn).await {
             ServerFrame::Message { id, from, text, .. } => return (id, from, text),
-            ServerFrame::Acked { .. } | ServerFrame::Sent { .. } => {}
+            ServerFrame::Acked { .. } | ServerFrame::Sent { .. } | ServerFrame::Delivered { .. } => {}
             other => panic!("expected a message, got {other:?}"),
         }
     }
