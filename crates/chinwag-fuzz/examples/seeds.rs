@@ -79,6 +79,7 @@ fn inter_dc() {
             Wire::Digest {
                 applied: applied.clone(),
                 unreachable: vec![DcName::parse("west").unwrap()],
+                mailbox_depth: 12,
             },
         ),
         (

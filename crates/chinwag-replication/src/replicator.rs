@@ -161,6 +161,8 @@ pub(crate) struct Peer {
     snapshot_sent_ms: Option<u64>,
     /// `Forget` was emitted for this silence.
     forgotten: bool,
+    /// What its last digest said of its mailboxes.
+    mailbox_depth: Option<u64>,
 }
 
 /// A peer as shown by `/v1/cluster`.
@@ -179,6 +181,8 @@ pub struct PeerStatus {
     pub behind_log: bool,
     /// Silent for longer than `decommission_after`: logs are no longer kept for it.
     pub decommissioned: bool,
+    /// Messages waiting in its mailboxes, as its last digest said.
+    pub mailbox_depth: Option<u64>,
 }
 
 pub struct Replicator {
@@ -192,6 +196,8 @@ pub struct Replicator {
     out: VecDeque<Action>,
     now_ms: u64,
     ticks: u64,
+    /// This DC's mailbox depth, told to peers in digests.
+    mailbox_depth: u64,
 }
 
 impl Replicator {
@@ -214,7 +220,14 @@ impl Replicator {
             out: VecDeque::new(),
             now_ms,
             ticks: 0,
+            mailbox_depth: 0,
         }
+    }
+
+    /// What the next digests will say of this DC's mailboxes. A change does not by itself
+    /// send a digest: it rides on those sent anyway (at least every keepalive).
+    pub fn set_mailbox_depth(&mut self, depth: u64) {
+        self.mailbox_depth = depth;
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
@@ -284,7 +297,12 @@ impl Replicator {
                 peer.sent.clear();
                 self.sync_peer(from, log);
             }
-            Wire::Digest { applied, unreachable } => {
+            Wire::Digest {
+                applied,
+                unreachable,
+                mailbox_depth,
+            } => {
+                peer.mailbox_depth = Some(mailbox_depth);
                 // Push-pull gossip: a contact that has what we lack hears our digest back
                 // at once, so it can send it.
                 if self.cfg.fanout.is_some() && !self.applied.covers(&applied) {
@@ -481,6 +499,7 @@ impl Replicator {
                 entries_received: p.entries_received,
                 behind_log: p.behind_log,
                 decommissioned: self.decommissioned(p),
+                mailbox_depth: p.mailbox_depth,
             })
             .collect()
     }
@@ -513,7 +532,15 @@ impl Replicator {
             peer.last_digest_ms = self.now_ms;
             peer.digest_due = false;
             let (applied, unreachable) = current;
-            self.send(name, Wire::Digest { applied, unreachable });
+            let mailbox_depth = self.mailbox_depth;
+            self.send(
+                name,
+                Wire::Digest {
+                    applied,
+                    unreachable,
+                    mailbox_depth,
+                },
+            );
         }
     }
 

@@ -28,6 +28,8 @@ pub enum Wire {
     Digest {
         applied: VersionVector,
         unreachable: Vec<DcName>,
+        /// Messages waiting in the sender's mailboxes: for the cluster map, nothing more.
+        mailbox_depth: u64,
     },
     /// Consecutive entries of `stream`, the first numbered `first`.
     Entries {
@@ -75,7 +77,9 @@ pub fn decode(bytes: &[u8]) -> Result<Wire, WireError> {
 fn validate(msg: &Wire) -> Result<(), WireError> {
     match msg {
         Wire::Hello { applied, .. } if applied.len() > MAX_DCS * 4 => Err(WireError::Invalid("too many streams")),
-        Wire::Digest { applied, unreachable } if applied.len() > MAX_DCS * 4 || unreachable.len() > MAX_DCS => {
+        Wire::Digest {
+            applied, unreachable, ..
+        } if applied.len() > MAX_DCS * 4 || unreachable.len() > MAX_DCS => {
             Err(WireError::Invalid("too many streams or DCs"))
         }
         Wire::Entries { first, entries, .. } => {
@@ -121,6 +125,7 @@ mod tests {
             Wire::Digest {
                 applied,
                 unreachable: vec![DcName::parse("north").unwrap()],
+                mailbox_depth: 7,
             },
             Wire::Entries {
                 stream: stream(),

@@ -21,6 +21,8 @@ use chinwag_store::EmbeddedStore;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use serde::Serialize;
+
+use crate::metrics::Snapshot;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::ClusterConfig;
@@ -46,6 +48,44 @@ pub struct ClusterStatus {
     /// How far each stream's log has been dropped because every live peer has it.
     pub truncated: BTreeMap<String, u64>,
     pub peers: Vec<PeerView>,
+    /// Every DC this one knows, itself first: what the cluster map draws.
+    pub dcs: Vec<DcView>,
+}
+
+/// One DC on the cluster map.
+#[derive(Debug, Clone, Serialize)]
+pub struct DcView {
+    pub dc: String,
+    /// This DC itself, or a peer it hears from.
+    pub up: bool,
+    pub online_users: u64,
+    /// Messages waiting in its mailboxes: this DC's own count, or what a peer last said.
+    pub mailbox_depth: Option<u64>,
+    /// Entries this DC has that the peer has not (none for this DC itself).
+    pub lag_entries: Option<u64>,
+}
+
+impl ClusterStatus {
+    /// Fills in [`ClusterStatus::dcs`] from the peers and this node's figures.
+    pub fn with_dcs(mut self, snapshot: &Snapshot) -> Self {
+        let online = |dc: &str| snapshot.online_users.get(dc).copied().unwrap_or(0);
+        let me = DcView {
+            dc: self.dc.clone(),
+            up: true,
+            online_users: online(&self.dc),
+            mailbox_depth: Some(snapshot.mailbox_depth),
+            lag_entries: None,
+        };
+        let peers = self.peers.iter().map(|p| DcView {
+            dc: p.dc.clone(),
+            up: p.reachable,
+            online_users: online(&p.dc),
+            mailbox_depth: p.mailbox_depth,
+            lag_entries: Some(p.lag_entries),
+        });
+        self.dcs = std::iter::once(me).chain(peers).collect();
+        self
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -64,6 +104,7 @@ pub struct PeerView {
     pub frames_rejected: u64,
     pub behind_log: bool,
     pub decommissioned: bool,
+    pub mailbox_depth: Option<u64>,
 }
 
 fn vv_map(vv: &VersionVector) -> BTreeMap<String, u64> {
@@ -170,6 +211,7 @@ impl Driver {
                     self.replicator.on_local(through, &*self.store);
                 }
                 _ = ticker.tick() => {
+                    self.replicator.set_mailbox_depth(self.store.mailbox_depth());
                     self.replicator.on_tick(now_ms(), &*self.store);
                     self.publish_status();
                 }
@@ -308,6 +350,7 @@ impl Driver {
             applied: vv_map(self.replicator.applied()),
             truncated: vv_map(self.replicator.truncated()),
             peers,
+            dcs: Vec::new(),
         };
         self.status.send_replace(status);
     }
@@ -331,6 +374,7 @@ impl Driver {
             frames_rejected: load(|c| &c.frames_rejected),
             behind_log: p.behind_log,
             decommissioned: p.decommissioned,
+            mailbox_depth: p.mailbox_depth,
         }
     }
 }

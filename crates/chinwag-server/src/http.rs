@@ -1,17 +1,20 @@
 //! HTTP routes. WebSocket and plain HTTP share one port.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Extension;
 use axum::Router;
 use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use chinwag_core::Store;
 use chinwag_proto::{ErrorCode, ServerFrame};
 
+use crate::cluster::ClusterStatus;
 use crate::edge::ConnInfo;
 use crate::node::NodeState;
 
@@ -26,6 +29,7 @@ pub fn router<S: Store>(state: Arc<NodeState<S>>) -> Router {
         .route("/healthz", get(healthz::<S>))
         .route("/metrics", get(metrics::<S>))
         .route("/v1/cluster", get(cluster::<S>))
+        .route("/v1/cluster/events", get(cluster_events::<S>))
         .route("/v1/ws", get(websocket::<S>))
         .with_state(state)
 }
@@ -53,15 +57,39 @@ async fn healthz<S: Store>(State(node): State<Arc<NodeState<S>>>) -> Response {
 }
 
 async fn cluster<S: Store>(State(node): State<Arc<NodeState<S>>>) -> Response {
+    axum::Json(cluster_status(&node)).into_response()
+}
+
+/// What `/v1/cluster` says, and what `/v1/cluster/events` streams.
+fn cluster_status<S: Store>(node: &NodeState<S>) -> ClusterStatus {
     let status = match &node.cluster {
         Some(status) => status.borrow().clone(),
         // A single-DC node is a cluster of one.
-        None => crate::cluster::ClusterStatus {
+        None => ClusterStatus {
             dc: node.config.dc.clone(),
             ..Default::default()
         },
     };
-    axum::Json(status).into_response()
+    status.with_dcs(&(node.snapshot)())
+}
+
+/// How often the cluster map is refreshed.
+const CLUSTER_EVENTS_EVERY: Duration = Duration::from_secs(1);
+
+/// The cluster view as server-sent events, one a second, for the live map.
+async fn cluster_events<S: Store>(State(node): State<Arc<NodeState<S>>>) -> Response {
+    let shutdown = node.shutdown.clone();
+    let events = futures_util::stream::unfold((node, shutdown, true), |(node, mut shutdown, first)| async move {
+        if !first {
+            tokio::select! {
+                () = tokio::time::sleep(CLUSTER_EVENTS_EVERY) => {}
+                _ = shutdown.changed() => return None,
+            }
+        }
+        let event = Event::default().json_data(cluster_status(&node)).ok()?;
+        Some((Ok::<_, std::convert::Infallible>(event), (node, shutdown, false)))
+    });
+    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }
 
 async fn metrics<S: Store>(State(node): State<Arc<NodeState<S>>>) -> Response {

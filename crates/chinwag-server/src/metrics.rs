@@ -63,18 +63,23 @@ impl CommitMetrics {
 }
 
 /// Point-in-time values gathered at each scrape.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub connections: u64,
     pub sockets: u64,
     pub mailbox_depth: u64,
     pub coordinates: u64,
     pub replicated_in: u64,
+    /// Users online per DC, as this DC's store knows them.
+    pub online_users: std::collections::BTreeMap<String, u64>,
 }
+
+/// Reads a [`Snapshot`]; shared by metrics and the cluster view.
+pub type ReadSnapshot = Arc<dyn Fn() -> Snapshot + Send + Sync>;
 
 /// Reads a [`Snapshot`] and the delivery counters when Prometheus scrapes.
 pub struct Snapshotter {
-    pub read: Box<dyn Fn() -> Snapshot + Send + Sync>,
+    pub read: ReadSnapshot,
     pub delivery: Arc<DeliveryStats>,
     pub cluster: Option<watch::Receiver<ClusterStatus>>,
 }

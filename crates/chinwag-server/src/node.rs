@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use crate::cluster::{ClusterError, ClusterStatus};
 use crate::config::{Config, ConfigError};
 use crate::edge::{Admission, Edge, TlsConfigError};
-use crate::metrics::{CommitMetrics, Metrics, Snapshot, Snapshotter};
+use crate::metrics::{CommitMetrics, Metrics, ReadSnapshot, Snapshot, Snapshotter};
 use crate::registry::Registry;
 
 /// Everything connections and HTTP handlers share.
@@ -34,6 +34,8 @@ pub struct NodeState<S> {
     pub incarnation: u64,
     /// The multi-DC layer's view, when this DC has peers.
     pub cluster: Option<watch::Receiver<ClusterStatus>>,
+    /// Current figures of this node, for metrics and the cluster view.
+    pub snapshot: ReadSnapshot,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,20 +119,22 @@ impl Node {
         };
 
         let admission = Admission::new(config.edge_limits());
+        let snapshot: ReadSnapshot = {
+            let (store, registry, admission) = (store.clone(), registry.clone(), admission.clone());
+            Arc::new(move || {
+                let stats = store.stats();
+                Snapshot {
+                    connections: registry.len() as u64,
+                    sockets: admission.open() as u64,
+                    mailbox_depth: stats.mailbox_depth,
+                    coordinates: stats.coordinates,
+                    replicated_in: stats.replicated_in,
+                    online_users: stats.online_users.iter().map(|(dc, n)| (dc.to_string(), *n)).collect(),
+                }
+            })
+        };
         let snapshotter = Snapshotter {
-            read: {
-                let (store, registry, admission) = (store.clone(), registry.clone(), admission.clone());
-                Box::new(move || {
-                    let stats = store.stats();
-                    Snapshot {
-                        connections: registry.len() as u64,
-                        sockets: admission.open() as u64,
-                        mailbox_depth: stats.mailbox_depth,
-                        coordinates: stats.coordinates,
-                        replicated_in: stats.replicated_in,
-                    }
-                })
-            },
+            read: snapshot.clone(),
             delivery: delivery.stats(),
             cluster: cluster.clone(),
         };
@@ -150,6 +154,7 @@ impl Node {
             shutdown: stop_rx,
             incarnation,
             cluster,
+            snapshot,
         });
         tracing::info!(
             dc = %state.config.dc,

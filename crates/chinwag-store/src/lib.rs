@@ -65,10 +65,12 @@ pub enum OpenError {
 }
 
 /// Counts for metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreStats {
     pub mailbox_depth: u64,
     pub coordinates: u64,
+    /// Users online in each DC, as far as this store knows.
+    pub online_users: std::collections::BTreeMap<DcName, u64>,
     /// Messages that arrived from other DCs' streams since start.
     pub replicated_in: u64,
 }
@@ -231,10 +233,17 @@ impl EmbeddedStore {
         self.incarnation
     }
 
+    /// Messages waiting in all mailboxes.
+    pub fn mailbox_depth(&self) -> u64 {
+        self.shared.mailbox_depth.load(Ordering::Relaxed)
+    }
+
     pub fn stats(&self) -> StoreStats {
+        let coordinates = self.shared.coordinates.read().expect("coordinates lock");
         StoreStats {
             mailbox_depth: self.shared.mailbox_depth.load(Ordering::Relaxed),
-            coordinates: self.shared.coordinates.read().expect("coordinates lock").len() as u64,
+            coordinates: coordinates.len() as u64,
+            online_users: coordinates.users_by_dc(),
             replicated_in: self.shared.replicated_in.load(Ordering::Relaxed),
         }
     }

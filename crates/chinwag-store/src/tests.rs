@@ -215,7 +215,8 @@ async fn reopening_keeps_messages_and_drops_old_coordinates() {
         StoreStats {
             mailbox_depth: 1,
             coordinates: 0,
-            replicated_in: 0
+            replicated_in: 0,
+            online_users: Default::default(),
         }
     );
     let page = store.scan(user("carol"), 0, 10).await.unwrap();

@@ -169,6 +169,44 @@ async fn devices_in_different_dcs_all_get_it_and_one_ack_clears_it_everywhere() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_view_shows_online_users_and_mailbox_depth_per_dc() {
+    let (_dir, c) = cluster(3).await;
+    let _bob_phone = c.login(1, "bob").await;
+    let _bob_laptop = c.login(1, "bob").await;
+    let _dan = c.login(2, "dan").await;
+    let mut alice = c.login(0, "alice").await;
+    alice.send_message("carol", "c1", "for later").await.unwrap();
+    let row = |s: &serde_json::Value, dc: &str| {
+        s["dcs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["dc"] == dc)
+            .cloned()
+            .unwrap()
+    };
+    // Every DC sees the same picture: one user each online in east (alice), west (bob,
+    // on two devices) and south (dan); carol's message waiting in every mailbox.
+    c.wait_until("showing users and mailboxes", |s| {
+        ["east", "west", "south"].iter().all(|dc| {
+            let r = row(s, dc);
+            r["up"] == true && r["online_users"] == 1 && r["mailbox_depth"] == 1
+        })
+    })
+    .await;
+    let s = c.status(1).await;
+    assert_eq!(s["dcs"][0]["dc"], "west", "this DC comes first");
+    assert_eq!(s["dcs"][0]["lag_entries"], serde_json::Value::Null);
+    // The live stream carries the same object.
+    let (status, events) = http_request_for(&c.nodes[0].http("/v1/cluster/events"), Duration::from_millis(1500)).await;
+    assert_eq!(status, 200);
+    let first: serde_json::Value =
+        serde_json::from_str(events.lines().find_map(|l| l.strip_prefix("data: ")).expect("an event")).unwrap();
+    assert_eq!(first["dc"], "east");
+    assert_eq!(first["dcs"].as_array().unwrap().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_in_another_dc_gets_the_same_ack() {
     let (_dir, c) = cluster(2).await;
     let mut alice_east = c.login(0, "alice").await;

@@ -181,7 +181,27 @@ pub fn token_for(data: &Path, user: &str, ttl: Duration) -> String {
 
 /// `GET url` over a plain HTTP/1.1 connection; returns the status code and the body.
 pub async fn http_request(url: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
+    let mut stream = send_get(url).await;
+    let mut response = Vec::new();
+    tokio::time::timeout(SOON, stream.read_to_end(&mut response))
+        .await
+        .expect("response in time")
+        .unwrap();
+    parse_response(response)
+}
+
+/// `GET url` on a response that does not end (a stream of events): what came in `window`.
+pub async fn http_request_for(url: &str, window: Duration) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut stream = send_get(url).await;
+    let mut response = Vec::new();
+    let _still_open = tokio::time::timeout(window, stream.read_to_end(&mut response)).await;
+    parse_response(response)
+}
+
+async fn send_get(url: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
     let rest = url.strip_prefix("http://").expect("http:// URL");
     let (host, path) = rest
         .split_once('/')
@@ -192,11 +212,10 @@ pub async fn http_request(url: &str) -> (u16, String) {
         .unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    tokio::time::timeout(SOON, stream.read_to_end(&mut response))
-        .await
-        .expect("response in time")
-        .unwrap();
+    stream
+}
+
+fn parse_response(response: Vec<u8>) -> (u16, String) {
     let response = String::from_utf8(response).expect("UTF-8 response");
     let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
     let status = head
@@ -219,8 +238,13 @@ fn dechunk(mut body: &str) -> String {
         if size == 0 {
             break;
         }
-        out.push_str(&rest[..size]);
-        body = &rest[size + 2..];
+        let Some(chunk) = rest.get(..size) else {
+            // A stream cut off mid-chunk.
+            out.push_str(rest);
+            break;
+        };
+        out.push_str(chunk);
+        body = rest.get(size + 2..).unwrap_or_default();
     }
     out
 }
@@ -492,7 +516,7 @@ impl Cluster {
         }
     }
 
-    async fn wait_until(&self, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
+    pub async fn wait_until(&self, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         'outer: loop {
             for i in 0..self.nodes.len() {
