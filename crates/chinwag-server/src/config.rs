@@ -44,6 +44,16 @@ pub struct Config {
     /// Present when this DC is one of several; absent for a single-DC deployment.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
+    pub dev: DevConfig,
+}
+
+/// Conveniences for development and demos, all off by default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DevConfig {
+    /// Lets anyone who can reach the node mint a token for any user, at
+    /// `POST /v1/dev/token` and as "sign in as" in the web app. Never in production.
+    pub sign_in: bool,
 }
 
 /// The multi-DC layer: this DC's gateway, its credentials and its peers.
@@ -203,6 +213,7 @@ impl Default for Config {
             log: LogConfig::default(),
             tls: None,
             cluster: None,
+            dev: DevConfig::default(),
         }
     }
 }

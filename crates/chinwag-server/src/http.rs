@@ -25,17 +25,13 @@ const WS_WRITE_BUFFER: usize = 16 * 1024;
 
 pub fn router<S: Store>(state: Arc<NodeState<S>>) -> Router {
     Router::new()
-        .route("/", get(index))
         .route("/healthz", get(healthz::<S>))
         .route("/metrics", get(metrics::<S>))
         .route("/v1/cluster", get(cluster::<S>))
         .route("/v1/cluster/events", get(cluster_events::<S>))
         .route("/v1/ws", get(websocket::<S>))
+        .merge(crate::web::routes::<S>())
         .with_state(state)
-}
-
-async fn index() -> &'static str {
-    "chinwag: WebSocket clients connect to /v1/ws (protocol v1)\n"
 }
 
 async fn healthz<S: Store>(State(node): State<Arc<NodeState<S>>>) -> Response {

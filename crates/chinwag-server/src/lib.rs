@@ -13,6 +13,7 @@ mod http;
 pub mod metrics;
 pub mod node;
 pub mod registry;
+mod web;
 
 pub use config::{Config, ConfigError, LogFormat};
 pub use connection::now_ms;

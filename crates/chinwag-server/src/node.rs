@@ -36,6 +36,14 @@ pub struct NodeState<S> {
     pub cluster: Option<watch::Receiver<ClusterStatus>>,
     /// Current figures of this node, for metrics and the cluster view.
     pub snapshot: ReadSnapshot,
+    /// Set only when `dev.sign_in` is on: mints tokens for anyone who asks.
+    pub dev_tokens: Option<DevTokens>,
+}
+
+/// The token key and policy, for the development sign-in.
+pub struct DevTokens {
+    pub key: TokenKey,
+    pub policy: TokenPolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +126,16 @@ impl Node {
             None => None,
         };
 
+        let dev_tokens = config.dev.sign_in.then(|| {
+            tracing::warn!(
+                "DEVELOPMENT SIGN-IN IS ON (dev.sign_in): anyone who can reach this node can sign in \
+                 as any user. Never enable it on a node that serves real users."
+            );
+            DevTokens {
+                key: key.clone(),
+                policy: policy.clone(),
+            }
+        });
         let admission = Admission::new(config.edge_limits());
         let snapshot: ReadSnapshot = {
             let (store, registry, admission) = (store.clone(), registry.clone(), admission.clone());
@@ -155,6 +173,7 @@ impl Node {
             incarnation,
             cluster,
             snapshot,
+            dev_tokens,
         });
         tracing::info!(
             dc = %state.config.dc,

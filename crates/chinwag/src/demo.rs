@@ -57,6 +57,8 @@ fn config_for(dir: &Path, me: &Planned, all: &[Planned]) -> Config {
     };
     config.tokens.key_file = Some(dir.join(chinwag_auth::KEY_FILE));
     config.log.level = "info".into();
+    // The demo is for trying chinwag out: its web app offers "sign in as NAME".
+    config.dev.sign_in = true;
     config.cluster = Some(ClusterConfig {
         gateway_listen: me.gateway,
         ca: creds.join(pki::CA_CERT),
@@ -135,6 +137,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             "tokens: chinwag token --data {} --user NAME   (valid in every DC)",
             dir.display()
         );
+        println!("web chat: open any DC's http URL and sign in as any name (development sign-in is on);");
+        println!(
+            "cluster map: the same URL + cluster, e.g. http://{}/cluster",
+            plan[0].client
+        );
         println!("logs in {}/<dc>/chinwag.log; Ctrl-C stops every DC", dir.display());
     }
     wait_for_stop(&mut children).await;
@@ -159,7 +166,8 @@ fn print_dc(p: &Planned, pid: Option<u32>, json: bool) {
     let ws = format!("ws://{}/v1/ws", p.client);
     let http = format!("http://{}/", p.client);
     if json {
-        let line = serde_json::json!({ "dc": p.dc.as_str(), "ws": ws, "http": http, "gateway": p.gateway.to_string(), "pid": pid });
+        let cluster = format!("{http}cluster");
+        let line = serde_json::json!({ "dc": p.dc.as_str(), "ws": ws, "http": http, "cluster": cluster, "gateway": p.gateway.to_string(), "pid": pid });
         println!("{line}");
     } else {
         println!("{:<8} {ws}  {http}  gateway {}", p.dc.as_str(), p.gateway);

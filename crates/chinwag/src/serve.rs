@@ -20,6 +20,9 @@ pub struct Args {
     /// Data directory (overrides `data`).
     #[arg(long, env = "CHINWAG_DATA")]
     data: Option<PathBuf>,
+    /// Development only: let anyone sign in as any user (sets `dev.sign_in`).
+    #[arg(long, env = "CHINWAG_DEV_SIGN_IN")]
+    dev_sign_in: bool,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -32,6 +35,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     if let Some(data) = args.data {
         config.data = data;
+    }
+    if args.dev_sign_in {
+        config.dev.sign_in = true;
     }
     config.validate()?;
     init_logging(&config)?;

@@ -316,3 +316,29 @@ async fn plain_http_to_the_websocket_path_is_refused() {
     assert!((400..500).contains(&status), "status {status}");
     assert_others_unaffected(&node, "http").await;
 }
+
+#[tokio::test]
+async fn development_sign_in_is_off_by_default_and_checks_its_input_when_on() {
+    let (_dir, off) = node();
+    let (status, body) = http_post_json(&off.http("/v1/dev/token"), r#"{"user":"mallory"}"#).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("dev_sign_in_disabled"), "{body}");
+
+    let (_dir, on) = node_with("[dev]\nsign_in = true");
+    for (input, code) in [
+        (r#"{"user":"not valid"}"#, "bad_user"),
+        (r#"{"name":"bob"}"#, "bad_request"),
+        ("{", "bad_request"),
+    ] {
+        let (status, body) = http_post_json(&on.http("/v1/dev/token"), input).await;
+        assert_eq!(status, 400, "{input}: {body}");
+        assert!(body.contains(code), "{input}: {body}");
+    }
+    let (status, body) = http_post_json(&on.http("/v1/dev/token"), r#"{"user":"bob"}"#).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let (_conn, welcome) = Connection::login(&on.url(), answer["token"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(welcome.user, "bob");
+}

@@ -138,7 +138,7 @@ impl Drop for Node {
     }
 }
 
-fn unsafe_kill(pid: u32, signal: &str) {
+pub fn unsafe_kill(pid: u32, signal: &str) {
     let status = Command::new("kill")
         .arg(format!("-{signal}"))
         .arg(pid.to_string())
@@ -181,8 +181,11 @@ pub fn token_for(data: &Path, user: &str, ttl: Duration) -> String {
 
 /// `GET url` over a plain HTTP/1.1 connection; returns the status code and the body.
 pub async fn http_request(url: &str) -> (u16, String) {
+    read_response(send_get(url).await).await
+}
+
+async fn read_response(mut stream: tokio::net::TcpStream) -> (u16, String) {
     use tokio::io::AsyncReadExt;
-    let mut stream = send_get(url).await;
     let mut response = Vec::new();
     tokio::time::timeout(SOON, stream.read_to_end(&mut response))
         .await
@@ -200,7 +203,17 @@ pub async fn http_request_for(url: &str, window: Duration) -> (u16, String) {
     parse_response(response)
 }
 
+/// `POST url` with a JSON body; returns the status and the body.
+pub async fn http_post_json(url: &str, json: &str) -> (u16, String) {
+    let head = format!("Content-Type: application/json\r\nContent-Length: {}\r\n", json.len());
+    read_response(send_request("POST", url, &head, json).await).await
+}
+
 async fn send_get(url: &str) -> tokio::net::TcpStream {
+    send_request("GET", url, "", "").await
+}
+
+async fn send_request(method: &str, url: &str, headers: &str, body: &str) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
     let rest = url.strip_prefix("http://").expect("http:// URL");
     let (host, path) = rest
@@ -210,7 +223,7 @@ async fn send_get(url: &str) -> tokio::net::TcpStream {
         .await
         .expect("connect in time")
         .unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{headers}\r\n{body}");
     stream.write_all(request.as_bytes()).await.unwrap();
     stream
 }
