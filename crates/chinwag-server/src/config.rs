@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chinwag_core::{DcName, NodeName, SessionLimits};
+use chinwag_store::StoreMemory;
 use serde::{Deserialize, Serialize};
+
+pub const MIB: u64 = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -183,6 +186,10 @@ pub struct StoreConfig {
     /// How long a `(sender, client_id)` pair is remembered for deduplication.
     #[serde(with = "duration_text")]
     pub dedup_window: Duration,
+    /// Size at which a keyspace's in-memory write table is written out, in MiB.
+    pub memtable_mib: u64,
+    /// Block cache for reads, in MiB.
+    pub cache_mib: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -252,6 +259,8 @@ impl Default for StoreConfig {
             commit_batch_max: 4096,
             queue: 65_536,
             dedup_window: Duration::from_secs(24 * 3600),
+            memtable_mib: StoreMemory::default().memtable_bytes / MIB,
+            cache_mib: StoreMemory::default().cache_bytes / MIB,
         }
     }
 }
@@ -307,6 +316,8 @@ impl Config {
             ("limits.mailbox_max_messages", l.mailbox_max_messages),
             ("store.commit_batch_max", self.store.commit_batch_max as u64),
             ("store.queue", self.store.queue as u64),
+            ("store.memtable_mib", self.store.memtable_mib),
+            ("store.cache_mib", self.store.cache_mib),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{name} must be at least 1"));
@@ -320,6 +331,9 @@ impl Config {
         }
         if l.max_frame_bytes > 16 * 1024 * 1024 {
             return bad("limits.max_frame_bytes is capped at 16 MiB".into());
+        }
+        if self.store.memtable_mib > 1024 || self.store.cache_mib > 1024 * 1024 {
+            return bad("store.memtable_mib is capped at 1024 and store.cache_mib at 1048576".into());
         }
         let timeouts = [
             ("limits.login_timeout", l.login_timeout),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use chinwag_auth::{KeyError, TokenKey, TokenPolicy, Verifier};
 use chinwag_core::ratelimit::UserBuckets;
 use chinwag_core::{Authenticate, CommitListener, Delivery, SessionLimits, Store};
-use chinwag_store::{EmbeddedStore, OpenError, StoreOptions};
+use chinwag_store::{EmbeddedStore, OpenError, StoreMemory, StoreOptions};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -240,5 +240,9 @@ fn store_options(config: &Config) -> StoreOptions {
         queue: config.store.queue,
         dedup_window: config.store.dedup_window,
         replicate: config.cluster.is_some(),
+        memory: StoreMemory {
+            memtable_bytes: config.store.memtable_mib * crate::config::MIB,
+            cache_bytes: config.store.cache_mib * crate::config::MIB,
+        },
     }
 }

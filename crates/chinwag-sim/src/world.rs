@@ -318,6 +318,7 @@ impl World {
             queue: 65_536,
             dedup_window: Duration::from_secs(3600),
             replicate: true,
+            memory: chinwag_store::StoreMemory::default(),
         };
         let listener = Arc::new(Delivery::new(SimRouter(d.pushes.clone())));
         let store = EmbeddedStore::open(d.dir.path(), options, listener, Box::new(|_, _| {}))?;

@@ -45,6 +45,7 @@ impl Fixture {
             queue: 65_536,
             dedup_window: Duration::from_secs(3600),
             replicate: false,
+            memory: chinwag_store::StoreMemory::default(),
         };
         let store = EmbeddedStore::open(dir.path(), options, Arc::new(Ignore), Box::new(|_, _| {})).unwrap();
         Self {

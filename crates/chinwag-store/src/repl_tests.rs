@@ -37,6 +37,7 @@ fn dc(name: &str) -> Dc {
         queue: 1024,
         dedup_window: Duration::from_secs(3600),
         replicate: true,
+        memory: crate::StoreMemory::default(),
     };
     let store = EmbeddedStore::open(dir.path(), options, seen.clone(), Box::new(|_, _| {})).unwrap();
     Dc { _dir: dir, store, seen }
@@ -140,6 +141,7 @@ async fn coordinates_replicate_and_restarts_retract_them() {
         queue: 64,
         dedup_window: Duration::from_secs(60),
         replicate: true,
+        memory: crate::StoreMemory::default(),
     };
     let open = || {
         EmbeddedStore::open(

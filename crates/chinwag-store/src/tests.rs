@@ -32,6 +32,7 @@ fn options_with_window(mailbox_max_messages: u64, dedup_window: Duration) -> Sto
         queue: 1024,
         dedup_window,
         replicate: false,
+        memory: crate::StoreMemory::default(),
     }
 }
 
