@@ -183,6 +183,8 @@ pub struct PeerStatus {
     pub decommissioned: bool,
     /// Messages waiting in its mailboxes, as its last digest said.
     pub mailbox_depth: Option<u64>,
+    /// The DCs it said, in its last digest, it cannot hear.
+    pub unreachable: Vec<DcName>,
 }
 
 pub struct Replicator {
@@ -500,6 +502,7 @@ impl Replicator {
                 behind_log: p.behind_log,
                 decommissioned: self.decommissioned(p),
                 mailbox_depth: p.mailbox_depth,
+                unreachable: p.unreachable.iter().cloned().collect(),
             })
             .collect()
     }

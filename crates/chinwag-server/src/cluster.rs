@@ -50,6 +50,21 @@ pub struct ClusterStatus {
     pub peers: Vec<PeerView>,
     /// Every DC this one knows, itself first: what the cluster map draws.
     pub dcs: Vec<DcView>,
+    /// Every pair of DCs, as far as this DC can tell: the map's lines.
+    pub links: Vec<LinkView>,
+}
+
+/// The replication link between two DCs, seen from this one. For links this DC is on,
+/// what it observes itself; between two peers, what their digests said.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkView {
+    pub a: String,
+    pub b: String,
+    /// `Some(false)` if either end cannot hear the other; `None` if this DC cannot hear
+    /// one of them and so does not know.
+    pub up: Option<bool>,
+    /// Entries one end has applied that the other has not, the larger of both ways.
+    pub lag_entries: u64,
 }
 
 /// One DC on the cluster map.
@@ -105,6 +120,27 @@ pub struct PeerView {
     pub behind_log: bool,
     pub decommissioned: bool,
     pub mailbox_depth: Option<u64>,
+}
+
+/// Every pair among this DC and its peers (decommissioned ones left out).
+fn links(me: &DcName, applied: &VersionVector, peers: &[PeerStatus]) -> Vec<LinkView> {
+    let live: Vec<&PeerStatus> = peers.iter().filter(|p| !p.decommissioned).collect();
+    let lag = |x: &VersionVector, y: &VersionVector| x.lead_over(y).max(y.lead_over(x));
+    let mine = live.iter().map(|p| LinkView {
+        a: me.to_string(),
+        b: p.dc.to_string(),
+        up: Some(p.reachable),
+        lag_entries: lag(applied, &p.applied),
+    });
+    let theirs = live.iter().enumerate().flat_map(|(i, x)| {
+        live[i + 1..].iter().map(move |y| LinkView {
+            a: x.dc.to_string(),
+            b: y.dc.to_string(),
+            up: (x.reachable && y.reachable).then(|| !x.unreachable.contains(&y.dc) && !y.unreachable.contains(&x.dc)),
+            lag_entries: lag(&x.applied, &y.applied),
+        })
+    });
+    mine.chain(theirs).collect()
 }
 
 fn vv_map(vv: &VersionVector) -> BTreeMap<String, u64> {
@@ -337,12 +373,9 @@ impl Driver {
     }
 
     fn publish_status(&self) {
-        let peers = self
-            .replicator
-            .status()
-            .into_iter()
-            .map(|p| self.peer_view(p))
-            .collect();
+        let statuses = self.replicator.status();
+        let links = links(&self.replicator.config().me, self.replicator.applied(), &statuses);
+        let peers = statuses.into_iter().map(|p| self.peer_view(p)).collect();
         let status = ClusterStatus {
             dc: self.replicator.config().me.to_string(),
             stream: self.replicator.config().stream.to_string(),
@@ -351,6 +384,7 @@ impl Driver {
             truncated: vv_map(self.replicator.truncated()),
             peers,
             dcs: Vec::new(),
+            links,
         };
         self.status.send_replace(status);
     }

@@ -24,23 +24,32 @@ function positions(dcs) {
   });
 }
 
-function lagClass(dc) {
-  if (!dc.up) return "link down";
-  if (dc.lag_entries === 0) return "link lag-none";
-  return dc.lag_entries < HIGH_LAG ? "link lag-some" : "link lag-high";
+function linkClass(link, mine) {
+  const kind = mine ? "link mine" : "link";
+  if (link.up === null) return `${kind} unknown`;
+  if (!link.up) return `${kind} down`;
+  if (link.lag_entries === 0) return `${kind} lag-none`;
+  return `${kind} ${link.lag_entries < HIGH_LAG ? "lag-some" : "lag-high"}`;
+}
+
+function linkLabel(link) {
+  if (link.up === null) return "?";
+  return link.up ? `lag ${link.lag_entries}` : "cut";
 }
 
 function draw(status) {
   const dcs = status.dcs || [];
   const at = positions(dcs);
+  const where = new Map(dcs.map((dc, i) => [dc.dc, at[i]]));
   const map = document.getElementById("map");
   const title = map.querySelector("title");
-  const links = dcs.slice(1).map((dc, i) => {
+  const links = (status.links || []).filter((l) => where.has(l.a) && where.has(l.b)).map((link) => {
+    const [a, b] = [where.get(link.a), where.get(link.b)];
+    const mine = link.a === status.dc || link.b === status.dc;
     const group = el("g", {});
     group.append(
-      el("line", { class: lagClass(dc), "data-dc": dc.dc, x1: at[0].x, y1: at[0].y, x2: at[i + 1].x, y2: at[i + 1].y }),
-      el("text", { class: "lag", x: (at[0].x + at[i + 1].x) / 2, y: (at[0].y + at[i + 1].y) / 2 + 5 },
-        dc.up ? `lag ${dc.lag_entries}` : "unreachable"),
+      el("line", { class: linkClass(link, mine), "data-a": link.a, "data-b": link.b, x1: a.x, y1: a.y, x2: b.x, y2: b.y }),
+      el("text", { class: "lag", x: (a.x + b.x) / 2, y: (a.y + b.y) / 2 + 5 }, linkLabel(link)),
     );
     return group;
   });

@@ -316,8 +316,8 @@ async fn two_people_on_different_dcs_chat_and_the_map_shows_three_live_dcs() {
     .await;
     wait_until(
         &alice,
-        "drew two healthy links",
-        "document.querySelectorAll('#map line.lag-none').length === 2",
+        "drew three healthy links",
+        "document.querySelectorAll('#map line.lag-none').length === 3",
     )
     .await;
     wait_until(

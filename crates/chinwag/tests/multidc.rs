@@ -204,6 +204,43 @@ async fn the_cluster_view_shows_online_users_and_mailbox_depth_per_dc() {
         serde_json::from_str(events.lines().find_map(|l| l.strip_prefix("data: ")).expect("an event")).unwrap();
     assert_eq!(first["dc"], "east");
     assert_eq!(first["dcs"].as_array().unwrap().len(), 3);
+
+    // The links: all three pairs, up, with nothing outstanding; then west and south cut
+    // off from each other, which east learns from their digests.
+    let link = |s: &serde_json::Value, a: &str, b: &str| {
+        s["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| (l["a"] == a && l["b"] == b) || (l["a"] == b && l["b"] == a))
+            .cloned()
+            .unwrap()
+    };
+    let (up, down) = (serde_json::json!(true), serde_json::json!(false));
+    c.wait_until("all links up", |s| {
+        s["links"].as_array().unwrap().len() == 3
+            && s["links"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|l| l["up"] == up && l["lag_entries"] == 0)
+    })
+    .await;
+    c.cut_pair(1, 2);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = c.status(0).await;
+        if link(&s, "west", "south")["up"] == down {
+            assert_eq!(link(&s, "east", "west")["up"], up);
+            assert_eq!(link(&s, "east", "south")["up"], up);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "east never saw west-south cut: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
