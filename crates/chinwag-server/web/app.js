@@ -70,6 +70,7 @@ function index(m) {
 }
 
 function saveHistory() {
+  if (!app.user || !app.db) return;
   try {
     localStorage.setItem(storageKey(), JSON.stringify(app.db));
   } catch (e) {
@@ -181,16 +182,18 @@ function onMessage(f) {
     const peer = f.from === app.user ? f.to : f.from;
     append(peer, { dir: "in", id: f.id, from: f.from, text: f.text, at: f.at, state: "received" });
     if (peer !== app.current) app.unread[peer] = (app.unread[peer] || 0) + 1;
-    saveHistory();
-    render();
   }
-  // Acknowledge only what is saved; repeats are acknowledged again (an earlier ack may
-  // have been lost with its connection).
+  // Repeats are acknowledged again: an earlier ack may have been lost with its connection.
   app.toAck.push(f.id);
-  if (app.toAck.length === 1) queueMicrotask(flushAcks);
+  // One save and one ack for all the messages already received (a mailbox arrives as a
+  // burst), after the frames queued before it.
+  if (app.toAck.length === 1) setTimeout(saveThenAck, 0);
 }
 
-function flushAcks() {
+// Acknowledge only what is saved.
+function saveThenAck() {
+  saveHistory();
+  render();
   while (app.toAck.length) {
     const ids = app.toAck.splice(0, ACK_BATCH);
     if (!send({ type: "ack", ids })) {
@@ -305,6 +308,10 @@ async function devSignIn(name) {
 }
 
 function signOut() {
+  // Keep what arrived; what was not acknowledged yet is delivered again next time.
+  saveHistory();
+  app.toAck = [];
+  app.db = null;
   app.token = null;
   app.user = null;
   app.online = false;

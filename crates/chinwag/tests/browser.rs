@@ -357,12 +357,49 @@ async fn a_pasted_token_a_phone_sized_window_the_keyboard_and_a_restart() {
     )
     .await;
 
+    // A mailbox waiting for carol: it arrives once, in order, and is acknowledged.
+    let mut erin = node.login("erin").await;
+    for i in 0..200 {
+        erin.send_message("carol", &format!("e{i}"), &format!("offline {i}"))
+            .await
+            .unwrap();
+    }
     let token = node.token("carol");
     page.execute("document.getElementById('token').value = ''", vec![])
         .await
         .unwrap();
     type_into(&page, "token", &format!("{token}{ENTER}")).await;
     wait_online(&page).await;
+    page.find(Locator::Css("[data-peer=erin]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_until(
+        &page,
+        "showed the mailbox",
+        "document.querySelectorAll('.message.in').length === 200",
+    )
+    .await;
+    let texts = eval(
+        &page,
+        "Array.from(document.querySelectorAll('.message.in .text'), e => e.textContent)",
+    )
+    .await;
+    let expected: Vec<String> = (0..200).map(|i| format!("offline {i}")).collect();
+    assert_eq!(texts, json!(expected));
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while node.metric("chinwag_mailbox_depth").await != 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the app never acknowledged the mailbox"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    page.execute("document.getElementById('back').click()", vec![])
+        .await
+        .unwrap();
     open_conversation(&page, "dave").await;
     assert_eq!(eval(&page, "document.activeElement.id").await, "composer");
     say(&page, "first").await;
