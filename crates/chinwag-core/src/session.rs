@@ -184,7 +184,13 @@ impl Session {
 
     /// The next thing for the driver to do.
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.out.pop_front()
+        let output = self.out.pop_front();
+        if output.is_none() {
+            // Outputs are large and come in bursts: an idle session holds no queue (it
+            // would be most of its memory), at the price of one allocation per burst.
+            self.out = VecDeque::new();
+        }
+        output
     }
 
     /// When [`Session::on_timeout`] must next be called, if ever.

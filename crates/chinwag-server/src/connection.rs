@@ -238,47 +238,48 @@ impl<S: Store> Driver<'_, S> {
     /// Carries out everything the session asked for, then flushes the socket once.
     async fn flush_outputs(&mut self, appends: &mut Appends, ops: &mut Ops) -> Result<(), axum::Error> {
         let mut wrote = false;
+        // One `feed` await for every kind of frame, and the rare close boxed: each await
+        // point's state is part of every connection's task, idle or not.
         while let Some(output) = self.session.poll_output() {
             let store = self.node.store.clone();
-            match output {
+            let message = match output {
                 Output::Frame(frame) => {
                     if let ServerFrame::Error { code, .. } = &frame {
                         self.node.metrics.error(*code);
                     }
-                    self.socket.feed(text(chinwag_proto::encode_server(&frame))).await?;
-                    wrote = true;
+                    text(chinwag_proto::encode_server(&frame))
                 }
                 Output::Deliver(msg) => {
                     self.node.metrics.messages_out.inc();
-                    self.socket.feed(text(msg.encode_frame())).await?;
-                    wrote = true;
+                    text(msg.encode_frame())
                 }
-                Output::Ping => {
-                    self.socket.feed(WsMessage::Ping(Default::default())).await?;
-                    wrote = true;
-                }
-                Output::Close { code, reason } => {
-                    return self.close(code, reason).await;
-                }
+                Output::Ping => WsMessage::Ping(Default::default()),
+                Output::Close { code, reason } => return Box::pin(self.close(code, reason)).await,
                 Output::Join { user } => {
                     let at = self.session.coordinate().clone();
                     ops.push(Box::pin(
                         async move { Done::Joined(store.add_coordinate(user, at).await) },
                     ));
+                    continue;
                 }
                 Output::Append(new) => {
                     let client_id = new.client_id.clone();
                     appends.push_back(Box::pin(async move { (client_id, store.append(new).await) }));
+                    continue;
                 }
                 Output::Scan { user, after, limit } => {
                     ops.push(Box::pin(async move {
                         Done::Scanned(store.scan(user, after, limit).await, limit)
                     }));
+                    continue;
                 }
                 Output::Ack { user, seqs, ids } => {
                     ops.push(Box::pin(async move { Done::Acked(ids, store.ack(user, seqs).await) }));
+                    continue;
                 }
-            }
+            };
+            self.socket.feed(message).await?;
+            wrote = true;
         }
         if wrote {
             self.socket.flush().await?;

@@ -11,8 +11,9 @@ use tokio::sync::{Notify, mpsc};
 /// What the router hands a connection.
 pub enum Push {
     Message(SharedMessage),
-    /// Messages this connection's user sent were delivered.
-    Receipt(Arc<[MessageId]>),
+    /// Messages this connection's user sent were delivered. Boxed to keep `Push` two words:
+    /// every connection's queue is allocated in blocks of slots of this size.
+    Receipt(Box<Arc<[MessageId]>>),
 }
 
 pub struct Inbox {
@@ -150,7 +151,7 @@ impl Router for Registry {
             return PushOutcome::Gone;
         };
         // A receipt that does not fit is dropped: unlike a message, nothing depends on it.
-        match entry.queue.try_send(Push::Receipt(ids.clone())) {
+        match entry.queue.try_send(Push::Receipt(Box::new(ids.clone()))) {
             Ok(()) => PushOutcome::Queued,
             Err(mpsc::error::TrySendError::Full(_)) => PushOutcome::Overflowed,
             Err(mpsc::error::TrySendError::Closed(_)) => PushOutcome::Gone,
