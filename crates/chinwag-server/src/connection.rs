@@ -14,7 +14,7 @@ use chinwag_proto::ServerFrame;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::watch;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::node::NodeState;
 use crate::registry::{Inbox, Push};
@@ -110,6 +110,13 @@ impl<S: Store> Driver<'_, S> {
         let mut appends = Appends::new();
         let mut ops = Ops::new();
         let mut shutdown = self.node.shutdown.clone();
+        // The session's deadline (login, ping, idle) moves later with every frame heard.
+        // Re-arming a timer on every event would touch the runtime's timer wheel each
+        // time; instead the timer is moved only when the deadline comes earlier, and
+        // when it fires early the session finds nothing due and it is armed again.
+        let timer = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
         loop {
             // A client that does not read fills its socket and then this write; rather than
             // hold its frames, the connection is dropped. Its messages stay in the mailbox.
@@ -129,7 +136,19 @@ impl<S: Store> Driver<'_, S> {
             if self.session.is_closed() {
                 return End::SessionClosed;
             }
-            let mut event = Some(self.next_event(&mut appends, &mut ops, &mut shutdown).await);
+            let deadline = self.session.poll_timeout().map(deadline_instant);
+            if let Some(at) = deadline
+                && armed.is_none_or(|armed| at + TIMER_SLACK < armed)
+            {
+                timer.as_mut().reset(at);
+                armed = Some(at);
+            }
+            let timer = deadline.map(|_| timer.as_mut());
+            let next = self.next_event(&mut appends, &mut ops, &mut shutdown, timer).await;
+            if matches!(next, Event::Timeout) {
+                armed = None;
+            }
+            let mut event = Some(next);
             let mut handled = 0;
             while let Some(this) = event.take() {
                 if let Some(end) = self.handle(this).await {
@@ -151,8 +170,8 @@ impl<S: Store> Driver<'_, S> {
         appends: &mut Appends,
         ops: &mut Ops,
         shutdown: &mut watch::Receiver<bool>,
+        timer: Option<Pin<&mut Sleep>>,
     ) -> Event {
-        let deadline = self.session.poll_timeout().map(deadline_instant);
         let wants_input = self.session.wants_input();
         tokio::select! {
             frame = self.socket.recv(), if wants_input => Event::Frame(frame),
@@ -160,7 +179,7 @@ impl<S: Store> Driver<'_, S> {
             Some(done) = ops.next() => Event::Done(done),
             Some(msg) = self.inbox.messages.recv() => Event::Push(msg),
             () = self.inbox.signal.notify.notified() => Event::PushDropped,
-            () = sleep_until(deadline), if deadline.is_some() => Event::Timeout,
+            () = expires(timer) => Event::Timeout,
             _ = shutdown.changed() => Event::Shutdown,
         }
     }
@@ -305,9 +324,13 @@ fn deadline_instant(deadline_ms: u64) -> Instant {
     Instant::now() + std::time::Duration::from_millis(wait)
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
+/// How much earlier a deadline must come to move the timer: deadlines are computed in
+/// milliseconds from the wall clock, so the same one varies a little between calls.
+const TIMER_SLACK: std::time::Duration = std::time::Duration::from_millis(5);
+
+async fn expires(timer: Option<Pin<&mut Sleep>>) {
+    match timer {
+        Some(timer) => timer.await,
         None => std::future::pending().await,
     }
 }
