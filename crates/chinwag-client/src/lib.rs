@@ -112,6 +112,8 @@ pub struct ConnectOptions {
     pub ca: Option<PathBuf>,
     /// An `Origin` header to send, as a browser would.
     pub origin: Option<String>,
+    /// Ask for `delivered` receipts for what this connection's user sends.
+    pub receipts: bool,
 }
 
 impl Connection {
@@ -156,7 +158,11 @@ impl Connection {
         options: &ConnectOptions,
     ) -> Result<(Self, Welcome), ClientError> {
         let mut conn = Self::connect_with(server, options).await?;
-        conn.send(&ClientFrame::Login { token: token.into() }).await?;
+        conn.send(&ClientFrame::Login {
+            token: token.into(),
+            receipts: options.receipts,
+        })
+        .await?;
         loop {
             match conn.recv().await? {
                 ServerFrame::Welcome {

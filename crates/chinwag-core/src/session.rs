@@ -140,6 +140,8 @@ struct Open {
     held: Vec<SharedMessage>,
     /// `held` overflowed during this page; the pushes it dropped must be read back.
     held_overflowed: bool,
+    /// The client asked for `delivered` receipts at login.
+    receipts: bool,
 }
 
 /// One client connection's protocol state.
@@ -294,7 +296,7 @@ impl Session {
             return;
         }
         match frame {
-            ClientFrame::Login { token } => self.login(&token, now_ms),
+            ClientFrame::Login { token, receipts } => self.login(&token, receipts, now_ms),
             ClientFrame::Ping { nonce } => self.out.push_back(Output::Frame(ServerFrame::Pong { nonce })),
             ClientFrame::Send { to, client_id, text } => self.send(to, client_id, text, now_ms),
             ClientFrame::Ack { ids } => self.ack(ids),
@@ -312,7 +314,7 @@ impl Session {
         self.fail(ErrorCode::FrameTooLarge, format!("frames are limited to {limit} bytes"));
     }
 
-    fn login(&mut self, token: &str, now_ms: u64) {
+    fn login(&mut self, token: &str, receipts: bool, now_ms: u64) {
         if !matches!(self.state, State::AwaitingLogin { .. }) {
             return self.error(ErrorCode::AlreadyAuthenticated, "already logged in".into(), None);
         }
@@ -334,6 +336,7 @@ impl Session {
             scanning: true,
             held: Vec::new(),
             held_overflowed: false,
+            receipts,
         }));
     }
 
@@ -487,6 +490,7 @@ impl Session {
     pub fn on_delivered(&mut self, ids: &[MessageId]) {
         if let State::Open(open) = &self.state
             && open.joined
+            && open.receipts
         {
             let ids = ids.iter().map(ToString::to_string).collect();
             self.out.push_back(Output::Frame(ServerFrame::Delivered { ids }));

@@ -18,8 +18,13 @@ pub const PROTOCOL_VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientFrame {
-    /// Authenticate the connection; must be the first frame.
-    Login { token: String },
+    /// Authenticate the connection; must be the first frame. With `receipts`, the
+    /// connection also gets `delivered` receipts for what its user sends.
+    Login {
+        token: String,
+        #[serde(default, skip_serializing_if = "is_false")]
+        receipts: bool,
+    },
     /// Send `text` to user `to`. `client_id` is the idempotency key: a retry with the same
     /// `client_id` gets the same `sent` answer and is delivered at most once.
     Send {
@@ -297,6 +302,11 @@ pub fn encode_client(frame: &ClientFrame) -> String {
 /// Decodes one server text frame (used by clients).
 pub fn decode_server(text: &str) -> Result<ServerFrame, serde_json::Error> {
     serde_json::from_str(text)
+}
+
+/// For `skip_serializing_if`: leave flags that are off out of the JSON.
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 #[cfg(test)]

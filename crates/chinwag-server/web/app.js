@@ -107,7 +107,7 @@ function connect() {
   const timeout = setTimeout(() => ws.close(), CONNECT_TIMEOUT_MS);
   ws.onopen = () => {
     clearTimeout(timeout);
-    ws.send(JSON.stringify({ type: "login", token: app.token }));
+    ws.send(JSON.stringify({ type: "login", token: app.token, receipts: true }));
   };
   ws.onmessage = (event) => {
     if (ws !== app.ws) return;

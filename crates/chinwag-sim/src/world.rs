@@ -575,6 +575,7 @@ impl World {
         session.on_text(
             &chinwag_proto::encode_client(&ClientFrame::Login {
                 token: format!("user:{user}"),
+                receipts: false,
             }),
             now,
         );

@@ -220,6 +220,7 @@ impl Run {
             .with_context(|| format!("upgrading {url}"))?;
         let login = chinwag_proto::encode_client(&ClientFrame::Login {
             token: self.token(user),
+            receipts: false,
         });
         ws.send(WsMessage::text(login)).await?;
         loop {

@@ -72,7 +72,7 @@ impl ServerArgs {
     ) -> Result<(chinwag_client::Connection, chinwag_client::Welcome), chinwag_client::ClientError> {
         let options = chinwag_client::ConnectOptions {
             ca: self.ca.clone(),
-            origin: None,
+            ..Default::default()
         };
         chinwag_client::Connection::login_with(&self.server, &self.token, &options).await
     }

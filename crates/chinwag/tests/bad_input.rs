@@ -171,7 +171,12 @@ async fn garbage_and_forged_tokens_close_with_1008() {
         }
     }
     let mut conn = Connection::connect(&node.url()).await.unwrap();
-    conn.send(&ClientFrame::Login { token: forged }).await.unwrap();
+    conn.send(&ClientFrame::Login {
+        token: forged,
+        receipts: false,
+    })
+    .await
+    .unwrap();
     assert_eq!(next_error(&mut conn).await.0, ErrorCode::BadToken);
     assert_closed_with(&mut conn, 1008).await;
     assert_others_unaffected(&node, "token").await;
@@ -183,7 +188,12 @@ async fn expired_token_closes_with_1008() {
     let (_dir, node) = node();
     let expired = token_for(&node.dir.join("data"), "alice", Duration::ZERO);
     let mut conn = Connection::connect(&node.url()).await.unwrap();
-    conn.send(&ClientFrame::Login { token: expired }).await.unwrap();
+    conn.send(&ClientFrame::Login {
+        token: expired,
+        receipts: false,
+    })
+    .await
+    .unwrap();
     assert_eq!(next_error(&mut conn).await.0, ErrorCode::TokenExpired);
     assert_closed_with(&mut conn, 1008).await;
     assert_others_unaffected(&node, "expired").await;
@@ -213,6 +223,7 @@ async fn sending_before_login_is_refused() {
     // Logging in afterwards still works, and nothing was stored.
     conn.send(&ClientFrame::Login {
         token: node.token("late"),
+        receipts: false,
     })
     .await
     .unwrap();
@@ -227,6 +238,7 @@ async fn logging_in_twice_is_refused() {
     let mut conn = node.login("alice").await;
     conn.send(&ClientFrame::Login {
         token: node.token("bob"),
+        receipts: false,
     })
     .await
     .unwrap();

@@ -93,7 +93,7 @@ async fn clients_chat_over_tls_and_plain_websocket_is_refused() {
     let url = format!("wss://{}/v1/ws", node.addr);
     let options = ConnectOptions {
         ca: Some(cert_path.clone()),
-        origin: None,
+        ..ConnectOptions::default()
     };
     let (mut alice, _) = Connection::login_with(&url, &node.token("alice"), &options)
         .await
@@ -135,7 +135,10 @@ async fn handshakes_from_origins_not_on_the_allow_list_get_403() {
     assert_eq!(error_code_of(&body), ErrorCode::OriginNotAllowed);
 
     for origin in [Some("https://chat.example".to_owned()), None] {
-        let options = ConnectOptions { ca: None, origin };
+        let options = ConnectOptions {
+            origin,
+            ..ConnectOptions::default()
+        };
         let (mut conn, _) = Connection::login_with(&node.url(), &node.token("alice"), &options)
             .await
             .unwrap();
@@ -161,7 +164,10 @@ async fn one_address_cannot_take_more_than_its_share_of_connections() {
     // Another address is not affected.
     let stream = connect_from(loopback(2), node.addr).await.unwrap();
     let (mut ws, _) = tokio_tungstenite::client_async(node.url(), stream).await.unwrap();
-    let login = chinwag_proto::encode_client(&ClientFrame::Login { token: node.token("d") });
+    let login = chinwag_proto::encode_client(&ClientFrame::Login {
+        token: node.token("d"),
+        receipts: false,
+    });
     ws.send(WsMessage::text(login)).await.unwrap();
     let reply = tokio::time::timeout(SOON, ws.next()).await.unwrap().unwrap().unwrap();
     assert!(reply.to_text().unwrap().contains("welcome"), "{reply:?}");
@@ -280,6 +286,7 @@ async fn a_client_that_stops_reading_is_dropped_and_loses_nothing() {
     let (mut stalled, _) = tokio_tungstenite::client_async(node.url(), stream).await.unwrap();
     let login = chinwag_proto::encode_client(&ClientFrame::Login {
         token: node.token("bob"),
+        receipts: false,
     });
     stalled.send(WsMessage::text(login)).await.unwrap();
     let welcome = tokio::time::timeout(SOON, stalled.next())

@@ -242,7 +242,9 @@ on_both!(
 );
 
 on_both!(the_sender_gets_a_receipt_when_the_recipient_acknowledges, "", |place| {
-    let mut alice = place.login("alice").await;
+    let mut alice = place.login_with_receipts("alice").await;
+    // Another device of alice's that did not ask for receipts.
+    let mut alice_quiet = place.login("alice").await;
     let mut bob = place.login("bob").await;
     let sent = alice.send_message("bob", "r-1", "did you get this?").await.unwrap();
     let (id, _, _) = next_message(&mut bob).await;
@@ -260,4 +262,5 @@ on_both!(the_sender_gets_a_receipt_when_the_recipient_acknowledges, "", |place| 
             other => panic!("expected a receipt, got {other:?}"),
         }
     }
+    assert_silent(&mut alice_quiet, Duration::from_millis(300)).await;
 });

@@ -648,6 +648,22 @@ impl Place {
         }
     }
 
+    /// Logs in asking for `delivered` receipts.
+    pub async fn login_with_receipts(&self, user: &str) -> Connection {
+        let token = match self {
+            Place::Single(_, node) => node.token(user),
+            Place::Spread(_, c) => c.token(user),
+        };
+        let options = chinwag_client::ConnectOptions {
+            receipts: true,
+            ..Default::default()
+        };
+        let (conn, _) = Connection::login_with(&self.url(user), &token, &options)
+            .await
+            .expect("login");
+        conn
+    }
+
     /// A metric once replication has settled: counters summed over the DCs, gauges (which
     /// must then agree) from any.
     pub async fn metric(&self, name: &str) -> f64 {
