@@ -95,6 +95,7 @@ struct Report {
     errors: u64,
     lost: u64,
     duplicated: u64,
+    reordered: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     stored_per_sec: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -113,6 +114,20 @@ struct Report {
     server_cpu_percent: Option<f64>,
 }
 
+impl Report {
+    /// What every scenario counts: latency, errors, lost, duplicated and reordered.
+    fn counted(counters: &Counters, ledger: &Ledger) -> Report {
+        Report {
+            latency_ms: percentiles(&ledger.latency),
+            errors: counters.errors.load(Ordering::Relaxed),
+            lost: ledger.lost(),
+            duplicated: counters.duplicated.load(Ordering::Relaxed),
+            reordered: counters.reordered.load(Ordering::Relaxed),
+            ..Report::default()
+        }
+    }
+}
+
 /// Shared counters, also read by the progress line.
 #[derive(Default)]
 struct Counters {
@@ -121,6 +136,8 @@ struct Counters {
     accepted: AtomicU64,
     delivered: AtomicU64,
     duplicated: AtomicU64,
+    /// First deliveries of a sender's message after a later one of the same sender.
+    reordered: AtomicU64,
     errors: AtomicU64,
     /// When the latest first delivery arrived, in ns since the start of the run.
     last_delivery_ns: AtomicU64,
@@ -133,6 +150,8 @@ struct Ledger {
     delivered: Vec<Vec<u8>>,
     /// Per sender: it has stopped and has no send left unanswered.
     finished: Vec<bool>,
+    /// Per sender: the highest seq delivered so far.
+    highest: Vec<Option<usize>>,
     latency: Histogram<u64>,
 }
 
@@ -142,6 +161,7 @@ impl Ledger {
             accepted: vec![Vec::new(); senders],
             delivered: vec![Vec::new(); senders],
             finished: vec![false; senders],
+            highest: vec![None; senders],
             latency: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"),
         }
     }
@@ -259,6 +279,11 @@ impl Run {
         if Ledger::mark(delivered, seq) > 1 {
             self.counters.duplicated.fetch_add(1, Ordering::Relaxed);
         } else {
+            let highest = &mut ledger.highest[from];
+            if highest.is_some_and(|h| seq < h) {
+                self.counters.reordered.fetch_add(1, Ordering::Relaxed);
+            }
+            *highest = (*highest).max(Some(seq));
             self.counters.delivered.fetch_add(1, Ordering::Relaxed);
             self.counters.last_delivery_ns.fetch_max(now, Ordering::Relaxed);
             let _ = ledger.latency.record(now.saturating_sub(t).max(1));
@@ -427,11 +452,7 @@ async fn pairs(run: &Arc<Run>) -> anyhow::Result<Report> {
         sent: run.counters.accepted.load(Ordering::Relaxed),
         delivered: run.counters.delivered.load(Ordering::Relaxed),
         delivered_per_sec: run.counters.delivered.load(Ordering::Relaxed) as f64 / elapsed,
-        latency_ms: percentiles(&ledger.latency),
-        errors: run.counters.errors.load(Ordering::Relaxed),
-        lost: ledger.lost(),
-        duplicated: run.counters.duplicated.load(Ordering::Relaxed),
-        ..Report::default()
+        ..Report::counted(&run.counters, &ledger)
     })
 }
 
@@ -480,13 +501,9 @@ async fn offline(run: &Arc<Run>) -> anyhow::Result<Report> {
         sent: stored,
         delivered: drained,
         delivered_per_sec: drained_per_sec,
-        latency_ms: percentiles(&ledger.latency),
-        errors: run.counters.errors.load(Ordering::Relaxed),
-        lost: ledger.lost(),
-        duplicated: run.counters.duplicated.load(Ordering::Relaxed),
         stored_per_sec: Some(stored_per_sec),
         drained_per_sec: Some(drained_per_sec),
-        ..Report::default()
+        ..Report::counted(&run.counters, &ledger)
     })
 }
 
@@ -735,7 +752,7 @@ fn print_report(r: &Report, json: bool) {
         "latency ms        p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
         r.latency_ms.p50, r.latency_ms.p99, r.latency_ms.p999, r.latency_ms.max
     );
-    println!("lost / duplicated {} / {}", r.lost, r.duplicated);
+    println!("lost / dup / reord {} / {} / {}", r.lost, r.duplicated, r.reordered);
     println!("errors            {}", r.errors);
     println!("stored/s          {}", opt(r.stored_per_sec, ""));
     println!("drained/s         {}", opt(r.drained_per_sec, ""));

@@ -287,3 +287,27 @@ async fn the_connection_limit_answers_503_server_busy() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     node.login("c").await;
 }
+
+#[tokio::test]
+async fn the_load_generator_counts_every_message_against_a_real_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_in(dir.path(), "");
+    let data = dir.path().join("data");
+    let (server, data) = (node.url(), data.to_str().unwrap().to_owned());
+    let common = ["bench", "--server", &server, "--data", &data, "--json", "--users", "20"];
+    let scenarios: [&[&str]; 2] = [
+        &["--scenario", "pairs", "--rate", "200", "--duration", "2s"],
+        &["--scenario", "offline", "--messages", "200"],
+    ];
+    for scenario in scenarios {
+        let args: Vec<&str> = common.iter().chain(scenario).copied().collect();
+        let (code, out) = run_cli(&args).await;
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(code, 0, "{out}");
+        assert!(report["sent"].as_u64().unwrap() > 0, "{out}");
+        assert_eq!(report["delivered"], report["sent"], "{out}");
+        for counted in ["lost", "duplicated", "reordered", "errors"] {
+            assert_eq!(report[counted], 0, "{counted}: {out}");
+        }
+    }
+}
