@@ -195,6 +195,12 @@ impl Session {
         output
     }
 
+    /// Whether the client asked at login for `delivered` receipts. Routers may skip
+    /// receipts for connections that did not: the session would drop them anyway.
+    pub fn wants_receipts(&self) -> bool {
+        matches!(&self.state, State::Open(open) if open.receipts)
+    }
+
     /// When [`Session::on_timeout`] must next be called, if ever.
     pub fn poll_timeout(&self) -> Option<u64> {
         match self.state {
@@ -490,7 +496,7 @@ impl Session {
     pub fn on_delivered(&mut self, ids: &[MessageId]) {
         if let State::Open(open) = &self.state
             && open.joined
-            && open.receipts
+            && self.wants_receipts()
         {
             let ids = ids.iter().map(ToString::to_string).collect();
             self.out.push_back(Output::Frame(ServerFrame::Delivered { ids }));

@@ -276,6 +276,7 @@ impl<S: Store> Driver<'_, S> {
                 Output::Close { code, reason } => return Box::pin(self.close(code, reason)).await,
                 Output::Join { user } => {
                     let at = self.session.coordinate().clone();
+                    self.node.registry.set_receipts(&at, self.session.wants_receipts());
                     ops.push(Box::pin(
                         async move { Done::Joined(store.add_coordinate(user, at).await) },
                     ));

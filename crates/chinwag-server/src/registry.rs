@@ -46,6 +46,8 @@ impl DropSignal {
 struct Entry {
     queue: mpsc::Sender<Push>,
     signal: Arc<DropSignal>,
+    /// The client asked for `delivered` receipts: only then is a receipt worth a wake-up.
+    receipts: AtomicBool,
 }
 
 /// This node's connection table: coordinate → push queue.
@@ -92,6 +94,7 @@ impl Registry {
         let entry = Entry {
             queue,
             signal: signal.clone(),
+            receipts: AtomicBool::new(false),
         };
         self.conns.write().expect("registry lock").insert(conn, entry);
         let coordinate = Coordinate {
@@ -101,6 +104,13 @@ impl Registry {
             conn,
         };
         (coordinate, Inbox { messages, signal })
+    }
+
+    /// Records whether the connection at `coordinate` wants `delivered` receipts.
+    pub fn set_receipts(&self, coordinate: &Coordinate, wanted: bool) {
+        if let Some(entry) = self.conns.read().expect("registry lock").get(&coordinate.conn) {
+            entry.receipts.store(wanted, Ordering::Relaxed);
+        }
     }
 
     pub fn close(&self, coordinate: &Coordinate) {
@@ -150,6 +160,10 @@ impl Router for Registry {
         let Some(entry) = conns.get(&to.conn).filter(|_| to.incarnation == self.incarnation()) else {
             return PushOutcome::Gone;
         };
+        if !entry.receipts.load(Ordering::Relaxed) {
+            // Not asked for: delivered to no one, like a receipt that finds no connection.
+            return PushOutcome::Gone;
+        }
         // A receipt that does not fit is dropped: unlike a message, nothing depends on it.
         match entry.queue.try_send(Push::Receipt(Box::new(ids.clone()))) {
             Ok(()) => PushOutcome::Queued,
