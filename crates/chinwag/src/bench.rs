@@ -623,61 +623,71 @@ const ACK_BATCH: usize = 64;
 /// Receives and acknowledges until everything `partner` had accepted has arrived: an
 /// overloaded server still has messages to deliver after the senders stop, and those
 /// count as delivered late, not lost. Bounded by [`DRAIN_MAX`] after `senders_stop`.
-async fn receiver(run: &Run, mut ws: Ws, partner: usize, senders_stop: Instant) -> anyhow::Result<()> {
-    let mut acks = Vec::new();
+async fn receiver(run: &Run, ws: Ws, partner: usize, senders_stop: Instant) -> anyhow::Result<()> {
+    let mut rx = Receiving { ws, acks: Vec::new() };
     let mut check = tokio::time::interval_at((senders_stop + GRACE).into(), Duration::from_millis(100));
     loop {
-        let frame = tokio::select! {
-            f = next_frame(&mut ws) => f?,
-            () = tokio::time::sleep(Duration::from_millis(2)), if !acks.is_empty() => {
-                flush_acks(&mut ws, &mut acks).await?;
-                continue;
-            }
-            _ = check.tick() => {
+        let everything_arrived = async {
+            loop {
+                check.tick().await;
                 if run.ledger.lock().await.complete(partner) || Instant::now() >= senders_stop + DRAIN_MAX {
-                    break;
+                    return;
                 }
-                continue;
             }
         };
-        if let ServerFrame::Message { id, text, .. } = frame {
-            run.on_message(&text).await;
-            acks.push(id);
-            if acks.len() >= ACK_BATCH {
-                flush_acks(&mut ws, &mut acks).await?;
-            }
+        if !rx.next(run, everything_arrived).await? {
+            return rx.close().await;
         }
     }
-    flush_acks(&mut ws, &mut acks).await?;
-    let _ = ws.close(None).await;
-    Ok(())
 }
 
 /// Receives until `expected` messages arrived (or nothing comes for a while).
-async fn drain(run: &Run, mut ws: Ws, expected: u64) -> anyhow::Result<()> {
-    let mut acks = Vec::new();
-    let mut got = 0;
-    while got < expected {
-        let frame = tokio::select! {
-            f = next_frame(&mut ws) => f?,
-            () = tokio::time::sleep(Duration::from_millis(2)), if !acks.is_empty() => {
-                flush_acks(&mut ws, &mut acks).await?;
-                continue;
-            }
-            () = tokio::time::sleep(GRACE) => break,
-        };
-        if let ServerFrame::Message { id, text, .. } = frame {
-            run.on_message(&text).await;
-            got += 1;
-            acks.push(id);
-            if acks.len() >= ACK_BATCH {
-                flush_acks(&mut ws, &mut acks).await?;
+async fn drain(run: &Run, ws: Ws, expected: u64) -> anyhow::Result<()> {
+    let mut rx = Receiving { ws, acks: Vec::new() };
+    for _ in 0..expected {
+        if !rx.next(run, tokio::time::sleep(GRACE)).await? {
+            break;
+        }
+    }
+    rx.close().await
+}
+
+/// A receiving connection: records every message and acknowledges them in batches of
+/// [`ACK_BATCH`], or as soon as nothing has come for 2 ms.
+struct Receiving {
+    ws: Ws,
+    acks: Vec<String>,
+}
+
+impl Receiving {
+    /// Waits for the next message and records it; `false` if `stop` finished first.
+    async fn next(&mut self, run: &Run, stop: impl Future<Output = ()>) -> anyhow::Result<bool> {
+        tokio::pin!(stop);
+        loop {
+            let frame = tokio::select! {
+                f = next_frame(&mut self.ws) => f?,
+                () = tokio::time::sleep(Duration::from_millis(2)), if !self.acks.is_empty() => {
+                    flush_acks(&mut self.ws, &mut self.acks).await?;
+                    continue;
+                }
+                () = &mut stop => return Ok(false),
+            };
+            if let ServerFrame::Message { id, text, .. } = frame {
+                run.on_message(&text).await;
+                self.acks.push(id);
+                if self.acks.len() >= ACK_BATCH {
+                    flush_acks(&mut self.ws, &mut self.acks).await?;
+                }
+                return Ok(true);
             }
         }
     }
-    flush_acks(&mut ws, &mut acks).await?;
-    let _ = ws.close(None).await;
-    Ok(())
+
+    async fn close(mut self) -> anyhow::Result<()> {
+        flush_acks(&mut self.ws, &mut self.acks).await?;
+        let _ = self.ws.close(None).await;
+        Ok(())
+    }
 }
 
 async fn flush_acks(ws: &mut Ws, acks: &mut Vec<String>) -> anyhow::Result<()> {

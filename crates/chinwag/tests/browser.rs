@@ -15,8 +15,9 @@ use common::*;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
 
-/// WebDriver's code for the Enter key.
+/// WebDriver's codes for the Enter and Escape keys.
 const ENTER: char = '\u{e007}';
+const ESCAPE: char = '\u{e00c}';
 /// Long enough for a reconnect with backoff; only reached on failure.
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -192,6 +193,30 @@ async fn say(page: &Client, text: &str) {
     type_into(page, "composer", &format!("{text}{ENTER}")).await;
 }
 
+/// Waits until the page shows the incoming message `text` exactly once.
+async fn wait_received(page: &Client, text: &str) {
+    let what = format!("shown {text:?} once");
+    wait_until(page, &what, &format!("{} === 1", count_messages("in", text))).await;
+}
+
+/// Waits until the outgoing message `text` shows `state` (sending, accepted, delivered).
+async fn wait_state(page: &Client, text: &str, state: &str) {
+    let what = format!("shown {text:?} as {state}");
+    wait_until(page, &what, &format!("{} === '{state}'", message_state(text))).await;
+}
+
+/// Opens the conversation with `peer` from the list.
+async fn click_peer(page: &Client, peer: &str) {
+    let selector = format!("[data-peer={peer}]");
+    wait_until(
+        page,
+        "listed the conversation",
+        &format!("document.querySelector('{selector}')"),
+    )
+    .await;
+    page.find(Locator::Css(&selector)).await.unwrap().click().await.unwrap();
+}
+
 fn count_messages(dir: &str, text: &str) -> String {
     format!(
         "Array.from(document.querySelectorAll('.message.{dir} .text')).filter(e => e.textContent === '{text}').length"
@@ -229,75 +254,24 @@ async fn two_people_on_different_dcs_chat_and_the_map_shows_three_live_dcs() {
     // alice (east) → bob (west): sending, then accepted, then delivered once bob has it.
     open_conversation(&alice, "bob").await;
     say(&alice, "hi bob, from east").await;
-    wait_until(
-        &bob,
-        "listed alice's conversation",
-        "document.querySelector('[data-peer=alice]')",
-    )
-    .await;
-    bob.find(Locator::Css("[data-peer=alice]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    wait_until(
-        &bob,
-        "got alice's message",
-        &format!("{} === 1", count_messages("in", "hi bob, from east")),
-    )
-    .await;
-    wait_until(
-        &alice,
-        "saw the receipt",
-        &format!("{} === 'delivered'", message_state("hi bob, from east")),
-    )
-    .await;
+    click_peer(&bob, "alice").await;
+    wait_received(&bob, "hi bob, from east").await;
+    wait_state(&alice, "hi bob, from east", "delivered").await;
 
     // bob → alice.
     say(&bob, "hello alice, from west").await;
-    wait_until(
-        &alice,
-        "got bob's reply",
-        &format!("{} === 1", count_messages("in", "hello alice, from west")),
-    )
-    .await;
-    wait_until(
-        &bob,
-        "saw the receipt",
-        &format!("{} === 'delivered'", message_state("hello alice, from west")),
-    )
-    .await;
+    wait_received(&alice, "hello alice, from west").await;
+    wait_state(&bob, "hello alice, from west", "delivered").await;
 
     // bob closes his page; alice writes; bob comes back and gets it exactly once.
     bob.goto("about:blank").await.unwrap();
     say(&alice, "while you were away").await;
-    wait_until(
-        &alice,
-        "had it accepted",
-        &format!("{} === 'accepted'", message_state("while you were away")),
-    )
-    .await;
+    wait_state(&alice, "while you were away", "accepted").await;
     bob.goto(west).await.unwrap();
     wait_online(&bob).await;
-    bob.find(Locator::Css("[data-peer=alice]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    wait_until(
-        &bob,
-        "got the offline message",
-        &format!("{} === 1", count_messages("in", "while you were away")),
-    )
-    .await;
-    wait_until(
-        &alice,
-        "saw the receipt",
-        &format!("{} === 'delivered'", message_state("while you were away")),
-    )
-    .await;
+    click_peer(&bob, "alice").await;
+    wait_received(&bob, "while you were away").await;
+    wait_state(&alice, "while you were away", "delivered").await;
     // A reload shows the same conversation, nothing twice.
     bob.refresh().await.unwrap();
     wait_online(&bob).await;
@@ -343,13 +317,8 @@ async fn a_pasted_token_a_phone_sized_window_the_keyboard_and_a_restart() {
     let (status, body) = http_post_json(&node.http("/v1/dev/token"), r#"{"user":"mallory"}"#).await;
     assert_eq!((status, body.contains("dev_sign_in_disabled")), (404, true), "{body}");
 
-    type_into(&page, "token", "not-a-token").await;
-    page.find(Locator::Css("#token-form button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    // From here on, only the keyboard.
+    type_into(&page, "token", &format!("not-a-token{ENTER}")).await;
     wait_until(
         &page,
         "refused the bad token",
@@ -370,12 +339,7 @@ async fn a_pasted_token_a_phone_sized_window_the_keyboard_and_a_restart() {
         .unwrap();
     type_into(&page, "token", &format!("{token}{ENTER}")).await;
     wait_online(&page).await;
-    page.find(Locator::Css("[data-peer=erin]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    open_conversation(&page, "erin").await;
     wait_until(
         &page,
         "showed the mailbox",
@@ -389,26 +353,18 @@ async fn a_pasted_token_a_phone_sized_window_the_keyboard_and_a_restart() {
     .await;
     let expected: Vec<String> = (0..200).map(|i| format!("offline {i}")).collect();
     assert_eq!(texts, json!(expected));
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while node.metric("chinwag_mailbox_depth").await != 0.0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the app never acknowledged the mailbox"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    page.execute("document.getElementById('back').click()", vec![])
-        .await
-        .unwrap();
+    // The app acknowledged the whole mailbox.
+    node.wait_for_metric("chinwag_mailbox_depth", 0.0).await;
+    // Escape goes back to the list (one column at this width).
+    type_into(&page, "composer", &ESCAPE.to_string()).await;
+    assert_eq!(
+        eval(&page, "document.body.classList.contains('show-conversation')").await,
+        false
+    );
     open_conversation(&page, "dave").await;
     assert_eq!(eval(&page, "document.activeElement.id").await, "composer");
     say(&page, "first").await;
-    wait_until(
-        &page,
-        "had it accepted",
-        &format!("{} === 'accepted'", message_state("first")),
-    )
-    .await;
+    wait_state(&page, "first", "accepted").await;
     // Nothing sticks out sideways at 360 px.
     let widths = eval(&page, "[window.innerWidth, document.documentElement.scrollWidth]").await;
     assert_eq!(widths, json!([360, 360]), "[viewport, content] widths");
@@ -429,12 +385,7 @@ async fn a_pasted_token_a_phone_sized_window_the_keyboard_and_a_restart() {
     );
     node.restart();
     wait_online(&page).await;
-    wait_until(
-        &page,
-        "had it accepted",
-        &format!("{} === 'accepted'", message_state("written while the node was down")),
-    )
-    .await;
+    wait_state(&page, "written while the node was down", "accepted").await;
 
     let mut dave = node.login("dave").await;
     let mut got = Vec::new();

@@ -151,14 +151,7 @@ async fn two_users_chat_in_the_terminal() {
     let status = tokio::time::timeout(SOON, bob.child.wait()).await.unwrap().unwrap();
     assert!(status.success());
     // Both messages were acknowledged (alice acks hers just after printing it).
-    let deadline = tokio::time::Instant::now() + SOON;
-    while node.metric("chinwag_mailbox_depth").await != 0.0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "a message was never acknowledged"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    node.wait_for_metric("chinwag_mailbox_depth", 0.0).await;
 }
 
 #[tokio::test]

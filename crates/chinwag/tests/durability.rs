@@ -131,18 +131,10 @@ async fn disconnecting_removes_the_coordinate() {
     let laptop = node.login("bob").await;
     assert_eq!(node.metric("chinwag_coordinates").await, 2.0);
     bob.close().await.unwrap();
-    wait_for_metric(&node, "chinwag_coordinates", 1.0).await;
+    node.wait_for_metric("chinwag_coordinates", 1.0).await;
     drop(laptop);
-    wait_for_metric(&node, "chinwag_coordinates", 0.0).await;
+    node.wait_for_metric("chinwag_coordinates", 0.0).await;
     assert_eq!(node.metric("chinwag_connections").await, 0.0);
-}
-
-async fn wait_for_metric(node: &Node, name: &str, value: f64) {
-    let deadline = tokio::time::Instant::now() + SOON;
-    while node.metric(name).await != value {
-        assert!(tokio::time::Instant::now() < deadline, "{name} never reached {value}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]

@@ -283,22 +283,11 @@ async fn coordinates_replicate_to_every_dc() {
     let bob = c.login(1, "bob").await;
     // Every DC's store learns of bob's coordinate in west.
     for node in &c.nodes {
-        let deadline = tokio::time::Instant::now() + SOON;
-        while node.metric("chinwag_coordinates").await != 1.0 {
-            assert!(tokio::time::Instant::now() < deadline, "coordinate did not replicate");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        node.wait_for_metric("chinwag_coordinates", 1.0).await;
     }
     bob.close().await.unwrap();
     for node in &c.nodes {
-        let deadline = tokio::time::Instant::now() + SOON;
-        while node.metric("chinwag_coordinates").await != 0.0 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "coordinate removal did not replicate"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        node.wait_for_metric("chinwag_coordinates", 0.0).await;
     }
 }
 
@@ -498,14 +487,8 @@ async fn a_dead_dc_is_decommissioned_and_catches_up_if_it_returns() {
     let mut c = Cluster::start_with(dir.path(), 3, "[cluster.timing]\ndecommission_after = \"2s\"\n").await;
     let mut alice = c.login(0, "alice").await;
     let erin = c.login(2, "erin").await;
-    let deadline = tokio::time::Instant::now() + SOON;
-    while c.nodes[0].metric("chinwag_coordinates").await != 2.0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "erin's coordinate never reached east"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // erin's coordinate reaches east.
+    c.nodes[0].wait_for_metric("chinwag_coordinates", 2.0).await;
     c.nodes[2].kill9();
     drop(erin);
     for i in 0..10 {

@@ -120,6 +120,15 @@ impl Node {
         conn
     }
 
+    /// Waits until metric `name` equals `value`, failing the test if it does not soon.
+    pub async fn wait_for_metric(&self, name: &str, value: f64) {
+        let deadline = tokio::time::Instant::now() + SOON;
+        while self.metric(name).await != value {
+            assert!(tokio::time::Instant::now() < deadline, "{name} never reached {value}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn metric(&self, name: &str) -> f64 {
         let body = http_get(&self.http("/metrics")).await;
         body.lines()
