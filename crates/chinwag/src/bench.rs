@@ -23,6 +23,7 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -235,9 +236,13 @@ impl Run {
         let tcp = connect_tcp(&url, user)
             .await
             .with_context(|| format!("connecting to {url}"))?;
-        let (mut ws, _) = tokio_tungstenite::client_async(url.as_str(), MaybeTlsStream::Plain(tcp))
-            .await
-            .with_context(|| format!("upgrading {url}"))?;
+        // tungstenite's default 128 KiB read buffer, zeroed for each of thousands of
+        // connections, would make the generator's page clearing the thing measured.
+        let config = WebSocketConfig::default().read_buffer_size(CLIENT_READ_BUFFER);
+        let (mut ws, _) =
+            tokio_tungstenite::client_async_with_config(url.as_str(), MaybeTlsStream::Plain(tcp), Some(config))
+                .await
+                .with_context(|| format!("upgrading {url}"))?;
         let login = chinwag_proto::encode_client(&ClientFrame::Login {
             token: self.token(user),
             receipts: false,
@@ -455,6 +460,9 @@ async fn pairs(run: &Arc<Run>) -> anyhow::Result<Report> {
         ..Report::counted(&run.counters, &ledger)
     })
 }
+
+/// Read buffer of each generated connection: a few frames' worth.
+const CLIENT_READ_BUFFER: usize = 4096;
 
 /// How long a receiver waits, once the senders have stopped, before checking whether it
 /// has everything; also how long a draining receiver waits for a message that never comes.
