@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use crate::node::NodeState;
-use crate::registry::{Inbox, Push};
+use crate::registry::{Delivery, Inbox, Push};
 
 /// Wall-clock Unix milliseconds: what tokens and message timestamps are measured in.
 pub fn now_ms() -> u64 {
@@ -45,7 +45,7 @@ enum End {
     Transport(String),
 }
 
-pub async fn serve<S: Store>(node: Arc<NodeState<S>>, socket: WebSocket, peer: SocketAddr) {
+pub async fn serve<S: Store>(node: Arc<NodeState<S>>, socket: Box<WebSocket>, peer: SocketAddr) {
     let (coordinate, inbox) = node.registry.open();
     let mut session = Session::new(node.limits.clone(), node.auth.clone(), coordinate.clone(), now_ms())
         .with_user_buckets(node.user_buckets.clone());
@@ -83,7 +83,7 @@ struct Driver<'a, S> {
     node: &'a Arc<NodeState<S>>,
     session: &'a mut Session,
     inbox: Inbox,
-    socket: WebSocket,
+    socket: Box<WebSocket>,
 }
 
 /// Most events handled between two flushes of the socket. Under load, answering several
@@ -99,8 +99,7 @@ enum Event {
     Frame(Option<Result<WsMessage, axum::Error>>),
     Appended(ClientMsgId, Result<Receipt, StoreError>),
     Done(Done),
-    Push(Push),
-    PushDropped,
+    Delivery(Delivery),
     Timeout,
     Shutdown,
 }
@@ -177,8 +176,7 @@ impl<S: Store> Driver<'_, S> {
             frame = self.socket.recv(), if wants_input => Event::Frame(frame),
             Some((client_id, result)) = appends.next() => Event::Appended(client_id, result),
             Some(done) = ops.next() => Event::Done(done),
-            Some(msg) = self.inbox.messages.recv() => Event::Push(msg),
-            () = self.inbox.signal.notify.notified() => Event::PushDropped,
+            delivery = self.inbox.recv() => Event::Delivery(delivery),
             () = expires(timer) => Event::Timeout,
             _ = shutdown.changed() => Event::Shutdown,
         }
@@ -193,8 +191,8 @@ impl<S: Store> Driver<'_, S> {
         if let Some(Some(done)) = ops.next().now_or_never() {
             return Some(Event::Done(done));
         }
-        if let Ok(msg) = self.inbox.messages.try_recv() {
-            return Some(Event::Push(msg));
+        if let Some(delivery) = self.inbox.try_recv() {
+            return Some(Event::Delivery(delivery));
         }
         if self.session.wants_input() {
             return self.socket.recv().now_or_never().map(Event::Frame);
@@ -233,18 +231,9 @@ impl<S: Store> Driver<'_, S> {
                 Done::Scanned(result, limit) => self.session.on_scanned(result, limit),
                 Done::Acked(ids, result) => self.session.on_acked(ids, result),
             },
-            Event::Push(Push::Message(msg)) => {
-                if self.inbox.signal.take() {
-                    self.session.on_push_dropped();
-                }
-                self.session.on_push(msg);
-            }
-            Event::Push(Push::Receipt(ids)) => self.session.on_delivered(&ids),
-            Event::PushDropped => {
-                if self.inbox.signal.take() {
-                    self.session.on_push_dropped();
-                }
-            }
+            Event::Delivery(Delivery::Push(Push::Message(msg))) => self.session.on_push(msg),
+            Event::Delivery(Delivery::Push(Push::Receipt(ids))) => self.session.on_delivered(&ids),
+            Event::Delivery(Delivery::Dropped) => self.session.on_push_dropped(),
             Event::Timeout => self.session.on_timeout(now_ms()),
             Event::Shutdown => {
                 let _ = self.close(1001, "server shutting down").await;

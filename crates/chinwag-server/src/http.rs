@@ -115,10 +115,15 @@ async fn websocket<S: Store>(
         .read_buffer_size(WS_READ_BUFFER)
         .write_buffer_size(WS_WRITE_BUFFER)
         .max_write_buffer_size(WS_WRITE_BUFFER + 2 * max)
-        .on_upgrade(move |socket| async move {
-            crate::connection::serve(node, socket, conn.peer).await;
-            // The connection's place at the edge is given back only now.
-            drop(conn);
+        .on_upgrade(move |socket| {
+            // Boxed before the connection's future captures it: a socket held by value
+            // is stored again at every layer it is moved through, in every idle task.
+            let socket = Box::new(socket);
+            async move {
+                crate::connection::serve(node, socket, conn.peer).await;
+                // The connection's place at the edge is given back only now.
+                drop(conn);
+            }
         })
 }
 

@@ -1,51 +1,114 @@
 //! The connections of this node, and the [`Router`] that pushes messages to them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use chinwag_core::{Coordinate, DcName, MessageId, NodeName, PushOutcome, Router, SharedMessage};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
-/// What a connection's task holds to receive pushes.
 /// What the router hands a connection.
 pub enum Push {
     Message(SharedMessage),
-    /// Messages this connection's user sent were delivered. Boxed to keep `Push` two words:
-    /// every connection's queue is allocated in blocks of slots of this size.
-    Receipt(Box<Arc<[MessageId]>>),
+    /// Messages this connection's user sent were delivered.
+    Receipt(Arc<[MessageId]>),
 }
 
-pub struct Inbox {
-    pub messages: mpsc::Receiver<Push>,
-    pub signal: Arc<DropSignal>,
+/// What a connection takes from its inbox.
+pub enum Delivery {
+    Push(Push),
+    /// A push had to be dropped because the inbox was full: the connection reads its
+    /// mailbox instead. Taken before any push queued after the drop.
+    Dropped,
 }
 
-/// Set when a push to a connection had to be dropped because its queue was full; the
-/// connection then reads its mailbox instead. `notify` wakes it even if no further push
-/// ever comes.
+/// One connection's pushes, bounded. A tokio channel would allocate a block of slots
+/// for every connection, idle or not; this queue holds memory only while it holds pushes.
 #[derive(Default)]
-pub struct DropSignal {
-    dropped: AtomicBool,
-    pub notify: Notify,
+struct Queue {
+    state: Mutex<QueueState>,
+    ready: Notify,
 }
 
-impl DropSignal {
-    /// Takes the flag. A push dequeued after a drop always sees the flag: the router sets
-    /// it before queueing anything else.
-    pub fn take(&self) -> bool {
-        self.dropped.swap(false, Ordering::AcqRel)
+#[derive(Default)]
+struct QueueState {
+    pushes: VecDeque<Push>,
+    dropped: bool,
+    /// The connection's task has let go of its inbox.
+    closed: bool,
+}
+
+/// Capacity an emptied queue may keep; a burst's larger buffer is given back.
+const QUEUE_KEEP: usize = 8;
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().expect("inbox lock")
     }
 
-    fn raise(&self) {
-        self.dropped.store(true, Ordering::Release);
-        self.notify.notify_one();
+    /// Queues `push` unless the queue is closed or full; when full, a message (but not a
+    /// receipt, which nothing depends on) leaves the drop flag raised.
+    fn offer(&self, push: Push, limit: usize) -> PushOutcome {
+        let mut state = self.lock();
+        if state.closed {
+            return PushOutcome::Gone;
+        }
+        if state.pushes.len() >= limit {
+            if matches!(push, Push::Message(_)) {
+                state.dropped = true;
+                drop(state);
+                self.ready.notify_one();
+            }
+            return PushOutcome::Overflowed;
+        }
+        state.pushes.push_back(push);
+        drop(state);
+        self.ready.notify_one();
+        PushOutcome::Queued
+    }
+}
+
+/// The receiving end of a connection's pushes.
+pub struct Inbox {
+    queue: Arc<Queue>,
+}
+
+impl Inbox {
+    pub fn try_recv(&self) -> Option<Delivery> {
+        let mut state = self.queue.lock();
+        if std::mem::take(&mut state.dropped) {
+            return Some(Delivery::Dropped);
+        }
+        let push = state.pushes.pop_front()?;
+        if state.pushes.is_empty() && state.pushes.capacity() > QUEUE_KEEP {
+            state.pushes = VecDeque::new();
+        }
+        Some(Delivery::Push(push))
+    }
+
+    /// Waits for the next delivery. Cancel-safe: nothing is taken until it is returned.
+    pub async fn recv(&self) -> Delivery {
+        loop {
+            // Registered before looking, so a push made in between still wakes this.
+            let ready = self.queue.ready.notified();
+            if let Some(delivery) = self.try_recv() {
+                return delivery;
+            }
+            ready.await;
+        }
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        let mut state = self.queue.lock();
+        state.closed = true;
+        state.pushes.clear();
     }
 }
 
 struct Entry {
-    queue: mpsc::Sender<Push>,
-    signal: Arc<DropSignal>,
+    queue: Arc<Queue>,
     /// The client asked for `delivered` receipts: only then is a receipt worth a wake-up.
     receipts: AtomicBool,
 }
@@ -89,11 +152,9 @@ impl Registry {
         let incarnation = self.incarnation();
         assert!(incarnation > 0, "connection opened before the node's incarnation began");
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let (queue, messages) = mpsc::channel(self.queue_len);
-        let signal = Arc::new(DropSignal::default());
+        let queue = Arc::new(Queue::default());
         let entry = Entry {
-            queue,
-            signal: signal.clone(),
+            queue: queue.clone(),
             receipts: AtomicBool::new(false),
         };
         self.conns.write().expect("registry lock").insert(conn, entry);
@@ -103,7 +164,7 @@ impl Registry {
             incarnation,
             conn,
         };
-        (coordinate, Inbox { messages, signal })
+        (coordinate, Inbox { queue })
     }
 
     /// Records whether the connection at `coordinate` wants `delivered` receipts.
@@ -142,14 +203,7 @@ impl Router for Registry {
         let Some(entry) = conns.get(&to.conn) else {
             return PushOutcome::Gone;
         };
-        match entry.queue.try_send(Push::Message(msg.clone())) {
-            Ok(()) => PushOutcome::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                entry.signal.raise();
-                PushOutcome::Overflowed
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => PushOutcome::Gone,
-        }
+        entry.queue.offer(Push::Message(msg.clone()), self.queue_len)
     }
 
     fn push_receipt(&self, to: &Coordinate, ids: &Arc<[MessageId]>) -> PushOutcome {
@@ -164,12 +218,7 @@ impl Router for Registry {
             // Not asked for: delivered to no one, like a receipt that finds no connection.
             return PushOutcome::Gone;
         }
-        // A receipt that does not fit is dropped: unlike a message, nothing depends on it.
-        match entry.queue.try_send(Push::Receipt(Box::new(ids.clone()))) {
-            Ok(()) => PushOutcome::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => PushOutcome::Overflowed,
-            Err(mpsc::error::TrySendError::Closed(_)) => PushOutcome::Gone,
-        }
+        entry.queue.offer(Push::Receipt(ids.clone()), self.queue_len)
     }
 }
 
@@ -204,13 +253,35 @@ mod tests {
     #[test]
     fn pushes_queue_then_overflow_with_a_signal() {
         let r = registry();
-        let (c, mut inbox) = r.open();
+        let (c, inbox) = r.open();
         assert_eq!(r.push(&c, &msg(1)), PushOutcome::Queued);
         assert_eq!(r.push(&c, &msg(2)), PushOutcome::Queued);
         assert_eq!(r.push(&c, &msg(3)), PushOutcome::Overflowed);
-        assert!(inbox.signal.take());
-        assert!(!inbox.signal.take());
-        assert!(matches!(inbox.messages.try_recv().unwrap(), Push::Message(m) if m.seq == 1));
+        assert!(matches!(inbox.try_recv(), Some(Delivery::Dropped)));
+        assert!(matches!(inbox.try_recv(), Some(Delivery::Push(Push::Message(m))) if m.seq == 1));
+        assert!(matches!(inbox.try_recv(), Some(Delivery::Push(Push::Message(m))) if m.seq == 2));
+        assert!(inbox.try_recv().is_none());
+        assert_eq!(r.push(&c, &msg(4)), PushOutcome::Queued);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_connection_is_woken_and_a_closed_one_is_gone() {
+        let r = registry();
+        let (c, inbox) = r.open();
+        let waiting = tokio::spawn(async move {
+            let delivery = inbox.recv().await;
+            (
+                matches!(delivery, Delivery::Push(Push::Message(m)) if m.seq == 7),
+                inbox,
+            )
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(r.push(&c, &msg(7)), PushOutcome::Queued);
+        let (woken, inbox) = waiting.await.unwrap();
+        assert!(woken);
+        drop(inbox);
+        // Still in the table until the connection's task closes it, but no longer queued.
+        assert_eq!(r.push(&c, &msg(8)), PushOutcome::Gone);
     }
 
     #[test]
