@@ -228,6 +228,7 @@ impl EmbeddedStore {
                 .checked_sub(writer::DEDUP_SWEEP_EVERY)
                 .unwrap_or_else(Instant::now),
             sweep_from: Vec::new(),
+            recent: Default::default(),
         };
         // The thread ends by itself once the store is closed or dropped (its queue closes).
         std::thread::Builder::new()

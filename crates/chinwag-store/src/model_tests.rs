@@ -1,11 +1,12 @@
 //! The store against a model of what it promises, over random sequences of appends
-//! (with retries), acknowledgements (of present, absent and repeated messages), and
-//! reopenings: every mailbox reads back exactly as the model says, in order; a retry
-//! always gets the first attempt's id; the depth metric matches.
+//! (with retries), acknowledgements (of present, absent and repeated messages, and of
+//! another user's), and reopenings: every mailbox reads back exactly as the model says,
+//! in order; a retry always gets the first attempt's id; the depth metric matches; each
+//! acknowledged message yields one delivery receipt for its sender.
 
 use std::collections::{BTreeMap, HashMap};
 
-use chinwag_core::ClientMsgId;
+use chinwag_core::{ClientMsgId, MessageId};
 use proptest::prelude::*;
 
 use super::*;
@@ -18,10 +19,12 @@ enum Step {
         client: u8,
     },
     /// Acknowledge the mailbox entries of `user` at these positions (modulo its length),
-    /// plus a seq that is not there.
+    /// plus a seq that is not there, plus perhaps one of the next user's messages (which
+    /// must stay).
     Ack {
         user: u8,
         picks: Vec<u8>,
+        stray: Option<u8>,
     },
     Reopen,
 }
@@ -29,7 +32,8 @@ enum Step {
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         6 => (0u8..3, 0u8..3, 0u8..6).prop_map(|(from, to, client)| Step::Append { from, to, client }),
-        3 => (0u8..3, proptest::collection::vec(any::<u8>(), 0..4)).prop_map(|(user, picks)| Step::Ack { user, picks }),
+        3 => (0u8..3, proptest::collection::vec(any::<u8>(), 0..4), any::<Option<u8>>())
+            .prop_map(|(user, picks, stray)| Step::Ack { user, picks, stray }),
         1 => Just(Step::Reopen),
     ]
 }
@@ -51,14 +55,20 @@ fn options() -> StoreOptions {
     }
 }
 
-struct NoListener;
+/// Records the ids of delivery receipts.
+#[derive(Default)]
+struct Receipts(std::sync::Mutex<Vec<String>>);
 
-impl CommitListener for NoListener {
+impl CommitListener for Receipts {
     fn committed(&self, _: &SharedMessage, _: &[Coordinate]) {}
+
+    fn delivered(&self, _: &UserId, ids: &[MessageId], _: &[Coordinate]) {
+        self.0.lock().unwrap().extend(ids.iter().map(ToString::to_string));
+    }
 }
 
-fn open(dir: &Path) -> EmbeddedStore {
-    EmbeddedStore::open(dir, options(), Arc::new(NoListener), Box::new(|_, _| {})).unwrap()
+fn open(dir: &Path, receipts: &Arc<Receipts>) -> EmbeddedStore {
+    EmbeddedStore::open(dir, options(), receipts.clone(), Box::new(|_, _| {})).unwrap()
 }
 
 #[derive(Default)]
@@ -67,11 +77,14 @@ struct Model {
     mailboxes: BTreeMap<u8, Vec<(String, String)>>,
     /// (from, client) → the id of the first attempt.
     first_ids: HashMap<(u8, u8), String>,
+    /// Ids of acknowledged messages.
+    delivered: Vec<String>,
 }
 
 async fn run(steps: Vec<Step>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = open(dir.path());
+    let receipts = Arc::new(Receipts::default());
+    let mut store = open(dir.path(), &receipts);
     let mut model = Model::default();
     for (n, step) in steps.into_iter().enumerate() {
         match step {
@@ -98,14 +111,18 @@ async fn run(steps: Vec<Step>) {
                     }
                 }
             }
-            Step::Ack { user, picks } => {
+            Step::Ack { user, picks, stray } => {
                 let stored = store.scan(name(user), 0, 10_000).await.unwrap();
+                let others = store.scan(name((user + 1) % 3), 0, 10_000).await.unwrap();
                 let mut seqs: Vec<u64> = picks
                     .iter()
                     .filter(|_| !stored.is_empty())
                     .map(|p| stored[usize::from(*p) % stored.len()].seq)
                     .collect();
                 seqs.push(u64::MAX - 1);
+                if let Some(p) = stray.filter(|_| !others.is_empty()) {
+                    seqs.push(others[usize::from(p) % others.len()].seq);
+                }
                 let acked: Vec<String> = stored
                     .iter()
                     .filter(|m| seqs.contains(&m.seq))
@@ -115,14 +132,21 @@ async fn run(steps: Vec<Step>) {
                 if let Some(mailbox) = model.mailboxes.get_mut(&user) {
                     mailbox.retain(|(id, _)| !acked.contains(id));
                 }
+                model.delivered.extend(acked);
             }
             Step::Reopen => {
                 store.close().await;
                 drop(store);
-                store = open(dir.path());
+                store = open(dir.path(), &receipts);
             }
         }
         check(&store, &model).await;
+        // Receipts for different senders are announced in no particular order.
+        let mut got = receipts.0.lock().unwrap().clone();
+        let mut expected = model.delivered.clone();
+        got.sort();
+        expected.sort();
+        assert_eq!(got, expected, "delivery receipts");
     }
 }
 
