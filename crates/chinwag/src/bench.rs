@@ -7,6 +7,7 @@
 //! an HDR histogram and account for every message by sender and sequence number, so lost
 //! and duplicated messages are counted, not guessed.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -93,7 +94,14 @@ struct Report {
     delivered: u64,
     delivered_per_sec: f64,
     latency_ms: Percentiles,
+    /// With `--rate`: how late the generator sent (see [`Ledger::send_lag`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    send_lag_ms: Option<Percentiles>,
     errors: u64,
+    /// The errors by code: the server's error codes, and `unreadable_delivery` for a
+    /// delivered text this generator did not write.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    errors_by_code: BTreeMap<String, u64>,
     lost: u64,
     duplicated: u64,
     reordered: u64,
@@ -120,7 +128,9 @@ impl Report {
     fn counted(counters: &Counters, ledger: &Ledger) -> Report {
         Report {
             latency_ms: percentiles(&ledger.latency),
+            send_lag_ms: (!ledger.send_lag.is_empty()).then(|| percentiles(&ledger.send_lag)),
             errors: counters.errors.load(Ordering::Relaxed),
+            errors_by_code: counters.error_codes.lock().expect("error codes").clone(),
             lost: ledger.lost(),
             duplicated: counters.duplicated.load(Ordering::Relaxed),
             reordered: counters.reordered.load(Ordering::Relaxed),
@@ -140,9 +150,25 @@ struct Counters {
     /// First deliveries of a sender's message after a later one of the same sender.
     reordered: AtomicU64,
     errors: AtomicU64,
+    error_codes: std::sync::Mutex<BTreeMap<String, u64>>,
     /// When the latest first delivery arrived, in ns since the start of the run.
     last_delivery_ns: AtomicU64,
 }
+
+impl Counters {
+    fn error(&self, code: &str) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        *self
+            .error_codes
+            .lock()
+            .expect("error codes")
+            .entry(code.to_owned())
+            .or_default() += 1;
+    }
+}
+
+/// The code counted for a delivered text that is not one of the generator's messages.
+const UNREADABLE: &str = "unreadable_delivery";
 
 /// What every receiver has seen, by sender and sequence number.
 struct Ledger {
@@ -154,6 +180,9 @@ struct Ledger {
     /// Per sender: the highest seq delivered so far.
     highest: Vec<Option<usize>>,
     latency: Histogram<u64>,
+    /// How late the generator itself sent each paced message: when this is of the order
+    /// of the latencies, they measure the generator, not the server.
+    send_lag: Histogram<u64>,
 }
 
 impl Ledger {
@@ -164,6 +193,7 @@ impl Ledger {
             finished: vec![false; senders],
             highest: vec![None; senders],
             latency: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"),
+            send_lag: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"),
         }
     }
 
@@ -270,11 +300,11 @@ impl Run {
         let now = self.now_ns();
         let mut parts = text.splitn(4, '|');
         let (Some(t), Some(from), Some(seq)) = (parts.next(), parts.next(), parts.next()) else {
-            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            self.counters.error(UNREADABLE);
             return;
         };
         let (Ok(t), Ok(from), Ok(seq)) = (t.parse::<u64>(), from.parse::<usize>(), seq.parse::<usize>()) else {
-            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            self.counters.error(UNREADABLE);
             return;
         };
         let mut ledger = self.ledger.lock().await;
@@ -537,7 +567,8 @@ async fn sender(
         }
         let can_send = !done(seq) && outstanding < window;
         tokio::select! {
-            sent_ns = async { pace.as_mut().expect("paced").next(seq).await }, if can_send && pace.is_some() => {
+            (sent_ns, lag_ns) = async { pace.as_mut().expect("paced").next(seq).await }, if can_send && pace.is_some() => {
+                let _ = run.ledger.lock().await.send_lag.record(lag_ns.max(1));
                 send_one(run, &mut ws, me, &to, seq, sent_ns).await?;
                 seq += 1;
                 outstanding += 1;
@@ -557,9 +588,9 @@ async fn sender(
                     outstanding = outstanding.saturating_sub(1);
                     run.on_accepted(me, &client_id).await;
                 }
-                ServerFrame::Error { .. } => {
+                ServerFrame::Error { code, .. } => {
                     outstanding = outstanding.saturating_sub(1);
-                    run.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    run.counters.error(code.as_str());
                 }
                 _ => {}
             },
@@ -597,16 +628,15 @@ impl Pace {
     /// Waits until message `seq` is due and returns the time to stamp it with. A sender
     /// that fell behind stamps the time it was due, not the time it left, so the queueing it
     /// suffered is not hidden (coordinated omission). Lateness within the timer's 1 ms
-    /// resolution is the generator's own and is not charged to the server.
-    async fn next(&self, seq: u64) -> u64 {
+    /// resolution is the generator's own and is not charged to the server. Also returns
+    /// how late the message leaves.
+    async fn next(&self, seq: u64) -> (u64, u64) {
         let due_ns = self.phase_ns + seq * self.period_ns;
         tokio::time::sleep_until((self.start + Duration::from_nanos(due_ns)).into()).await;
         let now_ns = self.start.elapsed().as_nanos() as u64;
-        if now_ns.saturating_sub(due_ns) <= TIMER_RESOLUTION_NS {
-            now_ns
-        } else {
-            due_ns
-        }
+        let lag_ns = now_ns.saturating_sub(due_ns);
+        let stamp_ns = if lag_ns <= TIMER_RESOLUTION_NS { now_ns } else { due_ns };
+        (stamp_ns, lag_ns)
     }
 }
 
@@ -770,8 +800,17 @@ fn print_report(r: &Report, json: bool) {
         "latency ms        p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
         r.latency_ms.p50, r.latency_ms.p99, r.latency_ms.p999, r.latency_ms.max
     );
+    if let Some(lag) = &r.send_lag_ms {
+        println!(
+            "generator lag ms  p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+            lag.p50, lag.p99, lag.p999, lag.max
+        );
+    }
     println!("lost / dup / reord {} / {} / {}", r.lost, r.duplicated, r.reordered);
     println!("errors            {}", r.errors);
+    for (code, n) in &r.errors_by_code {
+        println!("  {code:<16}{n}");
+    }
     println!("stored/s          {}", opt(r.stored_per_sec, ""));
     println!("drained/s         {}", opt(r.drained_per_sec, ""));
     println!(

@@ -302,5 +302,41 @@ async fn the_load_generator_counts_every_message_against_a_real_node() {
         for counted in ["lost", "duplicated", "reordered", "errors"] {
             assert_eq!(report[counted], 0, "{counted}: {out}");
         }
+        // Only paced runs say how late the generator itself was.
+        assert_eq!(report["send_lag_ms"].is_object(), scenario.contains(&"--rate"), "{out}");
     }
+}
+
+#[tokio::test]
+async fn the_load_generator_reports_refusals_by_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_in(dir.path(), "[limits]\nrate_per_sec = 5\nburst = 5\n");
+    let data = dir.path().join("data");
+    let (server, data) = (node.url(), data.to_str().unwrap().to_owned());
+    let args = [
+        "bench",
+        "--server",
+        &server,
+        "--data",
+        &data,
+        "--json",
+        "--users",
+        "2",
+        "--scenario",
+        "pairs",
+        "--rate",
+        "100",
+        "--duration",
+        "1s",
+    ];
+    let (code, out) = run_cli(&args).await;
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    // Refused sends were never accepted: nothing is lost, and the run succeeds.
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(report["lost"], 0, "{out}");
+    let errors = report["errors"].as_u64().unwrap();
+    assert!(errors > 50, "{out}");
+    assert_eq!(report["errors_by_code"]["rate_limited"], errors, "{out}");
+    // `sent` counts what the server accepted.
+    assert_eq!(report["delivered"], report["sent"], "{out}");
 }
