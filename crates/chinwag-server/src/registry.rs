@@ -89,7 +89,8 @@ impl Inbox {
     /// Waits for the next delivery. Cancel-safe: nothing is taken until it is returned.
     pub async fn recv(&self) -> Delivery {
         loop {
-            // Registered before looking, so a push made in between still wakes this.
+            // A push made after the look below leaves a permit in `ready` (`notify_one`
+            // stores one when no one waits), so the wait cannot miss it.
             let ready = self.queue.ready.notified();
             if let Some(delivery) = self.try_recv() {
                 return delivery;
