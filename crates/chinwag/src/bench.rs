@@ -31,8 +31,8 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Server to load; repeat to spread users over several nodes or DCs (user i goes to
-    /// server i mod count).
+    /// Server to load; repeat to spread users over several nodes or DCs (senders round
+    /// robin, each receiver on the server after its sender's, so every message crosses).
     #[arg(long = "server", required = true)]
     servers: Vec<String>,
     /// Data directory holding the token key.
@@ -253,7 +253,7 @@ impl Run {
     }
 
     fn server(&self, user: usize) -> &str {
-        &self.args.servers[user % self.args.servers.len()]
+        &self.args.servers[placement(user, self.args.users, self.args.servers.len())]
     }
 
     fn now_ns(&self) -> u64 {
@@ -337,6 +337,15 @@ impl Run {
         accepted[seq] = true;
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// Which of `servers` user `user` of `users` connects to. Receivers (the second half)
+/// sit on the server after their partner's, so with several servers every message
+/// crosses from one node (or DC) to another.
+fn placement(user: usize, users: usize, servers: usize) -> usize {
+    let half = (users / 2).max(1);
+    let place = if user >= half { user - half + 1 } else { user };
+    place % servers.max(1)
 }
 
 /// Opens the TCP connection for user `user`. Toward a loopback server, connections come
@@ -845,4 +854,30 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 fn clock_ticks_per_sec() -> f64 {
     // Linux reports process times in USER_HZ, 100 on every mainstream configuration.
     100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::placement;
+
+    #[test]
+    fn with_several_servers_every_pair_is_split_and_load_is_spread() {
+        for servers in 2..=5 {
+            for users in [2, 20, 21, 1000] {
+                let half = users / 2;
+                let mut per_server = vec![0; servers];
+                for sender in 0..half {
+                    let (from, to) = (
+                        placement(sender, users, servers),
+                        placement(sender + half, users, servers),
+                    );
+                    assert_ne!(from, to, "pair {sender} of {users} on {servers} servers");
+                    per_server[from] += 1;
+                }
+                let (least, most) = (per_server.iter().min().unwrap(), per_server.iter().max().unwrap());
+                assert!(most - least <= 1, "senders spread unevenly: {per_server:?}");
+            }
+        }
+        assert!((0..10).all(|user| placement(user, 10, 1) == 0));
+    }
 }

@@ -288,22 +288,15 @@ async fn the_load_generator_counts_every_message_against_a_real_node() {
     let data = dir.path().join("data");
     let (server, data) = (node.url(), data.to_str().unwrap().to_owned());
     let common = ["bench", "--server", &server, "--data", &data, "--json", "--users", "20"];
-    let scenarios: [&[&str]; 2] = [
-        &["--scenario", "pairs", "--rate", "200", "--duration", "2s"],
-        &["--scenario", "offline", "--messages", "200"],
-    ];
-    for scenario in scenarios {
+    for scenario in BENCH_SCENARIOS {
         let args: Vec<&str> = common.iter().chain(scenario).copied().collect();
-        let (code, out) = run_cli(&args).await;
-        let report: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-        assert_eq!(code, 0, "{out}");
-        assert!(report["sent"].as_u64().unwrap() > 0, "{out}");
-        assert_eq!(report["delivered"], report["sent"], "{out}");
-        for counted in ["lost", "duplicated", "reordered", "errors"] {
-            assert_eq!(report[counted], 0, "{counted}: {out}");
-        }
+        let report = bench_without_loss(&args).await;
         // Only paced runs say how late the generator itself was.
-        assert_eq!(report["send_lag_ms"].is_object(), scenario.contains(&"--rate"), "{out}");
+        assert_eq!(
+            report["send_lag_ms"].is_object(),
+            scenario.contains(&"--rate"),
+            "{report}"
+        );
     }
 }
 

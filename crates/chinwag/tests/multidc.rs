@@ -548,3 +548,32 @@ async fn two_dcs_cut_off_from_each_other_converge_through_a_third() {
         .clone();
     assert_eq!(west["connected"], false, "the pair was really cut: {east}");
 }
+
+/// The load generator spread over two DCs: every pair's receiver is in the other DC, so
+/// every message it counts crossed the gateways, and none may be lost or repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_generator_sends_every_message_across_dcs() {
+    let (_dir, cluster) = cluster(2).await;
+    let data = cluster.dir.join("cluster");
+    let (east, west, data) = (
+        cluster.nodes[0].url(),
+        cluster.nodes[1].url(),
+        data.to_str().unwrap().to_owned(),
+    );
+    let common = [
+        "bench", "--server", &east, "--server", &west, "--data", &data, "--json", "--users", "20",
+    ];
+    let mut sent = 0;
+    for scenario in BENCH_SCENARIOS {
+        let args: Vec<&str> = common.iter().chain(scenario).copied().collect();
+        sent += bench_without_loss(&args).await["sent"].as_u64().unwrap();
+    }
+    // Every message is stored in both DCs: each holds the other's as replicated entries.
+    let replicated = "chinwag_mailbox_entries_replicated_total";
+    let (into_east, into_west) = (
+        cluster.nodes[0].metric(replicated).await,
+        cluster.nodes[1].metric(replicated).await,
+    );
+    assert_eq!(into_east + into_west, sent as f64, "east {into_east}, west {into_west}");
+    assert!(into_east > 0.0 && into_west > 0.0, "east {into_east}, west {into_west}");
+}

@@ -372,6 +372,26 @@ pub async fn run_cli(args: &[&str]) -> (i32, String) {
     )
 }
 
+/// The load generator's two message scenarios, small, as `chinwag bench` arguments.
+pub const BENCH_SCENARIOS: [&[&str]; 2] = [
+    &["--scenario", "pairs", "--rate", "200", "--duration", "2s"],
+    &["--scenario", "offline", "--messages", "200"],
+];
+
+/// Runs `chinwag bench --json` with `args` and checks it succeeded and counted every
+/// message it sent as delivered exactly once; returns its report.
+pub async fn bench_without_loss(args: &[&str]) -> serde_json::Value {
+    let (code, out) = run_cli(args).await;
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(code, 0, "{out}");
+    assert!(report["sent"].as_u64().unwrap() > 0, "{out}");
+    assert_eq!(report["delivered"], report["sent"], "{out}");
+    for counted in ["lost", "duplicated", "reordered", "errors"] {
+        assert_eq!(report[counted], 0, "{counted}: {out}");
+    }
+    report
+}
+
 /// `chinwag send` as a user would run it; returns (exit code, stdout).
 pub async fn cli_send(server: &str, token: &str, to: &str, text: &str, client_id: Option<&str>) -> (i32, String) {
     let mut args = vec!["send", "--server", server, "--token", token.trim(), "--to", to];
