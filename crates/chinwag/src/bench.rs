@@ -192,8 +192,8 @@ impl Ledger {
             delivered: vec![Vec::new(); senders],
             finished: vec![false; senders],
             highest: vec![None; senders],
-            latency: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"),
-            send_lag: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"),
+            latency: histogram(),
+            send_lag: histogram(),
         }
     }
 
@@ -337,6 +337,11 @@ impl Run {
         accepted[seq] = true;
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// Nanoseconds from 1 to a minute, three significant digits.
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds")
 }
 
 /// Which of `servers` user `user` of `users` connects to. Receivers (the second half)
@@ -568,6 +573,8 @@ async fn sender(
     let mut seq: u64 = 0;
     let mut outstanding: u64 = 0;
     let mut pace = rate.map(|r| Pace::new(run, me, r));
+    // Kept here and merged once at the end: the shared ledger's lock is for deliveries.
+    let mut lag = histogram();
     let window = if rate.is_some() { u64::MAX } else { run.args.window };
     let done = |seq: u64| Instant::now() >= deadline || count.is_some_and(|c| seq >= c);
     loop {
@@ -577,7 +584,7 @@ async fn sender(
         let can_send = !done(seq) && outstanding < window;
         tokio::select! {
             (sent_ns, lag_ns) = async { pace.as_mut().expect("paced").next(seq).await }, if can_send && pace.is_some() => {
-                let _ = run.ledger.lock().await.send_lag.record(lag_ns.max(1));
+                let _ = lag.record(lag_ns.max(1));
                 send_one(run, &mut ws, me, &to, seq, sent_ns).await?;
                 seq += 1;
                 outstanding += 1;
@@ -606,7 +613,10 @@ async fn sender(
             () = tokio::time::sleep_until((deadline + DRAIN_MAX).into()), if done(seq) => break,
         }
     }
-    run.ledger.lock().await.finished[me] = true;
+    let mut ledger = run.ledger.lock().await;
+    ledger.finished[me] = true;
+    let _ = ledger.send_lag.add(&lag);
+    drop(ledger);
     let _ = ws.close(None).await;
     Ok(())
 }
@@ -805,15 +815,9 @@ fn print_report(r: &Report, json: bool) {
     println!("logins/s          {:.0}", r.logins_per_sec);
     println!("messages sent     {}", r.sent);
     println!("delivered         {} ({:.0}/s)", r.delivered, r.delivered_per_sec);
-    println!(
-        "latency ms        p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
-        r.latency_ms.p50, r.latency_ms.p99, r.latency_ms.p999, r.latency_ms.max
-    );
+    print_percentiles("latency ms", &r.latency_ms);
     if let Some(lag) = &r.send_lag_ms {
-        println!(
-            "generator lag ms  p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
-            lag.p50, lag.p99, lag.p999, lag.max
-        );
+        print_percentiles("generator lag ms", lag);
     }
     println!("lost / dup / reord {} / {} / {}", r.lost, r.duplicated, r.reordered);
     println!("errors            {}", r.errors);
@@ -829,6 +833,13 @@ fn print_report(r: &Report, json: bool) {
     );
     println!("RSS per conn      {}", opt(r.rss_kib_per_conn, " KiB"));
     println!("server CPU        {}", opt(r.server_cpu_percent, "%"));
+}
+
+fn print_percentiles(label: &str, p: &Percentiles) {
+    println!(
+        "{label:<18}p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+        p.p50, p.p99, p.p999, p.max
+    );
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {

@@ -285,11 +285,14 @@ async fn the_connection_limit_answers_503_server_busy() {
 async fn the_load_generator_counts_every_message_against_a_real_node() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start_in(dir.path(), "");
-    let data = dir.path().join("data");
-    let (server, data) = (node.url(), data.to_str().unwrap().to_owned());
-    let common = ["bench", "--server", &server, "--data", &data, "--json", "--users", "20"];
+    let common = node.bench_args();
     for scenario in BENCH_SCENARIOS {
-        let args: Vec<&str> = common.iter().chain(scenario).copied().collect();
+        let args: Vec<&str> = common
+            .iter()
+            .map(String::as_str)
+            .chain(["--users", "20"])
+            .chain(scenario.iter().copied())
+            .collect();
         let report = bench_without_loss(&args).await;
         // Only paced runs say how late the generator itself was.
         assert_eq!(
@@ -304,15 +307,7 @@ async fn the_load_generator_counts_every_message_against_a_real_node() {
 async fn the_load_generator_reports_refusals_by_code() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start_in(dir.path(), "[limits]\nrate_per_sec = 5\nburst = 5\n");
-    let data = dir.path().join("data");
-    let (server, data) = (node.url(), data.to_str().unwrap().to_owned());
-    let args = [
-        "bench",
-        "--server",
-        &server,
-        "--data",
-        &data,
-        "--json",
+    let scenario = [
         "--users",
         "2",
         "--scenario",
@@ -322,6 +317,8 @@ async fn the_load_generator_reports_refusals_by_code() {
         "--duration",
         "1s",
     ];
+    let common = node.bench_args();
+    let args: Vec<&str> = common.iter().map(String::as_str).chain(scenario).collect();
     let (code, out) = run_cli(&args).await;
     let report: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     // Refused sends were never accepted: nothing is lost, and the run succeeds.

@@ -94,6 +94,15 @@ impl Node {
         token_for(&self.dir.join("data"), user, Duration::from_secs(3600))
     }
 
+    /// `chinwag bench` against this node, with its token key, reporting JSON; the
+    /// scenario's arguments follow.
+    pub fn bench_args(&self) -> Vec<String> {
+        let data = self.dir.join("data").display().to_string();
+        ["bench", "--server", &self.url(), "--data", &data, "--json"]
+            .map(String::from)
+            .to_vec()
+    }
+
     /// SIGKILL: no shutdown, no flush.
     pub fn kill9(&mut self) {
         self.child.kill().unwrap();
