@@ -119,8 +119,13 @@ struct Report {
     server_rss_timeline_kib: Vec<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rss_kib_per_conn: Option<f64>,
+    /// Over the whole run, connecting and draining included.
     #[serde(skip_serializing_if = "Option::is_none")]
     server_cpu_percent: Option<f64>,
+    /// Over the pairs' sending phase only: the steady load the latencies were measured
+    /// under, which the whole-run figure understates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_load_cpu_percent: Option<f64>,
 }
 
 impl Report {
@@ -428,10 +433,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         {
             report.rss_kib_per_conn = Some(after.saturating_sub(before) as f64 / report.connections as f64);
         }
-        if let (Some(before), Some(after)) = (cpu_before, cpu_ticks(pid)) {
-            let secs = run.start.elapsed().as_secs_f64();
-            report.server_cpu_percent = Some((after - before) as f64 / clock_ticks_per_sec() / secs * 100.0);
-        }
+        report.server_cpu_percent = cpu_percent(cpu_before, cpu_ticks(pid), run.start.elapsed());
     }
     print_report(&report, run.args.json);
     Ok(if report.lost == 0 && report.duplicated == 0 {
@@ -477,6 +479,13 @@ async fn pairs(run: &Arc<Run>) -> anyhow::Result<Report> {
     let started = Instant::now();
     let deadline = started + run.args.duration;
     let per_sender_rate = run.args.rate.map(|r| r as f64 / senders as f64);
+    let load_cpu = run.args.pid.map(|pid| {
+        let before = cpu_ticks(pid);
+        tokio::spawn(async move {
+            tokio::time::sleep_until(deadline.into()).await;
+            cpu_percent(before, cpu_ticks(pid), deadline - started)
+        })
+    });
     let mut tasks = Vec::new();
     for (user, ws) in conns {
         let run = run.clone();
@@ -489,6 +498,10 @@ async fn pairs(run: &Arc<Run>) -> anyhow::Result<Report> {
     for task in tasks {
         task.await??;
     }
+    let server_load_cpu_percent = match load_cpu {
+        Some(task) => task.await?,
+        None => None,
+    };
     let ledger = run.ledger.lock().await;
     // Deliveries that trail in after the senders stop count, and so does the time they took.
     let last_ns = run.counters.last_delivery_ns.load(Ordering::Relaxed);
@@ -501,6 +514,7 @@ async fn pairs(run: &Arc<Run>) -> anyhow::Result<Report> {
         sent: run.counters.accepted.load(Ordering::Relaxed),
         delivered: run.counters.delivered.load(Ordering::Relaxed),
         delivered_per_sec: run.counters.delivered.load(Ordering::Relaxed) as f64 / elapsed,
+        server_load_cpu_percent,
         ..Report::counted(&run.counters, &ledger)
     })
 }
@@ -833,6 +847,9 @@ fn print_report(r: &Report, json: bool) {
     );
     println!("RSS per conn      {}", opt(r.rss_kib_per_conn, " KiB"));
     println!("server CPU        {}", opt(r.server_cpu_percent, "%"));
+    if r.server_load_cpu_percent.is_some() {
+        println!("  while sending   {}", opt(r.server_load_cpu_percent, "%"));
+    }
 }
 
 fn print_percentiles(label: &str, p: &Percentiles) {
@@ -862,9 +879,11 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
-fn clock_ticks_per_sec() -> f64 {
+/// CPU time between two readings of [`cpu_ticks`] as a share of `over` (100 = one core).
+fn cpu_percent(before: Option<u64>, after: Option<u64>, over: Duration) -> Option<f64> {
     // Linux reports process times in USER_HZ, 100 on every mainstream configuration.
-    100.0
+    const TICKS_PER_SEC: f64 = 100.0;
+    Some(after?.saturating_sub(before?) as f64 / TICKS_PER_SEC / over.as_secs_f64() * 100.0)
 }
 
 #[cfg(test)]

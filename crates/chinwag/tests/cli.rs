@@ -286,11 +286,12 @@ async fn the_load_generator_counts_every_message_against_a_real_node() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start_in(dir.path(), "");
     let common = node.bench_args();
+    let pid = node.pid().to_string();
     for scenario in BENCH_SCENARIOS {
         let args: Vec<&str> = common
             .iter()
             .map(String::as_str)
-            .chain(["--users", "20"])
+            .chain(["--users", "20", "--pid", &pid])
             .chain(scenario.iter().copied())
             .collect();
         let report = bench_without_loss(&args).await;
@@ -298,6 +299,17 @@ async fn the_load_generator_counts_every_message_against_a_real_node() {
         assert_eq!(
             report["send_lag_ms"].is_object(),
             scenario.contains(&"--rate"),
+            "{report}"
+        );
+        // Given the server's PID, its CPU is read from /proc: over the whole run, and
+        // for pairs also over the sending phase alone.
+        assert!(
+            report["server_cpu_percent"].as_f64().is_some_and(|c| c >= 0.0),
+            "{report}"
+        );
+        assert_eq!(
+            report["server_load_cpu_percent"].is_number(),
+            scenario.contains(&"pairs"),
             "{report}"
         );
     }
