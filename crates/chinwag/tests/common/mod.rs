@@ -430,11 +430,16 @@ pub struct Cluster {
 
 pub const DC_NAMES: [&str; 5] = ["east", "west", "south", "north", "centre"];
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+/// A DC's config up to its peers: credentials from `creds`, its gateway on a port the
+/// node picks itself.
+fn dc_config(creds: &Path, name: &str) -> String {
+    format!(
+        "dc = \"{name}\"\n[tokens]\nkey_file = \"{}\"\n[cluster]\ngateway_listen = \"127.0.0.1:0\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        creds.join("token.key").display(),
+        creds.join("ca.pem").display(),
+        creds.join(format!("{name}.pem")).display(),
+        creds.join(format!("{name}.key")).display(),
+    )
 }
 
 impl Cluster {
@@ -452,28 +457,21 @@ impl Cluster {
         }
         let (code, _) = run_cli(&init).await;
         assert_eq!(code, 0, "cluster init failed");
-        let gateways: Vec<SocketAddr> = (0..n).map(|_| free_addr()).collect();
-        // One proxy per direction: every DC dials every peer.
+        // One proxy per direction: every DC dials every peer. The proxies exist first, so
+        // each DC's config can name them; they learn where to forward once the DCs have
+        // bound their gateways to ports of their own choosing (a port picked here and
+        // released could be taken by a parallel test before the DC binds it).
         let mut proxies = std::collections::BTreeMap::new();
         for from in 0..n {
-            for (to, gateway) in gateways.iter().enumerate() {
-                if from != to {
-                    proxies.insert((from, to), Proxy::start(*gateway).await);
-                }
+            for to in (0..n).filter(|&to| to != from) {
+                proxies.insert((from, to), Proxy::start().await);
             }
         }
         let mut nodes = Vec::new();
         for (i, name) in names.iter().enumerate() {
             let node_dir = dir.join(name);
             std::fs::create_dir_all(&node_dir).unwrap();
-            let mut config = format!(
-                "dc = \"{name}\"\n[tokens]\nkey_file = \"{}\"\n[cluster]\ngateway_listen = \"{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-                creds.join("token.key").display(),
-                gateways[i],
-                creds.join("ca.pem").display(),
-                creds.join(format!("{name}.pem")).display(),
-                creds.join(format!("{name}.key")).display(),
-            );
+            let mut config = dc_config(&creds, name);
             for (j, peer) in names.iter().enumerate().filter(|(j, _)| *j != i) {
                 let proxy = &proxies[&(i, j)];
                 config.push_str(&format!(
@@ -490,6 +488,9 @@ impl Cluster {
             nodes,
             proxies,
         };
+        for ((_, to), proxy) in &cluster.proxies {
+            proxy.forward_to(cluster.gateway(*to).await);
+        }
         cluster.wait_linked().await;
         cluster
     }
@@ -506,15 +507,9 @@ impl Cluster {
         assert_eq!(code, 0, "cluster add-dc failed");
         let node_dir = self.dir.join(name);
         std::fs::create_dir_all(&node_dir).unwrap();
-        let mut config = format!(
-            "dc = \"{name}\"\n[tokens]\nkey_file = \"{}\"\n[cluster]\ngateway_listen = \"127.0.0.1:0\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
-            creds.join("token.key").display(),
-            creds.join("ca.pem").display(),
-            creds.join(format!("{name}.pem")).display(),
-            creds.join(format!("{name}.key")).display(),
-        );
+        let mut config = dc_config(&creds, name);
         for i in 0..self.nodes.len() {
-            let gateway = self.status(i).await["gateway"].as_str().unwrap().to_owned();
+            let gateway = self.gateway(i).await;
             config.push_str(&format!(
                 "[[cluster.peers]]\ndc = \"{}\"\ngateway = \"{gateway}\"\n",
                 self.names[i]
@@ -532,6 +527,17 @@ impl Cluster {
             .expect("login");
         assert_eq!(welcome.dc, self.names[dc]);
         conn
+    }
+
+    /// Where DC `dc`'s gateway listens, once its replication driver has said so.
+    pub async fn gateway(&self, dc: usize) -> SocketAddr {
+        for _ in 0..200 {
+            if let Some(addr) = self.status(dc).await["gateway"].as_str() {
+                return addr.parse().unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("DC {dc} never reported its gateway address");
     }
 
     pub async fn status(&self, dc: usize) -> serde_json::Value {
@@ -609,23 +615,30 @@ impl Cluster {
 pub struct Proxy {
     pub addr: SocketAddr,
     cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    target: tokio::sync::watch::Sender<Option<SocketAddr>>,
 }
 
 impl Proxy {
-    pub async fn start(target: SocketAddr) -> Proxy {
+    /// Listens at once; connections wait until [`Proxy::forward_to`] names the target.
+    pub async fn start() -> Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (cut, _) = tokio::sync::watch::channel(false);
         let cut = std::sync::Arc::new(cut);
+        let (target, _) = tokio::sync::watch::channel(None);
         let state = cut.clone();
+        let mut targets = target.subscribe();
         tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 if *state.borrow() {
                     continue; // dropped: refused while cut
                 }
                 let mut cut_rx = state.subscribe();
+                let Ok(to) = targets.wait_for(Option::is_some).await.map(|t| t.expect("some")) else {
+                    return;
+                };
                 tokio::spawn(async move {
-                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
                         return;
                     };
                     let (mut a, mut b) = (inbound, outbound);
@@ -636,7 +649,11 @@ impl Proxy {
                 });
             }
         });
-        Proxy { addr, cut }
+        Proxy { addr, cut, target }
+    }
+
+    pub fn forward_to(&self, target: SocketAddr) {
+        self.target.send_replace(Some(target));
     }
 
     pub fn cut(&self) {
