@@ -481,9 +481,10 @@ async fn pairs(run: &Arc<Run>) -> anyhow::Result<Report> {
     let per_sender_rate = run.args.rate.map(|r| r as f64 / senders as f64);
     let load_cpu = run.args.pid.map(|pid| {
         let before = cpu_ticks(pid);
+        let run = run.clone();
         tokio::spawn(async move {
             tokio::time::sleep_until(deadline.into()).await;
-            cpu_percent(before, cpu_ticks(pid), deadline - started)
+            cpu_percent(before, cpu_ticks(pid), run.args.duration)
         })
     });
     let mut tasks = Vec::new();
@@ -847,8 +848,8 @@ fn print_report(r: &Report, json: bool) {
     );
     println!("RSS per conn      {}", opt(r.rss_kib_per_conn, " KiB"));
     println!("server CPU        {}", opt(r.server_cpu_percent, "%"));
-    if r.server_load_cpu_percent.is_some() {
-        println!("  while sending   {}", opt(r.server_load_cpu_percent, "%"));
+    if let Some(cpu) = r.server_load_cpu_percent {
+        println!("  while sending   {cpu:.1}%");
     }
 }
 

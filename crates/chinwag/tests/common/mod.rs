@@ -488,8 +488,12 @@ impl Cluster {
             nodes,
             proxies,
         };
+        let mut gateways = Vec::with_capacity(n);
+        for dc in 0..n {
+            gateways.push(cluster.gateway(dc).await);
+        }
         for ((_, to), proxy) in &cluster.proxies {
-            proxy.forward_to(cluster.gateway(*to).await);
+            proxy.forward_to(gateways[*to]);
         }
         cluster.wait_linked().await;
         cluster
@@ -634,7 +638,8 @@ impl Proxy {
                     continue; // dropped: refused while cut
                 }
                 let mut cut_rx = state.subscribe();
-                let Ok(to) = targets.wait_for(Option::is_some).await.map(|t| t.expect("some")) else {
+                // Only `None` until the cluster is up; a closed channel means the test ended.
+                let Ok(Some(to)) = targets.wait_for(Option::is_some).await.map(|t| *t) else {
                     return;
                 };
                 tokio::spawn(async move {
