@@ -412,3 +412,21 @@ async fn appends_commit_in_call_order_not_poll_order() {
     seqs.reverse();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
 }
+
+#[tokio::test]
+async fn a_store_of_an_unknown_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), 2);
+    store.close().await;
+    drop(store);
+    // As a newer version of chinwag would have left it.
+    let db = fjall::Database::builder(dir.path().join(crate::STORE_DIR)).open().unwrap();
+    let meta = db.keyspace(schema::META, fjall::KeyspaceCreateOptions::default).unwrap();
+    meta.insert(schema::FORMAT, schema::encode_u64(schema::FORMAT_VERSION + 1)).unwrap();
+    db.persist(fjall::PersistMode::SyncAll).unwrap();
+    drop((meta, db));
+    let err = try_open(dir.path(), options(2)).err().expect("must refuse");
+    let found = schema::FORMAT_VERSION + 1;
+    assert!(matches!(err, OpenError::Format { found: f, .. } if f == found), "{err}");
+    assert!(err.to_string().contains("incompatible version"), "{err}");
+}
