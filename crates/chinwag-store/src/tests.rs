@@ -420,9 +420,14 @@ async fn a_store_of_an_unknown_format_is_refused() {
     store.close().await;
     drop(store);
     // As a newer version of chinwag would have left it.
-    let db = fjall::Database::builder(dir.path().join(crate::STORE_DIR)).open().unwrap();
-    let meta = db.keyspace(schema::META, fjall::KeyspaceCreateOptions::default).unwrap();
-    meta.insert(schema::FORMAT, schema::encode_u64(schema::FORMAT_VERSION + 1)).unwrap();
+    let db = fjall::Database::builder(dir.path().join(crate::STORE_DIR))
+        .open()
+        .unwrap();
+    let meta = db
+        .keyspace(schema::META, fjall::KeyspaceCreateOptions::default)
+        .unwrap();
+    meta.insert(schema::FORMAT, schema::encode_u64(schema::FORMAT_VERSION + 1))
+        .unwrap();
     db.persist(fjall::PersistMode::SyncAll).unwrap();
     drop((meta, db));
     let err = try_open(dir.path(), options(2)).err().expect("must refuse");
