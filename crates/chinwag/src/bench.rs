@@ -85,6 +85,16 @@ struct Percentiles {
     max: f64,
 }
 
+/// The latency of the messages sent during one second of the run.
+#[derive(Debug, Serialize)]
+struct SecondLatency {
+    second: usize,
+    messages: u64,
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
 #[derive(Debug, Default, Serialize)]
 struct Report {
     scenario: &'static str,
@@ -94,6 +104,10 @@ struct Report {
     delivered: u64,
     delivered_per_sec: f64,
     latency_ms: Percentiles,
+    /// Latency by the second in which messages were sent, counted from the start of
+    /// sending: shows whether a tail is spread over the run or comes from a few seconds.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    latency_by_second_ms: Vec<SecondLatency>,
     /// With `--rate`: how late the generator sent (see [`Ledger::send_lag`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     send_lag_ms: Option<Percentiles>,
@@ -133,6 +147,7 @@ impl Report {
     fn counted(counters: &Counters, ledger: &Ledger) -> Report {
         Report {
             latency_ms: percentiles(&ledger.latency),
+            latency_by_second_ms: ledger.by_second(),
             send_lag_ms: (!ledger.send_lag.is_empty()).then(|| percentiles(&ledger.send_lag)),
             errors: counters.errors.load(Ordering::Relaxed),
             errors_by_code: counters.error_codes.lock().expect("error codes").clone(),
@@ -158,6 +173,8 @@ struct Counters {
     error_codes: std::sync::Mutex<BTreeMap<String, u64>>,
     /// When the latest first delivery arrived, in ns since the start of the run.
     last_delivery_ns: AtomicU64,
+    /// When the scenario began to send, in ns since the start of the run.
+    sending_since_ns: AtomicU64,
 }
 
 impl Counters {
@@ -185,6 +202,9 @@ struct Ledger {
     /// Per sender: the highest seq delivered so far.
     highest: Vec<Option<usize>>,
     latency: Histogram<u64>,
+    /// Latency by the second of sending (since [`Counters::sending_since_ns`]), coarser
+    /// than `latency` to stay small: one histogram per second of the run.
+    seconds: Vec<Histogram<u32>>,
     /// How late the generator itself sent each paced message: when this is of the order
     /// of the latencies, they measure the generator, not the server.
     send_lag: Histogram<u64>,
@@ -198,6 +218,7 @@ impl Ledger {
             finished: vec![false; senders],
             highest: vec![None; senders],
             latency: histogram(),
+            seconds: Vec::new(),
             send_lag: histogram(),
         }
     }
@@ -208,6 +229,32 @@ impl Ledger {
         }
         v[seq] = v[seq].saturating_add(1);
         v[seq]
+    }
+
+    /// Records one latency under the second its message was sent in; seconds past
+    /// [`TIMELINE_MAX_SECONDS`] are only in the overall histogram.
+    fn record_second(&mut self, second: usize, latency_ns: u64) {
+        if second >= TIMELINE_MAX_SECONDS {
+            return;
+        }
+        if self.seconds.len() <= second {
+            self.seconds.resize_with(second + 1, second_histogram);
+        }
+        let _ = self.seconds[second].record(latency_ns);
+    }
+
+    fn by_second(&self) -> Vec<SecondLatency> {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        (self.seconds.iter().enumerate())
+            .filter(|(_, h)| !h.is_empty())
+            .map(|(second, h)| SecondLatency {
+                second,
+                messages: h.len(),
+                p50: ms(h.value_at_quantile(0.50)),
+                p99: ms(h.value_at_quantile(0.99)),
+                max: ms(h.max()),
+            })
+            .collect()
     }
 
     /// Whether everything `sender` will ever have accepted has been delivered.
@@ -326,7 +373,10 @@ impl Run {
             *highest = (*highest).max(Some(seq));
             self.counters.delivered.fetch_add(1, Ordering::Relaxed);
             self.counters.last_delivery_ns.fetch_max(now, Ordering::Relaxed);
-            let _ = ledger.latency.record(now.saturating_sub(t).max(1));
+            let latency = now.saturating_sub(t).max(1);
+            let _ = ledger.latency.record(latency);
+            let since = self.counters.sending_since_ns.load(Ordering::Relaxed);
+            ledger.record_second((t.saturating_sub(since) / 1_000_000_000) as usize, latency);
         }
     }
 
@@ -347,6 +397,14 @@ impl Run {
 /// Nanoseconds from 1 to a minute, three significant digits.
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds")
+}
+
+/// Seconds of sending covered by `latency_by_second_ms`; an hour of them is under 8 MB.
+const TIMELINE_MAX_SECONDS: usize = 3_600;
+
+/// One significant figure (values within 10 %) keeps each second's histogram near 2 KB.
+fn second_histogram() -> Histogram<u32> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 1).expect("valid bounds")
 }
 
 /// Which of `servers` user `user` of `users` connects to. Receivers (the second half)
@@ -477,6 +535,7 @@ async fn pairs(run: &Arc<Run>) -> anyhow::Result<Report> {
     let senders = run.args.users / 2;
     let (conns, rate) = connect_all(run, 0..senders * 2).await?;
     let started = Instant::now();
+    run.counters.sending_since_ns.store(run.now_ns(), Ordering::Relaxed);
     let deadline = started + run.args.duration;
     let per_sender_rate = run.args.rate.map(|r| r as f64 / senders as f64);
     let load_cpu = run.args.pid.map(|pid| {
@@ -534,6 +593,7 @@ async fn offline(run: &Arc<Run>) -> anyhow::Result<Report> {
     let (conns, rate) = connect_all(run, 0..senders).await?;
     let per_sender = run.args.messages.div_ceil(senders as u64);
     let started = Instant::now();
+    run.counters.sending_since_ns.store(run.now_ns(), Ordering::Relaxed);
     let far = started + Duration::from_secs(3600);
     let mut tasks = Vec::new();
     for (user, ws) in conns {
@@ -831,6 +891,12 @@ fn print_report(r: &Report, json: bool) {
     println!("messages sent     {}", r.sent);
     println!("delivered         {} ({:.0}/s)", r.delivered, r.delivered_per_sec);
     print_percentiles("latency ms", &r.latency_ms);
+    if let Some(worst) = r.latency_by_second_ms.iter().max_by(|a, b| a.p99.total_cmp(&b.p99)) {
+        println!(
+            "worst second      {} (p99 {:.2} ms over {} messages)",
+            worst.second, worst.p99, worst.messages
+        );
+    }
     if let Some(lag) = &r.send_lag_ms {
         print_percentiles("generator lag ms", lag);
     }

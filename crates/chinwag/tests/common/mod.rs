@@ -398,7 +398,26 @@ pub async fn bench_without_loss(args: &[&str]) -> serde_json::Value {
     for counted in ["lost", "duplicated", "reordered", "errors"] {
         assert_eq!(report[counted], 0, "{counted}: {out}");
     }
+    check_latency_by_second(&report);
     report
+}
+
+/// Every delivery is in exactly one second of the timeline, seconds ascend, and each
+/// second's percentiles are ordered.
+fn check_latency_by_second(report: &serde_json::Value) {
+    let seconds = report["latency_by_second_ms"].as_array().expect("latency_by_second_ms");
+    let total: u64 = seconds.iter().map(|s| s["messages"].as_u64().unwrap()).sum();
+    assert_eq!(total, report["delivered"].as_u64().unwrap(), "{report}");
+    let numbers: Vec<u64> = seconds.iter().map(|s| s["second"].as_u64().unwrap()).collect();
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{report}");
+    for s in seconds {
+        let (p50, p99, max) = (
+            s["p50"].as_f64().unwrap(),
+            s["p99"].as_f64().unwrap(),
+            s["max"].as_f64().unwrap(),
+        );
+        assert!(p50 > 0.0 && p50 <= p99 && p99 <= max, "{s}");
+    }
 }
 
 /// `chinwag send` as a user would run it; returns (exit code, stdout).
