@@ -253,12 +253,19 @@ async fn a_second_open_is_refused_while_the_first_is_open() {
     assert!(matches!(err, OpenError::Locked { .. }), "{err}");
 }
 
-#[tokio::test]
-async fn a_damaged_version_file_is_reported_as_corrupt() {
+/// A data directory holding an empty store, closed so that a test can damage or rewrite
+/// it before opening it again.
+async fn created_and_closed() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = open(dir.path(), 100);
     store.close().await;
     drop(store);
+    dir
+}
+
+#[tokio::test]
+async fn a_damaged_version_file_is_reported_as_corrupt() {
+    let dir = created_and_closed().await;
     std::fs::write(dir.path().join(STORE_DIR).join("version"), b"garbage!").unwrap();
     let err = try_open(dir.path(), options(100))
         .err()
@@ -415,10 +422,7 @@ async fn appends_commit_in_call_order_not_poll_order() {
 
 #[tokio::test]
 async fn a_store_of_an_unknown_format_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, _) = open(dir.path(), 2);
-    store.close().await;
-    drop(store);
+    let dir = created_and_closed().await;
     // As a newer version of chinwag would have left it.
     let db = fjall::Database::builder(dir.path().join(crate::STORE_DIR))
         .open()

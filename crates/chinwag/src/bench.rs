@@ -19,7 +19,7 @@ use chinwag_auth::{TokenKey, TokenPolicy};
 use chinwag_core::UserId;
 use chinwag_proto::{ClientFrame, ServerFrame};
 use futures_util::{SinkExt, StreamExt};
-use hdrhistogram::Histogram;
+use hdrhistogram::{Counter, Histogram};
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
@@ -90,9 +90,8 @@ struct Percentiles {
 struct SecondLatency {
     second: usize,
     messages: u64,
-    p50: f64,
-    p99: f64,
-    max: f64,
+    #[serde(flatten)]
+    latency: Percentiles,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -244,15 +243,12 @@ impl Ledger {
     }
 
     fn by_second(&self) -> Vec<SecondLatency> {
-        let ms = |ns: u64| ns as f64 / 1e6;
         (self.seconds.iter().enumerate())
             .filter(|(_, h)| !h.is_empty())
             .map(|(second, h)| SecondLatency {
                 second,
                 messages: h.len(),
-                p50: ms(h.value_at_quantile(0.50)),
-                p99: ms(h.value_at_quantile(0.99)),
-                max: ms(h.max()),
+                latency: percentiles(h),
             })
             .collect()
     }
@@ -833,7 +829,7 @@ async fn flush_acks(ws: &mut Ws, acks: &mut Vec<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn percentiles(h: &Histogram<u64>) -> Percentiles {
+fn percentiles<T: Counter>(h: &Histogram<T>) -> Percentiles {
     let ms = |ns: u64| ns as f64 / 1e6;
     if h.is_empty() {
         return Percentiles::default();
@@ -891,10 +887,13 @@ fn print_report(r: &Report, json: bool) {
     println!("messages sent     {}", r.sent);
     println!("delivered         {} ({:.0}/s)", r.delivered, r.delivered_per_sec);
     print_percentiles("latency ms", &r.latency_ms);
-    if let Some(worst) = r.latency_by_second_ms.iter().max_by(|a, b| a.p99.total_cmp(&b.p99)) {
+    let p99 = |s: &SecondLatency| s.latency.p99;
+    if let Some(worst) = r.latency_by_second_ms.iter().max_by(|a, b| p99(a).total_cmp(&p99(b))) {
         println!(
             "worst second      {} (p99 {:.2} ms over {} messages)",
-            worst.second, worst.p99, worst.messages
+            worst.second,
+            p99(worst),
+            worst.messages
         );
     }
     if let Some(lag) = &r.send_lag_ms {
@@ -955,7 +954,14 @@ fn cpu_percent(before: Option<u64>, after: Option<u64>, over: Duration) -> Optio
 
 #[cfg(test)]
 mod tests {
-    use super::placement;
+    use super::{TIMELINE_MAX_SECONDS, placement, second_histogram};
+
+    #[test]
+    fn an_hour_of_latency_by_second_stays_under_8_mb() {
+        // Each second's histogram is a fixed array of u32 counts, however many it holds.
+        let bytes = second_histogram().distinct_values() * std::mem::size_of::<u32>();
+        assert!(bytes * TIMELINE_MAX_SECONDS < 8 << 20, "{bytes} bytes per second");
+    }
 
     #[test]
     fn with_several_servers_every_pair_is_split_and_load_is_spread() {
