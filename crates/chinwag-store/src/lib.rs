@@ -9,6 +9,7 @@
 //! `tools/store-compare/README.md` for the measured comparison with redb and SQLite.
 
 mod coords;
+mod expiry;
 mod schema;
 mod snapshot;
 mod watermark;
@@ -19,12 +20,13 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chinwag_core::{
     CommitListener, Coordinate, DcName, Epoch, NewMessage, NodeName, Receipt, SharedMessage, Store, StoreError, UserId,
 };
 use chinwag_replication::{StreamId, VersionVector};
+use fjall::compaction::filter::Factory;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -183,6 +185,7 @@ impl EmbeddedStore {
         let db = Database::builder(&path)
             .max_journaling_size(MAX_JOURNAL_BYTES)
             .cache_size(options.memory.cache_bytes)
+            .with_compaction_filter_factories(dedup_expiry(options.dedup_window))
             .open()
             .map_err(fail)?;
         let tables = Tables::open(db, options.memory).map_err(fail)?;
@@ -223,11 +226,6 @@ impl EmbeddedStore {
             commits: recovered.commits,
             watermark,
             depths: recovered.depths.into_iter().collect(),
-            // Sweep after the first commit: a node restarted after a long stop has a backlog.
-            last_sweep: Instant::now()
-                .checked_sub(writer::DEDUP_SWEEP_EVERY)
-                .unwrap_or_else(Instant::now),
-            sweep_from: Vec::new(),
             recent: Default::default(),
         };
         // The thread ends by itself once the store is closed or dropped (its queue closes).
@@ -629,6 +627,16 @@ impl chinwag_replication::Log for EmbeddedStore {
         }
         out
     }
+}
+
+/// Gives the dedup table its expiry filter; the other tables keep everything.
+#[expect(
+    clippy::type_complexity,
+    reason = "the type fjall's builder takes, which it does not name publicly"
+)]
+fn dedup_expiry(window: Duration) -> Arc<dyn Fn(&str) -> Option<Arc<dyn Factory>> + Send + Sync> {
+    let factory: Arc<dyn Factory> = Arc::new(expiry::DedupExpiry { window });
+    Arc::new(move |keyspace| (keyspace == schema::DEDUP).then(|| factory.clone()))
 }
 
 fn unix_ms() -> u64 {

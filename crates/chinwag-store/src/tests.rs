@@ -285,7 +285,8 @@ async fn closed_store_refuses_writes() {
 async fn dedup_entries_expire_after_the_window() {
     let dir = tempfile::tempdir().unwrap();
     let store = try_open(dir.path(), options_with_window(100, Duration::from_secs(60))).unwrap();
-    // Stamped at 1 s after the epoch: far outside the window. The first commit sweeps.
+    // Stamped at 1 s after the epoch: far outside the window. Its record is still in the
+    // table (nothing has been compacted), but an expired record is not a match.
     let old = NewMessage {
         at_ms: 1_000,
         ..new("alice", "bob", "old", "x")
@@ -298,6 +299,32 @@ async fn dedup_entries_expire_after_the_window() {
     let recent = new("alice", "bob", "recent", "x");
     store.append(recent.clone()).await.unwrap();
     assert!(store.append(recent).await.unwrap().duplicate);
+}
+
+#[tokio::test]
+async fn compaction_drops_expired_dedup_entries_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = try_open(dir.path(), options_with_window(1_000, Duration::from_secs(60))).unwrap();
+    let (old, recent) = (user("old"), user("recent"));
+    for i in 0..200 {
+        let expired = NewMessage {
+            at_ms: 1_000,
+            ..new("old", "bob", &format!("c{i}"), "x")
+        };
+        store.append(expired).await.unwrap();
+        store.append(new("recent", "bob", &format!("c{i}"), "x")).await.unwrap();
+    }
+    let dedup = &store.tables.dedup;
+    let count = |sender: &UserId| dedup.prefix(schema::user_prefix(sender)).count();
+    assert_eq!((count(&old), count(&recent)), (200, 200));
+    dedup.rotate_memtable_and_wait().unwrap();
+    dedup.major_compact().unwrap();
+    assert_eq!((count(&old), count(&recent)), (0, 200));
+    // What compaction kept still answers retries, after a restart too.
+    store.close().await;
+    drop(store);
+    let store = try_open(dir.path(), options_with_window(1_000, Duration::from_secs(60))).unwrap();
+    assert!(store.append(new("recent", "bob", "c7", "x")).await.unwrap().duplicate);
 }
 
 /// Damage to the journal: the store must either refuse to open with a clear error or

@@ -29,6 +29,7 @@ use chinwag_replication::{StreamId, VersionVector};
 use fjall::{OwnedWriteBatch as WriteBatch, PersistMode};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::expiry;
 use crate::schema::{self, DedupRecord, Entry, IdRecord, MessageRecord, SnapshotItem, StreamState};
 use crate::watermark::Watermark;
 use crate::{Shared, StoreOptions, Tables};
@@ -56,11 +57,6 @@ pub enum Op {
 /// Receives what one commit did, for metrics.
 pub type CommitObserver = Box<dyn Fn(Duration, usize) + Send + Sync>;
 
-/// How often expired dedup entries are swept, and how many are examined at most per sweep
-/// (so a sweep never delays appends noticeably).
-pub const DEDUP_SWEEP_EVERY: Duration = Duration::from_secs(10);
-const DEDUP_SWEEP_MAX: usize = 10_000;
-
 pub struct Writer {
     pub tables: Tables,
     pub shared: Arc<Shared>,
@@ -77,9 +73,6 @@ pub struct Writer {
     pub watermark: Watermark,
     /// Messages per mailbox, for users with a non-empty mailbox.
     pub depths: HashMap<UserId, u64>,
-    pub last_sweep: Instant,
-    /// Where the next dedup sweep resumes; empty means from the start.
-    pub sweep_from: Vec<u8>,
     /// Tells the replication driver how far this DC's own stream reaches.
     pub log_head: watch::Sender<u64>,
     /// The newest messages still in their mailboxes, by mailbox seq: most acks name one
@@ -155,9 +148,6 @@ impl Writer {
                 drop(self);
                 let _ = done.send(());
                 return;
-            }
-            if self.last_sweep.elapsed() >= DEDUP_SWEEP_EVERY {
-                self.sweep_dedup();
             }
         }
     }
@@ -337,7 +327,9 @@ impl Writer {
                 ..receipt.clone()
             }));
         }
-        if let Some(previous) = self.tables.dedup.get(&dedup_key)? {
+        if let Some(previous) = self.tables.dedup.get(&dedup_key)?
+            && !expiry::expired(&previous, expiry::horizon(self.options.dedup_window))
+        {
             return Ok(Ok(self.earlier_receipt(&previous)));
         }
         if self.depth(&new.to, p) >= self.options.mailbox_max_messages {
@@ -924,50 +916,5 @@ impl Writer {
         while self.recent.len() > RECENT_MAX {
             self.recent.pop_first();
         }
-    }
-
-    fn sweep_dedup(&mut self) {
-        self.last_sweep = Instant::now();
-        let window_ms = u64::try_from(self.options.dedup_window.as_millis()).unwrap_or(u64::MAX);
-        let horizon = crate::unix_ms().saturating_sub(window_ms);
-        match self.sweep_dedup_before(horizon) {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(removed = n, "swept expired dedup entries"),
-            Err(e) => tracing::warn!(error = %e, "dedup sweep failed"),
-        }
-    }
-
-    /// Examines up to [`DEDUP_SWEEP_MAX`] dedup entries from where the last sweep stopped
-    /// and removes those older than `horizon_ms`.
-    fn sweep_dedup_before(&mut self, horizon_ms: u64) -> Fallible<usize> {
-        // Losing a sweep in a crash only means sweeping again: no fsync.
-        let mut batch = self.tables.db.batch().durability(Some(PersistMode::Buffer));
-        let mut removed = 0;
-        let mut examined = 0;
-        let mut last = None;
-        for entry in self.tables.dedup.range(self.sweep_from.as_slice()..) {
-            let (key, value) = entry.into_inner()?;
-            examined += 1;
-            let expired = postcard::from_bytes::<DedupRecord>(&value).is_ok_and(|r| r.at_ms < horizon_ms);
-            if expired {
-                batch.remove(&self.tables.dedup, key.clone());
-                removed += 1;
-            }
-            last = Some(key);
-            if examined == DEDUP_SWEEP_MAX {
-                break;
-            }
-        }
-        self.sweep_from = match (examined == DEDUP_SWEEP_MAX, last) {
-            // Resume just after the last key examined.
-            (true, Some(key)) => {
-                let mut next = key.to_vec();
-                next.push(0);
-                next
-            }
-            _ => Vec::new(),
-        };
-        batch.commit()?;
-        Ok(removed)
     }
 }

@@ -1,0 +1,93 @@
+//! Forgetting idempotency records once their window has passed.
+//!
+//! Records are dropped while fjall compacts the dedup table, so their removal costs no
+//! scan and no write of its own, and it keeps pace with however fast records are added:
+//! compaction rewrites the table in proportion to what is written to it. A record that
+//! has expired but not yet been compacted away is still on disk; lookups ignore it
+//! ([`expired`]), so a retry after the window is a new message either way.
+
+use std::time::Duration;
+
+use fjall::compaction::filter::{CompactionFilter, CompactionFilterResult, Context, Factory, ItemAccessor, Verdict};
+
+use crate::schema::DedupRecord;
+
+/// Whether a dedup record was made before `horizon_ms`. An unreadable one is kept: it
+/// is answered as a duplicate (see the writer), which is the safe side.
+pub fn expired(record: &[u8], horizon_ms: u64) -> bool {
+    postcard::from_bytes::<DedupRecord>(record).is_ok_and(|r| r.at_ms < horizon_ms)
+}
+
+/// The oldest creation time still inside a window of `window` ending now.
+pub fn horizon(window: Duration) -> u64 {
+    let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+    crate::unix_ms().saturating_sub(window_ms)
+}
+
+/// What compaction does with one dedup record.
+fn verdict(record: &[u8], horizon_ms: u64, last_level: bool) -> Verdict {
+    match (expired(record, horizon_ms), last_level) {
+        (false, _) => Verdict::Keep,
+        // Nothing lies below the last level for a tombstone to hide.
+        (true, true) => Verdict::Destroy,
+        // Above it, an older write of the same key may lie further down; a tombstone keeps
+        // it from coming back.
+        (true, false) => Verdict::Remove,
+    }
+}
+
+/// Installed on the dedup table: each compaction gets a filter with the horizon of the
+/// moment it starts.
+pub struct DedupExpiry {
+    pub window: Duration,
+}
+
+impl Factory for DedupExpiry {
+    fn name(&self) -> &str {
+        "dedup-expiry"
+    }
+
+    fn make_filter(&self, _: &Context) -> Box<dyn CompactionFilter> {
+        Box::new(ExpiredBefore(horizon(self.window)))
+    }
+}
+
+struct ExpiredBefore(u64);
+
+impl CompactionFilter for ExpiredBefore {
+    fn filter_item(&mut self, item: ItemAccessor<'_>, ctx: &Context) -> CompactionFilterResult {
+        Ok(verdict(&item.value()?, self.0, ctx.is_last_level))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::IdRecord;
+    use chinwag_core::DcName;
+
+    fn record(at_ms: u64) -> Vec<u8> {
+        let id = IdRecord {
+            origin: DcName::parse("east").unwrap(),
+            epoch: 1,
+            seq: 7,
+        };
+        postcard::to_stdvec(&DedupRecord { id, at_ms }).unwrap()
+    }
+
+    #[test]
+    fn only_records_older_than_the_horizon_go() {
+        for last_level in [false, true] {
+            assert!(matches!(verdict(&record(1_000), 1_000, last_level), Verdict::Keep));
+            assert!(matches!(verdict(&record(2_000), 1_000, last_level), Verdict::Keep));
+        }
+        assert!(matches!(verdict(&record(999), 1_000, false), Verdict::Remove));
+        assert!(matches!(verdict(&record(999), 1_000, true), Verdict::Destroy));
+    }
+
+    #[test]
+    fn an_unreadable_record_is_kept() {
+        assert!(!expired(b"\xff\xff\xff", u64::MAX));
+        assert!(matches!(verdict(b"", u64::MAX, true), Verdict::Keep));
+    }
+}
