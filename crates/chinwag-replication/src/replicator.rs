@@ -210,7 +210,13 @@ impl Replicator {
             .peers
             .iter()
             .filter(|p| **p != cfg.me)
-            .map(|p| (p.clone(), Peer::default()))
+            .map(|p| {
+                let peer = Peer {
+                    since_ms: now_ms,
+                    ..Peer::default()
+                };
+                (p.clone(), peer)
+            })
             .collect();
         Self {
             cfg,

@@ -387,6 +387,31 @@ fn a_dc_back_after_being_decommissioned_catches_up_from_a_snapshot() {
     assert!(sim.snapshots > 0, "the returning DC was never sent a snapshot");
 }
 
+#[test]
+fn a_peer_not_yet_heard_from_at_start_keeps_its_log() {
+    // Real clocks start far from zero: a configured peer is counted silent from the
+    // replicator's start, not from the epoch, so its log is kept until it is heard.
+    let (a, b) = (DcName::parse("a").unwrap(), DcName::parse("b").unwrap());
+    let stream = StreamId::new(a.clone(), Epoch(1));
+    let mut applied = VersionVector::default();
+    applied.advance(&stream, 3);
+    let log = BTreeMap::from([(stream.clone(), (1..=3).map(|seq| (seq, vec![seq as u8])).collect())]);
+    let start = 1_800_000_000_000;
+    let cfg = Config::wan(a.clone(), stream, vec![a, b]);
+    let decommission = cfg.decommission_after_ms;
+    let mut replicator = Replicator::new(cfg, applied, VersionVector::default(), start);
+    let truncated =
+        |r: &mut Replicator| std::iter::from_fn(|| r.poll_action()).any(|a| matches!(a, Action::Truncate { .. }));
+    replicator.on_tick(start + 1_000, &LogView(&log));
+    assert!(
+        !truncated(&mut replicator),
+        "the log was dropped before its peer was heard from"
+    );
+    // Once it has been silent for the decommissioning time, the log goes.
+    replicator.on_tick(start + decommission, &LogView(&log));
+    assert!(truncated(&mut replicator));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
