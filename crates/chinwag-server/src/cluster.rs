@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use chinwag_core::{DcName, StoreError};
 use chinwag_gateway::{Counters, Event, GatewayConfig, LinkHandle, TlsFiles};
-use chinwag_replication::{Action, Config as ReplConfig, PeerStatus, Replicator, StreamId, VersionVector, Wire};
+use chinwag_replication::{Action, Config as ReplConfig, PeerStatus, Replicator, StreamId, VersionVector, Wire, wire};
 use chinwag_store::EmbeddedStore;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -202,6 +202,7 @@ pub async fn start(
         gateway: addr,
         dropped_sends: 0,
         incoming: BTreeMap::new(),
+        sending: BTreeMap::new(),
     };
     tokio::spawn(driver.run(events, t.anti_entropy_interval, shutdown));
     Ok(status)
@@ -218,8 +219,10 @@ type Applying = Pin<Box<dyn Future<Output = Done> + Send>>;
 /// Most snapshot items accepted from one sender; a larger state is refused rather than
 /// exhausting memory (the sender retries later).
 const MAX_SNAPSHOT_ITEMS: usize = 5_000_000;
-/// Items per snapshot part on the wire.
+/// Most items, and most bytes of items, per snapshot part on the wire: a quarter of the
+/// transport's frame limit, so a part of long messages still fits a frame.
 const SNAPSHOT_PART_ITEMS: usize = 1024;
+const SNAPSHOT_PART_BYTES: usize = wire::MAX_FRAME_BYTES / 4;
 
 struct Driver {
     replicator: Replicator,
@@ -231,6 +234,10 @@ struct Driver {
     dropped_sends: u64,
     /// Snapshot parts received so far, per sender.
     incoming: BTreeMap<DcName, Vec<Vec<u8>>>,
+    /// The snapshot being sent to each peer. Never two at once to one peer: their parts
+    /// would interleave on the link, and the receiver, merging one snapshot's last part
+    /// with the other's first ones, would take what is missing for acknowledged.
+    sending: BTreeMap<DcName, tokio::task::JoinHandle<()>>,
 }
 
 impl Driver {
@@ -337,39 +344,36 @@ impl Driver {
     }
 
     /// Streams a snapshot of this store to `to` in the background, waiting for room on
-    /// the link rather than dropping parts.
-    fn send_snapshot(&self, to: DcName) {
+    /// the link rather than dropping parts. If one is still on its way, that one stands.
+    fn send_snapshot(&mut self, to: DcName) {
+        if self.sending.get(&to).is_some_and(|task| !task.is_finished()) {
+            return tracing::debug!(peer = %to, "a snapshot is still being sent");
+        }
         let Some(link) = self.links.get(&to).cloned() else {
             return;
         };
         let store = self.store.clone();
-        tokio::spawn(async move {
+        let peer = to.clone();
+        let task = tokio::spawn(async move {
             let built = tokio::task::spawn_blocking(move || store.snapshot()).await;
             let Ok(Ok((applied, items))) = built else {
-                return tracing::warn!(peer = %to, "could not build a snapshot");
+                return tracing::warn!(%peer, "could not build a snapshot");
             };
-            tracing::info!(peer = %to, items = items.len(), "sending a snapshot");
-            let mut parts = items.chunks(SNAPSHOT_PART_ITEMS).peekable();
-            if parts.peek().is_none() {
-                let msg = Wire::Snapshot {
-                    applied,
-                    items: Vec::new(),
-                    last: true,
-                };
-                link.send_wait(&msg).await;
-                return;
-            }
-            while let Some(part) = parts.next() {
+            tracing::info!(%peer, items = items.len(), "sending a snapshot");
+            let parts = snapshot_parts(&items);
+            let last = parts.len() - 1;
+            for (i, part) in parts.into_iter().enumerate() {
                 let msg = Wire::Snapshot {
                     applied: applied.clone(),
                     items: part.to_vec(),
-                    last: parts.peek().is_none(),
+                    last: i == last,
                 };
                 if !link.send_wait(&msg).await {
                     return;
                 }
             }
         });
+        self.sending.insert(to, task);
     }
 
     fn publish_status(&self) {
@@ -410,5 +414,65 @@ impl Driver {
             decommissioned: p.decommissioned,
             mailbox_depth: p.mailbox_depth,
         }
+    }
+}
+
+/// Cuts a snapshot into the parts sent one frame each: in order, each within
+/// [`SNAPSHOT_PART_ITEMS`] and [`SNAPSHOT_PART_BYTES`] (an item larger than that alone),
+/// and at least one part, possibly empty, so the receiver always gets a last one.
+fn snapshot_parts(items: &[Vec<u8>]) -> Vec<&[Vec<u8>]> {
+    let mut parts = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, item) in items.iter().enumerate() {
+        let full = i - start == SNAPSHOT_PART_ITEMS || bytes + item.len() > SNAPSHOT_PART_BYTES;
+        if full && i > start {
+            parts.push(&items[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += item.len();
+    }
+    if start < items.len() || parts.is_empty() {
+        parts.push(&items[start..]);
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizes(parts: &[&[Vec<u8>]]) -> Vec<(usize, usize)> {
+        parts.iter().map(|p| (p.len(), p.iter().map(Vec::len).sum())).collect()
+    }
+
+    #[test]
+    fn an_empty_snapshot_is_one_empty_part() {
+        assert_eq!(sizes(&snapshot_parts(&[])), vec![(0, 0)]);
+    }
+
+    #[test]
+    fn parts_keep_every_item_in_order_within_both_limits() {
+        let big = SNAPSHOT_PART_BYTES / 3;
+        let items: Vec<Vec<u8>> = (0..10)
+            .map(|i| vec![i; big])
+            .chain((0..2_500).map(|i| vec![i as u8; 10]))
+            .collect();
+        let parts = snapshot_parts(&items);
+        assert_eq!(parts.concat(), items);
+        for (count, bytes) in sizes(&parts) {
+            assert!((1..=SNAPSHOT_PART_ITEMS).contains(&count), "{count} items");
+            assert!(bytes <= SNAPSHOT_PART_BYTES, "{bytes} bytes");
+        }
+        // Three long items fill a part by bytes; the short ones fill parts by count.
+        assert_eq!(sizes(&parts)[0], (3, 3 * big));
+    }
+
+    #[test]
+    fn an_item_over_the_byte_limit_goes_alone() {
+        let items = vec![vec![1; 10], vec![2; SNAPSHOT_PART_BYTES + 1], vec![3; 10]];
+        assert_eq!(
+            sizes(&snapshot_parts(&items)),
+            vec![(1, 10), (1, SNAPSHOT_PART_BYTES + 1), (1, 10)]
+        );
     }
 }
