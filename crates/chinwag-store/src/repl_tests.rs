@@ -270,6 +270,27 @@ async fn truncated_logs_no_longer_serve_old_entries() {
     assert_eq!(truncated.get(&stream), 3);
 }
 
+#[tokio::test]
+async fn a_snapshot_that_moves_a_stream_past_the_log_leaves_no_entries_behind() {
+    let (east, west, north) = (dc("east"), dc("west"), dc("north"));
+    let stream = east.store.stream().clone();
+    for i in 0..6 {
+        east.store.append(msg("alice", "bob", &format!("c{i}"))).await.unwrap();
+        if i == 2 {
+            pull(&north, &east, &stream).await;
+        }
+    }
+    pull(&west, &east, &stream).await;
+    assert_eq!(north.store.read(&stream, 1, 10, usize::MAX).len(), 3);
+    // North learns of entries 4..=6 from west's snapshot, not from a log: its log of
+    // east's stream now starts after 6, and entries 1..=3 must not linger below that.
+    merge(&north, &west).await;
+    let (applied, truncated) = north.store.replication_state().unwrap();
+    assert_eq!((applied.get(&stream), truncated.get(&stream)), (6, 6));
+    assert!(north.store.read(&stream, 1, 10, usize::MAX).is_empty());
+    assert_eq!(mailbox(&north, "bob").await.len(), 6);
+}
+
 /// One step of a random multi-DC history.
 #[derive(Debug, Clone)]
 enum Step {

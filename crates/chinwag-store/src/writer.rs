@@ -784,11 +784,15 @@ impl Writer {
             if *stream == self.stream {
                 continue;
             }
-            let mut state = self.stream_state(stream, p);
-            if seen > state.applied {
+            let applied = self.stream_state(stream, p).applied;
+            if seen > applied {
+                // The log never received the entries up to `seen`, so it cannot relay them,
+                // nor the ones before them that it did receive: those are dropped too,
+                // or they would stay below the truncation point for good.
+                self.truncate(batch, stream, applied, p);
+                let mut state = self.stream_state(stream, p);
                 state.applied = seen;
-                // The log never received these entries, so it cannot relay them.
-                state.truncated = state.truncated.max(seen);
+                state.truncated = seen;
                 batch.insert(
                     &self.tables.streams,
                     schema::stream_key(stream),
