@@ -142,6 +142,8 @@ pub(crate) struct Peer {
     last_heard_ms: Option<u64>,
     /// What the peer has applied, as far as we know.
     known: VersionVector,
+    /// The stream the peer writes now, from its `Hello`: the one stream never sent to it.
+    stream: Option<StreamId>,
     pub(crate) sent: BTreeMap<StreamId, Sent>,
     unreachable: BTreeSet<DcName>,
     /// Per stream: since when the peer has been behind, and the seq it was behind on.
@@ -300,8 +302,11 @@ impl Replicator {
         peer.last_heard_ms = Some(now_ms);
         peer.forgotten = false;
         match msg {
-            Wire::Hello { applied, .. } => {
-                peer.known.merge(&applied);
+            Wire::Hello { stream, applied, .. } => {
+                // A new link's greeting replaces what we knew: a DC that lost its data and
+                // started again empty has applied less than it once told us.
+                peer.known = applied;
+                peer.stream = Some(stream);
                 peer.sent.clear();
                 self.sync_peer(from, log);
             }
@@ -575,7 +580,8 @@ impl Replicator {
 
     /// Whether we should send `stream` to `peer` at all.
     fn should_send(&self, name: &DcName, peer: &Peer, stream: &StreamId) -> bool {
-        if stream.dc == *name {
+        // Its own stream, but not one of its earlier epochs: those it may have lost.
+        if peer.stream.as_ref().map_or(stream.dc == *name, |own| own == stream) {
             return false;
         }
         if self.cfg.fanout.is_some() {

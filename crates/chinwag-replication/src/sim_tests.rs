@@ -48,6 +48,32 @@ struct Dc {
     state: BTreeMap<StreamId, Vec<Vec<u8>>>,
 }
 
+impl Dc {
+    /// A DC with nothing applied, starting at `now`.
+    fn empty(cfg: Config, now: u64) -> Self {
+        Dc {
+            name: cfg.me.clone(),
+            stream: cfg.stream.clone(),
+            replicator: Replicator::new(cfg, VersionVector::default(), VersionVector::default(), now),
+            log: BTreeMap::new(),
+            state: BTreeMap::new(),
+        }
+    }
+}
+
+/// Small windows and batches, so that a few hundred writes exercise them.
+fn config(stream: StreamId, names: &[DcName], net: &Net) -> Config {
+    let mut cfg = Config::wan(stream.dc.clone(), stream, names.to_vec());
+    cfg.max_batch_entries = 8;
+    cfg.window_entries = 32;
+    cfg.max_held = 16;
+    if let Some(ms) = net.decommission_after_ms {
+        cfg.decommission_after_ms = ms;
+        cfg.snapshot_retry_ms = 2_000;
+    }
+    cfg
+}
+
 struct LogView<'a>(&'a BTreeMap<StreamId, BTreeMap<u64, Vec<u8>>>);
 
 impl Log for LogView<'_> {
@@ -101,21 +127,7 @@ impl Sim {
             .enumerate()
             .map(|(i, name)| {
                 let stream = StreamId::new(name.clone(), Epoch(i as u32 + 1));
-                let mut cfg = Config::wan(name.clone(), stream.clone(), names.clone());
-                cfg.max_batch_entries = 8;
-                cfg.window_entries = 32;
-                cfg.max_held = 16;
-                if let Some(ms) = net.decommission_after_ms {
-                    cfg.decommission_after_ms = ms;
-                    cfg.snapshot_retry_ms = 2_000;
-                }
-                Dc {
-                    name: name.clone(),
-                    stream,
-                    replicator: Replicator::new(cfg, VersionVector::default(), VersionVector::default(), 0),
-                    log: BTreeMap::new(),
-                    state: BTreeMap::new(),
-                }
+                Dc::empty(config(stream, &names, &net), 0)
             })
             .collect();
         let mut sim = Sim {
@@ -248,7 +260,10 @@ impl Sim {
             return false;
         };
         self.now = time;
-        let event = self.events.remove(&id).unwrap();
+        // Events of a DC's earlier life are gone (see `rebuild`).
+        let Some(event) = self.events.remove(&id) else {
+            return true;
+        };
         let dc = match event {
             Event::Deliver { from, to, msg } => {
                 let from_name = self.dcs[from].name.clone();
@@ -281,6 +296,29 @@ impl Sim {
         };
         self.drain(dc);
         true
+    }
+
+    /// DC `i` loses its data and starts again empty, writing a new stream (a new epoch):
+    /// what was in flight to or from it is lost with its links, which come back up.
+    fn rebuild(&mut self, i: usize) {
+        let names: Vec<DcName> = self.dcs.iter().map(|d| d.name.clone()).collect();
+        let old = &self.dcs[i].stream;
+        let stream = StreamId::new(old.dc.clone(), Epoch(old.epoch().0 + 100));
+        self.dcs[i] = Dc::empty(config(stream, &names, &self.net), self.now);
+        self.written[i] = 0;
+        self.events.retain(|_, e| match e {
+            Event::Deliver { from, to, .. } => *from != i && *to != i,
+            Event::Applied { dc, .. } => *dc != i,
+            Event::Tick(_) | Event::Write(_) => true,
+        });
+        for j in (0..self.dcs.len()).filter(|&j| j != i) {
+            let (name_i, name_j) = (names[i].clone(), names[j].clone());
+            self.dcs[j].replicator.on_disconnected(&name_i);
+            self.dcs[j].replicator.on_connected(&name_i, self.now);
+            self.dcs[i].replicator.on_connected(&name_j, self.now);
+            self.drain(j);
+        }
+        self.drain(i);
     }
 
     fn run_until(&mut self, t: u64) {
@@ -385,6 +423,53 @@ fn a_dc_back_after_being_decommissioned_catches_up_from_a_snapshot() {
     let sim = run(11, 3, 200, net);
     assert_converged(&sim, 11);
     assert!(sim.snapshots > 0, "the returning DC was never sent a snapshot");
+}
+
+/// 100 writes at random DCs over the 5 s from `from` on.
+fn write_for_5s(sim: &mut Sim, from: u64) {
+    for _ in 0..100 {
+        let dc = sim.rng.below(3) as usize;
+        let when = from + sim.rng.below(5_000) - sim.now;
+        sim.at(when, Event::Write(dc));
+    }
+}
+
+/// dc2 loses its data at 10 s and starts again empty; writes go on everywhere.
+fn rebuild_dc2_at_10s(seed: u64, cut_until: BTreeMap<(usize, usize), u64>) -> Sim {
+    let net = Net {
+        loss: 0,
+        dup: 0,
+        min_delay: 20,
+        max_delay: 40,
+        cut_until,
+        decommission_after_ms: None,
+    };
+    let mut sim = Sim::new(3, seed, net);
+    write_for_5s(&mut sim, 0);
+    sim.run_until(10_000);
+    sim.rebuild(2);
+    write_for_5s(&mut sim, 10_000);
+    sim.run_until(50_000);
+    assert_converged(&sim, seed);
+    let old = StreamId::new(sim.dcs[2].name.clone(), Epoch(3));
+    assert!(sim.dcs[2].state.get(&old).is_some_and(|s| !s.is_empty()));
+    sim
+}
+
+#[test]
+fn a_dc_rebuilt_from_nothing_catches_up_from_a_snapshot() {
+    // By 10 s everyone has everything and every log is truncated: the rebuilt DC needs a
+    // snapshot, which also brings back its own old stream.
+    let sim = rebuild_dc2_at_10s(21, BTreeMap::new());
+    assert!(sim.snapshots > 0, "the rebuilt DC was never sent a snapshot");
+}
+
+#[test]
+fn a_dc_rebuilt_from_nothing_gets_its_old_stream_from_the_logs() {
+    // dc1 is cut off until 20 s, so dc0 still keeps every log when dc2 comes back
+    // empty, its own old stream included: that must be sent to it like any other.
+    let cut = BTreeMap::from([((0, 1), 20_000), ((1, 2), 20_000)]);
+    rebuild_dc2_at_10s(23, cut);
 }
 
 #[test]
