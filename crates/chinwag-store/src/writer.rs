@@ -583,7 +583,10 @@ impl Writer {
                 Ok(entry) => self.apply_entry(batch, stream, seq, entry, p)?,
                 // An entry this build cannot read is skipped, not retried forever: the
                 // stream must keep moving for everything after it.
-                Err(e) => tracing::error!(%stream, seq, error = %e, "skipping an undecodable entry"),
+                Err(e) => {
+                    tracing::error!(%stream, seq, error = %e, "skipping an undecodable entry");
+                    self.forget_gone(batch, stream, seq, seq, p)?;
+                }
             }
             batch.insert(&self.tables.log, schema::entry_key(stream, seq), bytes);
             state.applied = seq;
@@ -662,6 +665,26 @@ impl Writer {
         if id.seq > self.applied(&origin, p) {
             batch.insert(&self.tables.gone, id_key.clone(), []);
             p.gone.insert(id_key, true);
+        }
+        Ok(())
+    }
+
+    /// Drops the tombstones of messages `from..=through` of `stream`, which this DC has
+    /// now applied without their entries (a snapshot covered them, or they could not be
+    /// read): no entry will come to consume them.
+    fn forget_gone(
+        &mut self,
+        batch: &mut WriteBatch,
+        stream: &StreamId,
+        from: u64,
+        through: u64,
+        p: &mut Pending,
+    ) -> Fallible<()> {
+        let range = schema::entry_key(stream, from)..=schema::entry_key(stream, through);
+        for key in self.tables.gone.range(range) {
+            let key = key.key()?.to_vec();
+            batch.remove(&self.tables.gone, key.clone());
+            p.gone.insert(key, false);
         }
         Ok(())
     }
@@ -790,6 +813,7 @@ impl Writer {
                 // nor the ones before them that it did receive: those are dropped too,
                 // or they would stay below the truncation point for good.
                 self.truncate(batch, stream, applied, p);
+                self.forget_gone(batch, stream, applied + 1, seen, p)?;
                 let mut state = self.stream_state(stream, p);
                 state.applied = seen;
                 state.truncated = seen;
