@@ -23,7 +23,7 @@ use chinwag_core::DcName;
 use chinwag_replication::wire::{self, MAX_FRAME_BYTES, Wire};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 pub use tls::{Tls, TlsError, TlsFiles};
 
@@ -31,6 +31,11 @@ pub use tls::{Tls, TlsError, TlsFiles};
 /// keepalive well within it.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most inbound TLS handshakes in progress at once. Until its certificate is checked a
+/// connection could come from anyone, and each costs a task, a socket and TLS state for
+/// up to [`CONNECT_TIMEOUT`]; beyond this a new one is closed at once. Links do not
+/// depend on it alone: each DC also dials its peers.
+pub const MAX_HANDSHAKES: usize = 64;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
@@ -183,17 +188,31 @@ impl Shared {
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.changed() => return,
         };
-        let Ok((tcp, from)) = accepted else { continue };
+        let (tcp, from) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Usually out of file descriptors: back off instead of spinning.
+                tracing::warn!(error = %e, "gateway could not accept a connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::debug!(%from, "gateway refused a connection: {MAX_HANDSHAKES} handshakes in progress");
+            continue;
+        };
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
             let handshake = tokio::time::timeout(CONNECT_TIMEOUT, shared.tls.acceptor.accept(tcp)).await;
+            drop(permit);
             let stream = match handshake {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => return tracing::warn!(%from, error = %e, "gateway refused a peer: TLS handshake failed"),

@@ -208,3 +208,46 @@ async fn a_link_comes_back_after_the_peer_restarts() {
     link_up(&mut events).await;
     link_up(&mut east.events).await;
 }
+
+#[tokio::test]
+async fn connections_beyond_the_handshake_limit_are_closed_at_once() {
+    use chinwag_gateway::MAX_HANDSHAKES;
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    pki::init_cluster(dir.path(), &[dc("east"), dc("west")]).unwrap();
+    let west = start(
+        "west",
+        files(dir.path(), "west"),
+        vec![(dc("east"), "127.0.0.1:9".into())],
+    )
+    .await;
+    // Connections that never begin a TLS handshake, as a flood would.
+    let mut idle = Vec::new();
+    for _ in 0..MAX_HANDSHAKES + 8 {
+        idle.push(tokio::net::TcpStream::connect(west.addr).await.unwrap());
+    }
+    let mut byte = [0u8; 1];
+    for extra in &mut idle[MAX_HANDSHAKES..] {
+        let read = tokio::time::timeout(Duration::from_secs(2), extra.read(&mut byte)).await;
+        assert!(
+            matches!(read, Ok(Ok(0) | Err(_))),
+            "a connection past the limit was not closed"
+        );
+    }
+    let waiting = tokio::time::timeout(Duration::from_millis(300), idle[0].read(&mut byte)).await;
+    assert!(
+        waiting.is_err(),
+        "a connection within the limit is still given its handshake"
+    );
+    // Once they go, their places are free again: a peer links at once.
+    drop(idle);
+    let mut west = west;
+    let mut east = start(
+        "east",
+        files(dir.path(), "east"),
+        vec![(dc("west"), west.addr.to_string())],
+    )
+    .await;
+    assert_eq!(link_up(&mut east.events).await.0, dc("west"));
+    assert_eq!(link_up(&mut west.events).await.0, dc("east"));
+}
