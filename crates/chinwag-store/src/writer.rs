@@ -590,6 +590,9 @@ impl Writer {
             }
             batch.insert(&self.tables.log, schema::entry_key(stream, seq), bytes);
             state.applied = seq;
+            // Later entries of this batch must see this one as applied: an `Acked` of a
+            // message whose `Put` came just before must not wait for that `Put` again.
+            p.streams.insert(stream.clone(), state);
         }
         batch.insert(
             &self.tables.streams,
