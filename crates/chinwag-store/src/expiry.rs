@@ -18,21 +18,22 @@ pub fn expired(record: &[u8], horizon_ms: u64) -> bool {
     postcard::from_bytes::<DedupRecord>(record).is_ok_and(|r| r.at_ms < horizon_ms)
 }
 
-/// The oldest creation time still inside a window of `window` ending now.
-pub fn horizon(window: Duration) -> u64 {
+/// The oldest creation time still inside a window of `window` ending at `at_ms`.
+pub fn horizon(at_ms: u64, window: Duration) -> u64 {
     let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
-    crate::unix_ms().saturating_sub(window_ms)
+    at_ms.saturating_sub(window_ms)
 }
 
-/// What compaction does with one dedup record.
-fn verdict(record: &[u8], horizon_ms: u64, last_level: bool) -> Verdict {
-    match (expired(record, horizon_ms), last_level) {
-        (false, _) => Verdict::Keep,
-        // Nothing lies below the last level for a tombstone to hide.
-        (true, true) => Verdict::Destroy,
-        // Above it, an older write of the same key may lie further down; a tombstone keeps
-        // it from coming back.
-        (true, false) => Verdict::Remove,
+/// What compaction does with one dedup record. A tombstone rather than nothing, even at
+/// the last level: compaction judges each version of a key on its own, and an older,
+/// unexpired version must not become visible again (a twin from another DC can have
+/// been written over a record with a later time). At the last level the tombstone goes
+/// at the next compaction.
+fn verdict(record: &[u8], horizon_ms: u64) -> Verdict {
+    if expired(record, horizon_ms) {
+        Verdict::Remove
+    } else {
+        Verdict::Keep
     }
 }
 
@@ -48,15 +49,15 @@ impl Factory for DedupExpiry {
     }
 
     fn make_filter(&self, _: &Context) -> Box<dyn CompactionFilter> {
-        Box::new(ExpiredBefore(horizon(self.window)))
+        Box::new(ExpiredBefore(horizon(crate::unix_ms(), self.window)))
     }
 }
 
 struct ExpiredBefore(u64);
 
 impl CompactionFilter for ExpiredBefore {
-    fn filter_item(&mut self, item: ItemAccessor<'_>, ctx: &Context) -> CompactionFilterResult {
-        Ok(verdict(&item.value()?, self.0, ctx.is_last_level))
+    fn filter_item(&mut self, item: ItemAccessor<'_>, _: &Context) -> CompactionFilterResult {
+        Ok(verdict(&item.value()?, self.0))
     }
 }
 
@@ -77,17 +78,20 @@ mod tests {
 
     #[test]
     fn only_records_older_than_the_horizon_go() {
-        for last_level in [false, true] {
-            assert!(matches!(verdict(&record(1_000), 1_000, last_level), Verdict::Keep));
-            assert!(matches!(verdict(&record(2_000), 1_000, last_level), Verdict::Keep));
-        }
-        assert!(matches!(verdict(&record(999), 1_000, false), Verdict::Remove));
-        assert!(matches!(verdict(&record(999), 1_000, true), Verdict::Destroy));
+        assert!(matches!(verdict(&record(1_000), 1_000), Verdict::Keep));
+        assert!(matches!(verdict(&record(2_000), 1_000), Verdict::Keep));
+        assert!(matches!(verdict(&record(999), 1_000), Verdict::Remove));
     }
 
     #[test]
     fn an_unreadable_record_is_kept() {
         assert!(!expired(b"\xff\xff\xff", u64::MAX));
-        assert!(matches!(verdict(b"", u64::MAX, true), Verdict::Keep));
+        assert!(matches!(verdict(b"", u64::MAX), Verdict::Keep));
+    }
+
+    #[test]
+    fn the_horizon_is_one_window_before_the_time_given() {
+        assert_eq!(horizon(10_000, Duration::from_secs(3)), 7_000);
+        assert_eq!(horizon(1_000, Duration::from_secs(3)), 0);
     }
 }

@@ -258,6 +258,24 @@ async fn a_retry_accepted_in_two_dcs_converges_on_one_copy() {
 }
 
 #[tokio::test]
+async fn a_client_id_reused_after_the_window_is_a_new_message_in_every_dc() {
+    let (east, west) = (dc("east"), dc("west"));
+    let old = NewMessage {
+        at_ms: 1_000,
+        ..msg("alice", "bob", "c1")
+    };
+    east.store.append(old).await.unwrap();
+    pull(&west, &east, east.store.stream()).await;
+    // The same client id, long past the window: a new message at east, and at west too,
+    // though west still holds the old record (nothing compacted it away).
+    let again = east.store.append(msg("alice", "bob", "c1")).await.unwrap();
+    assert!(!again.duplicate);
+    pull(&west, &east, east.store.stream()).await;
+    assert_eq!(mailbox(&west, "bob").await.len(), 2);
+    assert_eq!(mailbox(&west, "bob").await, mailbox(&east, "bob").await);
+}
+
+#[tokio::test]
 async fn entries_after_a_gap_are_not_applied() {
     let (east, west) = (dc("east"), dc("west"));
     for i in 0..3 {

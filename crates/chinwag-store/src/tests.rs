@@ -285,15 +285,15 @@ async fn closed_store_refuses_writes() {
 async fn dedup_entries_expire_after_the_window() {
     let dir = tempfile::tempdir().unwrap();
     let store = try_open(dir.path(), options_with_window(100, Duration::from_secs(60))).unwrap();
-    // Stamped at 1 s after the epoch: far outside the window. Its record is still in the
-    // table (nothing has been compacted), but an expired record is not a match.
+    // Stamped at 1 s after the epoch: far outside the window of a retry sent now. Its
+    // record is still in the table (nothing has been compacted), but it is not a match.
     let old = NewMessage {
         at_ms: 1_000,
         ..new("alice", "bob", "old", "x")
     };
-    let first = store.append(old.clone()).await.unwrap();
+    let first = store.append(old).await.unwrap();
     store.ack(user("bob"), vec![first.id.seq]).await.unwrap();
-    let again = store.append(old).await.unwrap();
+    let again = store.append(new("alice", "bob", "old", "x")).await.unwrap();
     assert!(!again.duplicate, "an expired idempotency key is a new message");
     // A recent one is still remembered.
     let recent = new("alice", "bob", "recent", "x");

@@ -321,16 +321,22 @@ impl Writer {
         p: &mut Pending,
     ) -> Fallible<Result<Receipt, StoreError>> {
         let dedup_key = schema::dedup_key(&new.from, &new.client_id);
-        if let Some(receipt) = p.dedup.get(&dedup_key) {
-            return Ok(Ok(Receipt {
-                duplicate: true,
-                ..receipt.clone()
-            }));
-        }
-        if let Some(previous) = self.tables.dedup.get(&dedup_key)?
-            && !expiry::expired(&previous, expiry::horizon(self.options.dedup_window))
-        {
-            return Ok(Ok(self.earlier_receipt(&previous)));
+        let horizon = expiry::horizon(new.at_ms, self.options.dedup_window);
+        match p.dedup.get(&dedup_key) {
+            Some(receipt) if receipt.at_ms >= horizon => {
+                return Ok(Ok(Receipt {
+                    duplicate: true,
+                    ..receipt.clone()
+                }));
+            }
+            Some(_) => {}
+            None => {
+                if let Some(previous) = self.tables.dedup.get(&dedup_key)?
+                    && !expiry::expired(&previous, horizon)
+                {
+                    return Ok(Ok(self.earlier_receipt(&previous)));
+                }
+            }
         }
         if self.depth(&new.to, p) >= self.options.mailbox_max_messages {
             return Ok(Err(StoreError::MailboxFull {
@@ -377,16 +383,20 @@ impl Writer {
     /// Stores a message that arrived from another DC, unless it is the twin of one already
     /// here: the same sender and client id accepted under another id, because a retry
     /// reached two DCs before either heard of the other. Every DC keeps the smaller of the
-    /// two ids and drops the other, so all converge on one copy.
+    /// two ids and drops the other, so all converge on one copy. A record from more than a
+    /// dedup window before this message is no twin: judged by the two messages' times, not
+    /// by when each DC happens to look, so every DC decides alike.
     fn insert_replicated(&mut self, batch: &mut WriteBatch, msg: Message, p: &mut Pending) -> Fallible<()> {
         let dedup_key = schema::dedup_key(&msg.from, &msg.client_id);
+        let horizon = expiry::horizon(msg.at_ms, self.options.dedup_window);
         let twin = match p.dedup.get(&dedup_key) {
-            Some(receipt) => Some(receipt.id.clone()),
+            Some(receipt) => (receipt.at_ms >= horizon).then(|| receipt.id.clone()),
             None => self
                 .tables
                 .dedup
                 .get(&dedup_key)?
                 .and_then(|r| postcard::from_bytes::<DedupRecord>(&r).ok())
+                .filter(|r| r.at_ms >= horizon)
                 .map(|r| MessageId::from(r.id)),
         };
         match twin {
