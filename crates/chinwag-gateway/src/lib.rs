@@ -70,9 +70,21 @@ impl LinkHandle {
 
 #[derive(Debug)]
 pub enum Event {
-    Up { peer: DcName, link: LinkHandle },
-    Message { peer: DcName, msg: Wire },
-    Down { peer: DcName, link: u64 },
+    Up {
+        peer: DcName,
+        link: LinkHandle,
+    },
+    /// `link` says which: a replaced link's last frames can still arrive after its
+    /// successor's `Up`, and must then be ignored.
+    Message {
+        peer: DcName,
+        link: u64,
+        msg: Wire,
+    },
+    Down {
+        peer: DcName,
+        link: u64,
+    },
 }
 
 /// Traffic counters of one peer.
@@ -313,6 +325,7 @@ where
                         .events
                         .send(Event::Message {
                             peer: peer.clone(),
+                            link: id,
                             msg,
                         })
                         .await

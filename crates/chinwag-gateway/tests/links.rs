@@ -88,12 +88,17 @@ async fn peers_with_cluster_certificates_link_and_talk_both_ways() {
     assert_eq!(peer, dc("east"));
     assert!(to_west.send(&hello("east")));
     assert!(to_east.send(&hello("west")));
+    // Each message names the link it came on, the one its `Up` announced.
     match next(&mut west.events).await {
-        Event::Message { peer, msg } => assert_eq!((peer, msg), (dc("east"), hello("east"))),
+        Event::Message { peer, link, msg } => {
+            assert_eq!((peer, link, msg), (dc("east"), to_east.id, hello("east")))
+        }
         other => panic!("{other:?}"),
     }
     match next(&mut east.events).await {
-        Event::Message { peer, msg } => assert_eq!((peer, msg), (dc("west"), hello("west"))),
+        Event::Message { peer, link, msg } => {
+            assert_eq!((peer, link, msg), (dc("west"), to_west.id, hello("west")))
+        }
         other => panic!("{other:?}"),
     }
     assert!(

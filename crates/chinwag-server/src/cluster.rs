@@ -293,7 +293,13 @@ impl Driver {
                     self.replicator.on_disconnected(&peer);
                 }
             }
-            Event::Message { peer, msg } => self.replicator.on_message(&peer, msg, now_ms(), &*self.store),
+            Event::Message { peer, link, msg } => {
+                // From a link since replaced: its stale snapshot parts would mix with the
+                // next snapshot's, and a stale `Hello` would set us back.
+                if self.links.get(&peer).is_some_and(|l| l.id == link) {
+                    self.replicator.on_message(&peer, msg, now_ms(), &*self.store);
+                }
+            }
         }
     }
 
