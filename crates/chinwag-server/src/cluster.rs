@@ -201,7 +201,7 @@ pub async fn start(
         status: status_tx,
         gateway: addr,
         dropped_sends: 0,
-        incoming: BTreeMap::new(),
+        incoming: Incoming::default(),
         sending: BTreeMap::new(),
     };
     tokio::spawn(driver.run(events, t.anti_entropy_interval, shutdown));
@@ -232,8 +232,7 @@ struct Driver {
     status: watch::Sender<ClusterStatus>,
     gateway: SocketAddr,
     dropped_sends: u64,
-    /// Snapshot parts received so far, per sender.
-    incoming: BTreeMap<DcName, Vec<Vec<u8>>>,
+    incoming: Incoming,
     /// The snapshot being sent to each peer. Never two at once to one peer: their parts
     /// would interleave on the link, and the receiver, merging one snapshot's last part
     /// with the other's first ones, would take what is missing for acknowledged.
@@ -284,7 +283,7 @@ impl Driver {
                 }
                 // A newer link replaces an older one; dropping the old handle closes it.
                 self.links.insert(peer.clone(), link);
-                self.incoming.remove(&peer);
+                self.incoming.forget(&peer);
                 self.replicator.on_connected(&peer, now_ms());
             }
             Event::Down { peer, link } => {
@@ -329,15 +328,7 @@ impl Driver {
                     items,
                     last,
                 } => {
-                    let parts = self.incoming.entry(from.clone()).or_default();
-                    if parts.len() + items.len() > MAX_SNAPSHOT_ITEMS {
-                        tracing::warn!(%from, "snapshot larger than {MAX_SNAPSHOT_ITEMS} items refused");
-                        self.incoming.remove(&from);
-                        continue;
-                    }
-                    parts.extend(items);
-                    if last {
-                        let items = self.incoming.remove(&from).unwrap_or_default();
+                    if let Some(items) = self.incoming.receive(&from, items, last, MAX_SNAPSHOT_ITEMS) {
                         let merge = self.store.merge_snapshot(applied, items);
                         applying.push(Box::pin(async move { Done::Merged(merge.await) }));
                     }
@@ -423,6 +414,33 @@ impl Driver {
     }
 }
 
+/// Snapshot parts received so far, per sender. A snapshot is merged whole or not at all:
+/// the merge takes a message missing from it for acknowledged.
+#[derive(Default)]
+struct Incoming(BTreeMap<DcName, Option<Vec<Vec<u8>>>>);
+
+impl Incoming {
+    /// Takes one part; returns the whole snapshot with its last part. One that grows past
+    /// `max_items` is refused: its later parts are dropped too, up to and with its last.
+    fn receive(&mut self, from: &DcName, items: Vec<Vec<u8>>, last: bool, max_items: usize) -> Option<Vec<Vec<u8>>> {
+        let parts = self.0.entry(from.clone()).or_insert_with(|| Some(Vec::new()));
+        match parts {
+            Some(held) if held.len() + items.len() <= max_items => held.extend(items),
+            Some(_) => {
+                tracing::warn!(%from, "snapshot larger than {max_items} items refused");
+                *parts = None;
+            }
+            None => {}
+        }
+        if last { self.0.remove(from).flatten() } else { None }
+    }
+
+    /// The link to `peer` was replaced: what came on the old one is incomplete.
+    fn forget(&mut self, peer: &DcName) {
+        self.0.remove(peer);
+    }
+}
+
 /// Cuts a snapshot into the parts sent one frame each: in order, each within
 /// [`SNAPSHOT_PART_ITEMS`] and [`SNAPSHOT_PART_BYTES`] (an item larger than that alone),
 /// and at least one part, possibly empty, so the receiver always gets a last one.
@@ -449,6 +467,27 @@ mod tests {
 
     fn sizes(parts: &[&[Vec<u8>]]) -> Vec<(usize, usize)> {
         parts.iter().map(|p| (p.len(), p.iter().map(Vec::len).sum())).collect()
+    }
+
+    #[test]
+    fn a_snapshot_is_given_whole_or_not_at_all() {
+        let (east, west) = (DcName::parse("east").unwrap(), DcName::parse("west").unwrap());
+        let items = |n: u8| (0..n).map(|i| vec![i]).collect::<Vec<_>>();
+        let mut incoming = Incoming::default();
+        assert_eq!(incoming.receive(&east, items(2), false, 5), None);
+        assert_eq!(incoming.receive(&west, items(1), true, 5), Some(items(1)));
+        assert_eq!(incoming.receive(&east, items(3), true, 5).map(|s| s.len()), Some(5));
+        // Too large: neither the rest of it nor its last part may be merged alone.
+        assert_eq!(incoming.receive(&east, items(4), false, 5), None);
+        assert_eq!(incoming.receive(&east, items(2), false, 5), None);
+        assert_eq!(incoming.receive(&east, items(1), false, 5), None);
+        assert_eq!(incoming.receive(&east, items(1), true, 5), None);
+        // The next snapshot starts afresh.
+        assert_eq!(incoming.receive(&east, items(2), true, 5), Some(items(2)));
+        // Parts from a replaced link are dropped.
+        assert_eq!(incoming.receive(&east, items(2), false, 5), None);
+        incoming.forget(&east);
+        assert_eq!(incoming.receive(&east, items(1), true, 5), Some(items(1)));
     }
 
     #[test]
