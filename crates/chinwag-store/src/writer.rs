@@ -694,8 +694,17 @@ impl Writer {
         p: &mut Pending,
     ) -> Fallible<()> {
         let range = schema::entry_key(stream, from)..=schema::entry_key(stream, through);
-        for key in self.tables.gone.range(range) {
-            let key = key.key()?.to_vec();
+        let mut keys = Vec::new();
+        for key in self.tables.gone.range(range.clone()) {
+            keys.push(key.key()?.to_vec());
+        }
+        // And those laid earlier in this batch, not yet in the table.
+        keys.extend(
+            (p.gone.iter())
+                .filter(|&(key, &gone)| gone && range.contains(key))
+                .map(|(key, _)| key.clone()),
+        );
+        for key in keys {
             batch.remove(&self.tables.gone, key.clone());
             p.gone.insert(key, false);
         }
