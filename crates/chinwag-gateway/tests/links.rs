@@ -244,8 +244,10 @@ async fn connections_beyond_the_handshake_limit_are_closed_at_once() {
         waiting.is_err(),
         "a connection within the limit is still given its handshake"
     );
-    // Once they go, their places are free again: a peer links at once.
+    // Once they go, their places are free again: a peer links well before the idle
+    // connections' handshakes would have timed out.
     drop(idle);
+    let started = std::time::Instant::now();
     let mut west = west;
     let mut east = start(
         "east",
@@ -255,4 +257,9 @@ async fn connections_beyond_the_handshake_limit_are_closed_at_once() {
     .await;
     assert_eq!(link_up(&mut east.events).await.0, dc("west"));
     assert_eq!(link_up(&mut west.events).await.0, dc("east"));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "linked only after {:?}",
+        started.elapsed()
+    );
 }

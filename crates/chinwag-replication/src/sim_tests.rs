@@ -469,7 +469,8 @@ fn a_dc_rebuilt_from_nothing_gets_its_old_stream_from_the_logs() {
     // dc1 is cut off until 20 s, so dc0 still keeps every log when dc2 comes back
     // empty, its own old stream included: that must be sent to it like any other.
     let cut = BTreeMap::from([((0, 1), 20_000), ((1, 2), 20_000)]);
-    rebuild_dc2_at_10s(23, cut);
+    let sim = rebuild_dc2_at_10s(23, cut);
+    assert_eq!(sim.snapshots, 0, "the logs were enough");
 }
 
 #[test]
