@@ -321,22 +321,10 @@ impl Writer {
         p: &mut Pending,
     ) -> Fallible<Result<Receipt, StoreError>> {
         let dedup_key = schema::dedup_key(&new.from, &new.client_id);
-        let horizon = expiry::horizon(new.at_ms, self.options.dedup_window);
-        match p.dedup.get(&dedup_key) {
-            Some(receipt) if receipt.at_ms >= horizon => {
-                return Ok(Ok(Receipt {
-                    duplicate: true,
-                    ..receipt.clone()
-                }));
-            }
-            Some(_) => {}
-            None => {
-                if let Some(previous) = self.tables.dedup.get(&dedup_key)?
-                    && !expiry::expired(&previous, horizon)
-                {
-                    return Ok(Ok(self.earlier_receipt(&previous)));
-                }
-            }
+        if let Some(earlier) = self.earlier(&dedup_key, new.at_ms, p)? {
+            // An unreadable record would mean a damaged store. Storing the retry again
+            // could deliver it twice, so it is answered as a duplicate of an unknown message.
+            return Ok(Ok(earlier.unwrap_or_else(|e| self.unknown_receipt(&e))));
         }
         if self.depth(&new.to, p) >= self.options.mailbox_max_messages {
             return Ok(Err(StoreError::MailboxFull {
@@ -388,17 +376,10 @@ impl Writer {
     /// by when each DC happens to look, so every DC decides alike.
     fn insert_replicated(&mut self, batch: &mut WriteBatch, msg: Message, p: &mut Pending) -> Fallible<()> {
         let dedup_key = schema::dedup_key(&msg.from, &msg.client_id);
-        let horizon = expiry::horizon(msg.at_ms, self.options.dedup_window);
-        let twin = match p.dedup.get(&dedup_key) {
-            Some(receipt) => (receipt.at_ms >= horizon).then(|| receipt.id.clone()),
-            None => self
-                .tables
-                .dedup
-                .get(&dedup_key)?
-                .and_then(|r| postcard::from_bytes::<DedupRecord>(&r).ok())
-                .filter(|r| r.at_ms >= horizon)
-                .map(|r| MessageId::from(r.id)),
-        };
+        let twin = self
+            .earlier(&dedup_key, msg.at_ms, p)?
+            .and_then(Result::ok)
+            .map(|r| r.id);
         match twin {
             Some(twin) if twin < msg.id => return Ok(()),
             Some(twin) if twin > msg.id => {
@@ -540,24 +521,42 @@ impl Writer {
         Ok(())
     }
 
-    fn earlier_receipt(&self, record: &[u8]) -> Receipt {
-        // An unreadable record would mean a damaged store. Storing the retry again could
-        // deliver it twice, so it is answered as a duplicate of an unknown message.
-        let (id, at_ms) = match postcard::from_bytes::<DedupRecord>(record) {
-            Ok(r) => (r.id.into(), r.at_ms),
-            Err(e) => {
-                tracing::error!(error = %e, "unreadable dedup record");
-                let unknown = MessageId {
-                    origin: self.options.dc.clone(),
-                    epoch: self.stream.epoch(),
-                    seq: 0,
-                };
-                (unknown, 0)
-            }
+    /// The receipt (as a duplicate) of the message last accepted with this sender and
+    /// client id, if that was less than a dedup window before `at_ms`: from this batch,
+    /// else from the table, where a record can be unreadable (`Err`). The origin's append
+    /// and every other DC's twin check both ask this, judged by the messages' own times,
+    /// so all DCs decide alike.
+    fn earlier(&self, dedup_key: &[u8], at_ms: u64, p: &Pending) -> Fallible<Option<Result<Receipt, postcard::Error>>> {
+        let found = match p.dedup.get(dedup_key) {
+            Some(receipt) => Ok(receipt.clone()),
+            None => match self.tables.dedup.get(dedup_key)? {
+                Some(record) => postcard::from_bytes::<DedupRecord>(&record).map(|r| Receipt {
+                    id: r.id.into(),
+                    at_ms: r.at_ms,
+                    duplicate: true,
+                }),
+                None => return Ok(None),
+            },
         };
+        let horizon = expiry::horizon(at_ms, self.options.dedup_window);
+        Ok(match found {
+            Ok(receipt) if receipt.at_ms < horizon => None,
+            found => Some(found.map(|receipt| Receipt {
+                duplicate: true,
+                ..receipt
+            })),
+        })
+    }
+
+    fn unknown_receipt(&self, error: &postcard::Error) -> Receipt {
+        tracing::error!(%error, "unreadable dedup record");
         Receipt {
-            id,
-            at_ms,
+            id: MessageId {
+                origin: self.options.dc.clone(),
+                epoch: self.stream.epoch(),
+                seq: 0,
+            },
+            at_ms: 0,
             duplicate: true,
         }
     }
