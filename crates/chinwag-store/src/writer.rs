@@ -578,14 +578,17 @@ impl Writer {
         entries: Vec<Vec<u8>>,
         p: &mut Pending,
     ) -> Fallible<u64> {
-        let mut state = self.stream_state(stream, p);
-        if *stream == self.stream || first > state.applied + 1 {
+        let before = self.stream_state(stream, p);
+        if *stream == self.stream || first > before.applied + 1 {
             // Our own stream never comes back in; a gap is the replicator's to repair.
-            return Ok(state.applied);
+            return Ok(before.applied);
         }
+        // Each entry is marked applied as soon as it is: later ones of this batch must see
+        // it (an `Acked` right after its message's `Put` must not wait for that `Put`).
+        p.streams.insert(stream.clone(), before);
         for (i, bytes) in entries.into_iter().enumerate() {
             let seq = first + i as u64;
-            if seq <= state.applied {
+            if seq <= before.applied {
                 continue;
             }
             match Entry::decode(&bytes) {
@@ -598,17 +601,14 @@ impl Writer {
                 }
             }
             batch.insert(&self.tables.log, schema::entry_key(stream, seq), bytes);
-            state.applied = seq;
-            // Later entries of this batch must see this one as applied: an `Acked` of a
-            // message whose `Put` came just before must not wait for that `Put` again.
-            p.streams.insert(stream.clone(), state);
+            p.streams.get_mut(stream).expect("inserted before the loop").applied = seq;
         }
+        let state = self.stream_state(stream, p);
         batch.insert(
             &self.tables.streams,
             schema::stream_key(stream),
             postcard::to_stdvec(&state).expect("encodes"),
         );
-        p.streams.insert(stream.clone(), state);
         Ok(state.applied)
     }
 
