@@ -3,9 +3,10 @@
 //! Records are dropped while fjall compacts the dedup table, so their removal costs no
 //! scan and no write of its own, and it keeps pace with however fast records are added:
 //! compaction rewrites the table in proportion to what is written to it. A record that
-//! has expired but not yet been compacted away is still on disk; lookups ignore it
-//! ([`expired`]), so a retry after the window is a new message either way.
+//! has expired but not yet been compacted away is still on disk; lookups ignore it (they
+//! compare with [`horizon`]), so a retry after the window is a new message either way.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use fjall::compaction::filter::{CompactionFilter, CompactionFilterResult, Context, Factory, ItemAccessor, Verdict};
@@ -14,7 +15,7 @@ use crate::schema::DedupRecord;
 
 /// Whether a dedup record was made before `horizon_ms`. An unreadable one is kept: it
 /// is answered as a duplicate (see the writer), which is the safe side.
-pub fn expired(record: &[u8], horizon_ms: u64) -> bool {
+fn expired(record: &[u8], horizon_ms: u64) -> bool {
     postcard::from_bytes::<DedupRecord>(record).is_ok_and(|r| r.at_ms < horizon_ms)
 }
 
@@ -37,10 +38,21 @@ fn verdict(record: &[u8], horizon_ms: u64) -> Verdict {
     }
 }
 
+/// The compaction filters of the store's tables, as fjall's builder takes them: the
+/// dedup table gets its expiry; the other tables keep everything.
+#[expect(
+    clippy::type_complexity,
+    reason = "the type fjall's builder takes, which it does not name publicly"
+)]
+pub fn filters(window: Duration) -> Arc<dyn Fn(&str) -> Option<Arc<dyn Factory>> + Send + Sync> {
+    let factory: Arc<dyn Factory> = Arc::new(DedupExpiry { window });
+    Arc::new(move |keyspace| (keyspace == crate::schema::DEDUP).then(|| factory.clone()))
+}
+
 /// Installed on the dedup table: each compaction gets a filter with the horizon of the
 /// moment it starts.
-pub struct DedupExpiry {
-    pub window: Duration,
+struct DedupExpiry {
+    window: Duration,
 }
 
 impl Factory for DedupExpiry {

@@ -26,7 +26,6 @@ use chinwag_core::{
     CommitListener, Coordinate, DcName, Epoch, NewMessage, NodeName, Receipt, SharedMessage, Store, StoreError, UserId,
 };
 use chinwag_replication::{StreamId, VersionVector};
-use fjall::compaction::filter::Factory;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -185,7 +184,7 @@ impl EmbeddedStore {
         let db = Database::builder(&path)
             .max_journaling_size(MAX_JOURNAL_BYTES)
             .cache_size(options.memory.cache_bytes)
-            .with_compaction_filter_factories(dedup_expiry(options.dedup_window))
+            .with_compaction_filter_factories(expiry::filters(options.dedup_window))
             .open()
             .map_err(fail)?;
         let tables = Tables::open(db, options.memory).map_err(fail)?;
@@ -627,16 +626,6 @@ impl chinwag_replication::Log for EmbeddedStore {
         }
         out
     }
-}
-
-/// Gives the dedup table its expiry filter; the other tables keep everything.
-#[expect(
-    clippy::type_complexity,
-    reason = "the type fjall's builder takes, which it does not name publicly"
-)]
-fn dedup_expiry(window: Duration) -> Arc<dyn Fn(&str) -> Option<Arc<dyn Factory>> + Send + Sync> {
-    let factory: Arc<dyn Factory> = Arc::new(expiry::DedupExpiry { window });
-    Arc::new(move |keyspace| (keyspace == schema::DEDUP).then(|| factory.clone()))
 }
 
 fn unix_ms() -> u64 {
