@@ -167,6 +167,16 @@ pub(crate) struct Peer {
     mailbox_depth: Option<u64>,
 }
 
+impl Peer {
+    /// A peer learned of at `now_ms` (at start, or on its first link), not yet heard.
+    fn since(now_ms: u64) -> Self {
+        Peer {
+            since_ms: now_ms,
+            ..Peer::default()
+        }
+    }
+}
+
 /// A peer as shown by `/v1/cluster`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerStatus {
@@ -212,13 +222,7 @@ impl Replicator {
             .peers
             .iter()
             .filter(|p| **p != cfg.me)
-            .map(|p| {
-                let peer = Peer {
-                    since_ms: now_ms,
-                    ..Peer::default()
-                };
-                (p.clone(), peer)
-            })
+            .map(|p| (p.clone(), Peer::since(now_ms)))
             .collect();
         Self {
             cfg,
@@ -261,11 +265,7 @@ impl Replicator {
     /// joins the cluster.
     pub fn add_peer(&mut self, peer: &DcName, now_ms: u64) {
         if *peer != self.cfg.me && !self.peers.contains_key(peer) {
-            let p = Peer {
-                since_ms: now_ms,
-                ..Peer::default()
-            };
-            self.peers.insert(peer.clone(), p);
+            self.peers.insert(peer.clone(), Peer::since(now_ms));
         }
     }
 
