@@ -29,12 +29,19 @@ struct Gw {
     _stop: watch::Sender<bool>,
 }
 
+/// An address nothing listens on: a gateway given it for its one peer waits to be dialled.
+const NOWHERE: &str = "127.0.0.1:9";
+
 async fn start(me: &str, tls_files: TlsFiles, peers: Vec<(DcName, String)>) -> Gw {
+    start_on("127.0.0.1:0".parse().unwrap(), me, tls_files, peers).await
+}
+
+async fn start_on(listen: std::net::SocketAddr, me: &str, tls_files: TlsFiles, peers: Vec<(DcName, String)>) -> Gw {
     let (tx, events) = mpsc::channel(64);
     let (stop, stopped) = watch::channel(false);
     let cfg = GatewayConfig {
         me: dc(me),
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listen,
         peers,
         queue: 64,
     };
@@ -71,8 +78,13 @@ fn hello(from: &str) -> Wire {
 }
 
 /// west listens; east dials it (east < west).
+/// West on `listen`, waiting to be dialled by east.
+async fn west_on(dir: &Path, listen: std::net::SocketAddr) -> Gw {
+    start_on(listen, "west", files(dir, "west"), vec![(dc("east"), NOWHERE.into())]).await
+}
+
 async fn pair(dir: &Path, east_files: TlsFiles) -> (Gw, Gw) {
-    let west = start("west", files(dir, "west"), vec![(dc("east"), "127.0.0.1:9".into())]).await;
+    let west = west_on(dir, "127.0.0.1:0".parse().unwrap()).await;
     let east = start("east", east_files, vec![(dc("west"), west.addr.to_string())]).await;
     (east, west)
 }
@@ -146,12 +158,7 @@ async fn a_dc_with_a_cluster_certificate_joins_unannounced_under_its_own_name() 
 async fn a_bad_frame_is_skipped_and_the_link_carries_on() {
     let dir = tempfile::tempdir().unwrap();
     pki::init_cluster(dir.path(), &[dc("east"), dc("west")]).unwrap();
-    let mut west = start(
-        "west",
-        files(dir.path(), "west"),
-        vec![(dc("east"), "127.0.0.1:9".into())],
-    )
-    .await;
+    let mut west = west_on(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
     // Speak the framing by hand as an authenticated east.
     let tls = tls::load(&files(dir.path(), "east")).unwrap();
     let tcp = tokio::net::TcpStream::connect(west.addr).await.unwrap();
@@ -187,30 +194,15 @@ async fn a_bad_frame_is_skipped_and_the_link_carries_on() {
 async fn a_link_comes_back_after_the_peer_restarts() {
     let dir = tempfile::tempdir().unwrap();
     pki::init_cluster(dir.path(), &[dc("east"), dc("west")]).unwrap();
-    let west = start(
-        "west",
-        files(dir.path(), "west"),
-        vec![(dc("east"), "127.0.0.1:9".into())],
-    )
-    .await;
+    let west = west_on(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
     let addr = west.addr;
     let mut east = start("east", files(dir.path(), "east"), vec![(dc("west"), addr.to_string())]).await;
     let _first = link_up(&mut east.events).await;
     drop(west);
     assert!(matches!(next(&mut east.events).await, Event::Down { .. }));
     // A new west on the same address.
-    let (tx, mut events) = mpsc::channel(64);
-    let (_stop, stopped) = watch::channel(false);
-    let cfg = GatewayConfig {
-        me: dc("west"),
-        listen: addr,
-        peers: vec![(dc("east"), "127.0.0.1:9".into())],
-        queue: 64,
-    };
-    chinwag_gateway::start(cfg, tls::load(&files(dir.path(), "west")).unwrap(), tx, stopped)
-        .await
-        .unwrap();
-    link_up(&mut events).await;
+    let mut west = west_on(dir.path(), addr).await;
+    link_up(&mut west.events).await;
     link_up(&mut east.events).await;
 }
 
@@ -220,12 +212,7 @@ async fn connections_beyond_the_handshake_limit_are_closed_at_once() {
     use tokio::io::AsyncReadExt;
     let dir = tempfile::tempdir().unwrap();
     pki::init_cluster(dir.path(), &[dc("east"), dc("west")]).unwrap();
-    let west = start(
-        "west",
-        files(dir.path(), "west"),
-        vec![(dc("east"), "127.0.0.1:9".into())],
-    )
-    .await;
+    let west = west_on(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
     // Connections that never begin a TLS handshake, as a flood would.
     let mut idle = Vec::new();
     for _ in 0..MAX_HANDSHAKES + 8 {
