@@ -112,15 +112,21 @@ async fn an_ack_in_one_dc_deletes_everywhere() {
     assert_eq!(east.store.stats().mailbox_depth, 0);
 }
 
-#[tokio::test]
-async fn an_ack_that_overtakes_its_message_prevents_its_resurrection() {
+/// east stores a message for bob, west acknowledges it, and north hears west's ack
+/// before east's message: returns (east, north).
+async fn an_ack_ahead_of_its_message() -> (Dc, Dc) {
     let (east, west, north) = (dc("east"), dc("west"), dc("north"));
     east.store.append(msg("alice", "bob", "c1")).await.unwrap();
     pull(&west, &east, east.store.stream()).await;
     let page = west.store.scan(user("bob"), 0, 10).await.unwrap();
     west.store.ack(user("bob"), vec![page[0].seq]).await.unwrap();
-    // north hears west's ack before east's message.
     pull(&north, &west, west.store.stream()).await;
+    (east, north)
+}
+
+#[tokio::test]
+async fn an_ack_that_overtakes_its_message_prevents_its_resurrection() {
+    let (east, north) = an_ack_ahead_of_its_message().await;
     pull(&north, &east, east.store.stream()).await;
     assert!(mailbox(&north, "bob").await.is_empty());
     assert!(
@@ -184,13 +190,8 @@ async fn coordinates_replicate_and_restarts_retract_them() {
 
 #[tokio::test]
 async fn a_snapshot_that_covers_an_overtaken_message_leaves_no_tombstone() {
-    let (east, west, north) = (dc("east"), dc("west"), dc("north"));
-    east.store.append(msg("alice", "bob", "c1")).await.unwrap();
-    pull(&west, &east, east.store.stream()).await;
-    let page = west.store.scan(user("bob"), 0, 10).await.unwrap();
-    west.store.ack(user("bob"), vec![page[0].seq]).await.unwrap();
-    // north hears west's ack first and keeps a tombstone for east's message...
-    pull(&north, &west, west.store.stream()).await;
+    // north keeps a tombstone for east's message...
+    let (east, north) = an_ack_ahead_of_its_message().await;
     assert_eq!(north.store.tables.gone.iter().count(), 1);
     // ...which east's message, arriving in a snapshot rather than from the log, will
     // never consume: the merge drops it.
