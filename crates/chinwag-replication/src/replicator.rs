@@ -16,7 +16,9 @@
 //! - **Relay.** A DC also sends other DCs' streams to a peer that reports it cannot hear
 //!   their origin, or that has lagged behind on them for a while, so two DCs cut off from
 //!   each other still converge through a third.
-//! - **Truncate.** A log prefix is dropped once every configured peer has applied it.
+//! - **Truncate.** A log prefix is dropped once every configured peer has applied it, or
+//!   once it is longer than `max_log_entries`: a peer that far behind catches up from a
+//!   snapshot instead, so a peer that is heard from but never applies cannot fill the disk.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -50,6 +52,8 @@ pub struct Config {
     /// A peer not heard from for this long is treated as decommissioned: logs are no
     /// longer kept for it, and if it returns it is sent a snapshot.
     pub decommission_after_ms: u64,
+    /// Most entries kept of each stream's log, whoever still lacks them.
+    pub max_log_entries: u64,
     /// A snapshot that did not make a peer catch up is sent again after this long.
     pub snapshot_retry_ms: u64,
     /// Push new entries to every peer at once. Off only to study anti-entropy alone.
@@ -78,6 +82,7 @@ impl Config {
             max_batch_bytes: 1024 * 1024,
             max_held: 8_192,
             decommission_after_ms: 24 * 3600 * 1000,
+            max_log_entries: 10_000_000,
             snapshot_retry_ms: 30_000,
             eager_push: true,
             fanout: None,
@@ -758,7 +763,8 @@ impl Replicator {
                 .map(|p| p.known.get(stream))
                 .min()
                 .unwrap_or(mine)
-                .min(mine);
+                .min(mine)
+                .max(mine.saturating_sub(self.cfg.max_log_entries));
             if safe > self.truncated.get(stream) {
                 actions.push((stream.clone(), safe));
             }

@@ -71,6 +71,10 @@ fn config(stream: StreamId, names: &[DcName], net: &Net) -> Config {
         cfg.decommission_after_ms = ms;
         cfg.snapshot_retry_ms = 2_000;
     }
+    if let Some(max) = net.max_log_entries {
+        cfg.max_log_entries = max;
+        cfg.snapshot_retry_ms = 2_000;
+    }
     cfg
 }
 
@@ -105,6 +109,8 @@ struct Net {
     cut_until: BTreeMap<(usize, usize), u64>,
     /// `decommission_after_ms` of every replicator (defaults to the WAN preset).
     decommission_after_ms: Option<u64>,
+    /// `max_log_entries` of every replicator (defaults to the WAN preset).
+    max_log_entries: Option<u64>,
 }
 
 struct Sim {
@@ -371,6 +377,7 @@ fn converges_on_a_clean_network() {
         max_delay: 20,
         cut_until: BTreeMap::new(),
         decommission_after_ms: None,
+        max_log_entries: None,
     };
     let sim = run(1, 3, 200, net);
     assert_converged(&sim, 1);
@@ -385,6 +392,7 @@ fn truncates_logs_once_everyone_has_them() {
         max_delay: 50,
         cut_until: BTreeMap::new(),
         decommission_after_ms: None,
+        max_log_entries: None,
     };
     let sim = run(3, 3, 300, net);
     assert_converged(&sim, 3);
@@ -404,6 +412,7 @@ fn a_partitioned_pair_converges_through_a_third_dc() {
         max_delay: 50,
         cut_until: BTreeMap::from([((0, 1), u64::MAX)]),
         decommission_after_ms: None,
+        max_log_entries: None,
     };
     let sim = run(5, 3, 200, net);
     assert_converged(&sim, 5);
@@ -419,10 +428,48 @@ fn a_dc_back_after_being_decommissioned_catches_up_from_a_snapshot() {
         max_delay: 40,
         cut_until: BTreeMap::from([((0, 2), 9_000), ((1, 2), 9_000)]),
         decommission_after_ms: Some(2_000),
+        max_log_entries: None,
     };
     let sim = run(11, 3, 200, net);
     assert_converged(&sim, 11);
     assert!(sim.snapshots > 0, "the returning DC was never sent a snapshot");
+}
+
+#[test]
+fn a_peer_too_far_behind_no_longer_holds_the_logs_and_catches_up_from_a_snapshot() {
+    // dc2 is cut off for 9 s, far from decommissioned, while the others write 200
+    // entries; they keep no more than 20 of each stream for it.
+    let max = 20;
+    let net = Net {
+        loss: 0,
+        dup: 0,
+        min_delay: 20,
+        max_delay: 40,
+        cut_until: BTreeMap::from([((0, 2), 9_000), ((1, 2), 9_000)]),
+        decommission_after_ms: None,
+        max_log_entries: Some(max),
+    };
+    let mut sim = Sim::new(3, 31, net);
+    for _ in 0..200 {
+        let dc = sim.rng.below(2) as usize;
+        let when = sim.rng.below(5_000);
+        sim.at(when, Event::Write(dc));
+    }
+    sim.run_until(6_000);
+    for d in &sim.dcs[..2] {
+        for (stream, log) in &d.log {
+            // Truncation runs each tick: what arrived since the last one may be extra.
+            assert!(
+                log.len() <= 2 * max as usize,
+                "{} kept {} entries of {stream}",
+                d.name,
+                log.len()
+            );
+        }
+    }
+    sim.run_until(30_000);
+    assert_converged(&sim, 31);
+    assert!(sim.snapshots > 0, "the DC left behind was never sent a snapshot");
 }
 
 /// 100 writes at random DCs over the 5 s from `from` on.
@@ -443,6 +490,7 @@ fn rebuild_dc2_at_10s(seed: u64, cut_until: BTreeMap<(usize, usize), u64>) -> Si
         max_delay: 40,
         cut_until,
         decommission_after_ms: None,
+        max_log_entries: None,
     };
     let mut sim = Sim::new(3, seed, net);
     write_for_5s(&mut sim, 0);
@@ -514,7 +562,7 @@ proptest! {
             .filter(|(a, b, _)| a != b && *a < n && *b < n)
             .map(|(a, b, until)| ((a.min(b), a.max(b)), until))
             .collect();
-        let net = Net { loss, dup, min_delay: 1, max_delay: 300, cut_until, decommission_after_ms: None };
+        let net = Net { loss, dup, min_delay: 1, max_delay: 300, cut_until, decommission_after_ms: None, max_log_entries: None };
         let sim = run(seed, n, 150, net);
         assert_converged(&sim, seed);
     }

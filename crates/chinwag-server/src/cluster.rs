@@ -188,6 +188,7 @@ pub async fn start(
         relay_after_ms: ms(t.relay_after),
         decommission_after_ms: ms(t.decommission_after),
         fanout: (cfg.gossip_fanout > 0).then_some(cfg.gossip_fanout),
+        max_log_entries: cfg.max_log_entries,
         ..ReplConfig::wan(me.clone(), store.stream().clone(), peers)
     };
     let replicator = Replicator::new(repl, applied, truncated, now_ms());
@@ -212,6 +213,7 @@ pub async fn start(
 enum Done {
     Applied(StreamId, Result<u64, StoreError>),
     Merged(Result<VersionVector, StoreError>),
+    Forgot(DcName, Result<(), StoreError>),
 }
 
 type Applying = Pin<Box<dyn Future<Output = Done> + Send>>;
@@ -267,6 +269,10 @@ impl Driver {
                         self.replicator.on_snapshot_merged(&applied, &*self.store);
                     }
                     Done::Merged(Err(e)) => tracing::warn!(error = %e, "merging a snapshot failed; it will be sent again"),
+                    Done::Forgot(dc, Err(e)) => {
+                        tracing::warn!(%dc, error = %e, "could not forget the coordinates of a silent DC");
+                    }
+                    Done::Forgot(_, Ok(())) => {}
                 },
                 _ = shutdown.changed() => return,
             }
@@ -320,7 +326,8 @@ impl Driver {
                 Action::SendSnapshot { to } => self.send_snapshot(to),
                 Action::Forget { dc } => {
                     tracing::warn!(%dc, "DC silent past decommission_after: forgetting its coordinates");
-                    self.store.forget_coordinates(dc);
+                    let forget = self.store.forget_coordinates(dc.clone());
+                    applying.push(Box::pin(async move { Done::Forgot(dc, forget.await) }));
                 }
                 Action::MergeSnapshot {
                     from,

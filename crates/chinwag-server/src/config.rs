@@ -81,10 +81,18 @@ pub struct ClusterConfig {
     /// handful of DCs). k > 0: with k random peers per tick (gossip, for many DCs).
     #[serde(default)]
     pub gossip_fanout: usize,
+    /// Most entries kept of each stream's replication log: a peer further behind catches
+    /// up from a snapshot instead.
+    #[serde(default = "default_max_log_entries")]
+    pub max_log_entries: u64,
 }
 
-fn default_link_queue() -> usize {
+pub fn default_link_queue() -> usize {
     4096
+}
+
+pub fn default_max_log_entries() -> u64 {
+    10_000_000
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -439,6 +447,9 @@ impl ClusterConfig {
         }
         if self.link_queue == 0 {
             return bad("cluster.link_queue must be at least 1".into());
+        }
+        if self.max_log_entries == 0 {
+            return bad("cluster.max_log_entries must be at least 1".into());
         }
         Ok(())
     }

@@ -485,7 +485,16 @@ impl World {
                     }
                 }
                 Action::Forget { dc: gone } => {
-                    self.dcs[dc].store.as_ref().expect("running").forget_coordinates(gone);
+                    let forget = self.dcs[dc]
+                        .store
+                        .as_ref()
+                        .expect("running")
+                        .forget_coordinates(gone.clone());
+                    if let Err(e) = self.rt.block_on(forget) {
+                        let name = &self.dcs[dc].name;
+                        self.history
+                            .trace(self.now, format!("{name} could not forget {gone}: {e}"));
+                    }
                 }
             }
         }

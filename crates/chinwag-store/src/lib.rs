@@ -346,8 +346,10 @@ impl EmbeddedStore {
     }
 
     /// Forgets the coordinates of DC `dc` (it has been silent too long to be believed).
-    pub fn forget_coordinates(&self, dc: DcName) {
-        let _ = self.ops.try_send(Op::ForgetCoordinates(dc));
+    /// Queued when called, like an ingest, so that coordinates the DC announces after it
+    /// returns are applied after this, not wiped by it.
+    pub fn forget_coordinates(&self, dc: DcName) -> impl Future<Output = Result<(), StoreError>> + Send + use<> {
+        self.call(request(|reply| Op::ForgetCoordinates(dc, reply)), WhenFull::Wait)
     }
 
     /// Drops the log of `stream` through `through` (every peer has it).

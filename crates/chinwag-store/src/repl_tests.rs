@@ -10,6 +10,7 @@ use chinwag_replication::Log;
 use proptest::prelude::*;
 
 use super::*;
+use crate::writer::TRUNCATE_MAX;
 
 #[derive(Default)]
 struct Seen(Mutex<Vec<SharedMessage>>);
@@ -188,6 +189,46 @@ async fn coordinates_replicate_and_restarts_retract_them() {
     assert!(west.store.coordinates(&user("bob")).is_empty());
 }
 
+/// `user` online at connection `conn` of east's node n1 (incarnation 1).
+fn online_in_east(user_name: &str, conn: u64) -> (UserId, Coordinate) {
+    let at = Coordinate {
+        dc: DcName::parse("east").unwrap(),
+        node: NodeName::parse("n1").unwrap(),
+        incarnation: 1,
+        conn,
+    };
+    (user(user_name), at)
+}
+
+/// Ingests into `to` one entry of `stream` at `seq`: `user` online at `at`.
+async fn ingest_online(to: &Dc, stream: &StreamId, seq: u64, (user, at): (UserId, Coordinate)) {
+    let entry = schema::Entry::Online { user, at }.encode();
+    to.store.ingest(stream.clone(), seq, vec![entry]).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_rebuilt_dc_leaves_no_coordinates_of_its_earlier_life() {
+    let west = dc("west");
+    let east = DcName::parse("east").unwrap();
+    let (old, new) = (StreamId::new(east.clone(), Epoch(100)), StreamId::new(east, Epoch(200)));
+    let (bob, carol, dave) = (
+        online_in_east("bob", 1),
+        online_in_east("carol", 1),
+        online_in_east("dave", 2),
+    );
+    ingest_online(&west, &old, 1, bob.clone()).await;
+    assert_eq!(west.store.coordinates(&bob.0), vec![bob.1.clone()]);
+    // East lost its data and started again: its first new entry retires what its earlier
+    // life announced, which nothing would ever retract.
+    ingest_online(&west, &new, 1, carol.clone()).await;
+    assert!(west.store.coordinates(&bob.0).is_empty());
+    assert_eq!(west.store.coordinates(&carol.0), vec![carol.1.clone()]);
+    // The rest of the earlier life, relayed late, brings back no one.
+    ingest_online(&west, &old, 2, dave.clone()).await;
+    assert!(west.store.coordinates(&dave.0).is_empty());
+    assert_eq!(west.store.coordinates(&carol.0), vec![carol.1]);
+}
+
 #[tokio::test]
 async fn a_snapshot_that_covers_an_overtaken_message_leaves_no_tombstone() {
     // north keeps a tombstone for east's message...
@@ -304,6 +345,26 @@ async fn truncated_logs_no_longer_serve_old_entries() {
     assert_eq!(east.store.read(&stream, 4, 10, usize::MAX).len(), 3);
     let (_, truncated) = east.store.replication_state().unwrap();
     assert_eq!(truncated.get(&stream), 3);
+}
+
+#[tokio::test]
+async fn a_long_log_is_dropped_a_bounded_part_at_a_time() {
+    let east = dc("east");
+    let stream = east.store.stream().clone();
+    let sends = (0..2 * TRUNCATE_MAX + 50).map(|i| east.store.append(msg("alice", "bob", &format!("c{i}"))));
+    futures_util::future::try_join_all(sends).await.unwrap();
+    let head = 2 * TRUNCATE_MAX + 50;
+    let mut dropped = Vec::new();
+    for i in 0..3 {
+        east.store.truncate(stream.clone(), head);
+        east.store
+            .append(msg("alice", "bob", &format!("after{i}")))
+            .await
+            .unwrap();
+        dropped.push(east.store.replication_state().unwrap().1.get(&stream));
+    }
+    assert_eq!(dropped, [TRUNCATE_MAX, 2 * TRUNCATE_MAX, head]);
+    assert_eq!(east.store.read(&stream, head + 1, 10, usize::MAX).len(), 3);
 }
 
 #[tokio::test]

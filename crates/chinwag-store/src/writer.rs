@@ -47,7 +47,7 @@ pub enum Op {
     /// Drop a log prefix every peer has.
     Truncate(StreamId, u64),
     /// Drop the coordinates of a DC that has gone silent (not logged: a local belief).
-    ForgetCoordinates(DcName),
+    ForgetCoordinates(DcName, Reply<()>),
     /// Merge another DC's snapshot; answers what is applied afterwards.
     MergeSnapshot(VersionVector, Vec<Vec<u8>>, Reply<VersionVector>),
     /// Finish everything queued before this, answer, then stop.
@@ -90,6 +90,9 @@ pub struct Recent {
 /// Messages remembered in [`Writer::recent`]. At 60k messages/s this still covers the
 /// time a connected recipient takes to acknowledge; each costs under 100 bytes.
 const RECENT_MAX: usize = 32_768;
+
+/// Most log entries one truncation drops.
+pub(crate) const TRUNCATE_MAX: u64 = if cfg!(test) { 100 } else { 65_536 };
 
 /// What one batch will change once it is durable.
 #[derive(Default)]
@@ -256,7 +259,10 @@ impl Writer {
                 pending.answers.push(Answer::Applied(reply, through));
             }
             Op::Truncate(stream, through) => self.truncate(batch, &stream, through, pending),
-            Op::ForgetCoordinates(dc) => self.forget_coordinates(batch, &dc, pending)?,
+            Op::ForgetCoordinates(dc, reply) => {
+                self.forget_coordinates(batch, &dc, pending)?;
+                pending.answers.push(Answer::Done(reply));
+            }
             Op::MergeSnapshot(applied, items, reply) => {
                 let merged = self.merge_snapshot(batch, &applied, items, pending)?;
                 pending.answers.push(Answer::Merged(reply, merged));
@@ -583,6 +589,12 @@ impl Writer {
             // Our own stream never comes back in; a gap is the replicator's to repair.
             return Ok(before.applied);
         }
+        if before.applied == 0 && self.epochs_of(&stream.dc, p).any(|e| e < stream.epoch()) {
+            // The first entry of a DC's new life (its store was rebuilt from nothing): the
+            // coordinates we hold for it came from its earlier life, whose connections are
+            // gone, and nothing will ever retract them.
+            self.forget_coordinates(batch, &stream.dc, p)?;
+        }
         // Each entry is marked applied as soon as it is: later ones of this batch must see
         // it (an `Acked` right after its message's `Put` must not wait for that `Put`).
         p.streams.insert(stream.clone(), before);
@@ -657,7 +669,13 @@ impl Writer {
                     self.ack_remote(batch, &id, p)?;
                 }
             }
-            Entry::Online { user, at } => self.set_coordinate(batch, user, at, true, p),
+            // An earlier life of a DC that has started again is history: its users are
+            // not online there any more (a DC writes one stream at a time).
+            Entry::Online { user, at } => {
+                if !self.epochs_of(&stream.dc, p).any(|e| e > stream.epoch()) {
+                    self.set_coordinate(batch, user, at, true, p);
+                }
+            }
             Entry::Offline { user, at } => self.set_coordinate(batch, user, at, false, p),
         }
         Ok(())
@@ -722,7 +740,9 @@ impl Writer {
         if *stream == self.stream {
             state.applied = self.log_seq;
         }
-        let through = through.min(state.applied);
+        // A long backlog dropped at once would be one huge batch held in memory; the rest
+        // goes with the next truncations, which follow every tick while entries flow.
+        let through = through.min(state.applied).min(state.truncated + TRUNCATE_MAX);
         for seq in state.truncated + 1..=through {
             batch.remove(&self.tables.log, schema::entry_key(stream, seq));
         }
@@ -735,6 +755,15 @@ impl Writer {
             );
             p.streams.insert(stream.clone(), state);
         }
+    }
+
+    /// The epochs of `dc`'s streams known here, this DC's own included.
+    fn epochs_of<'a>(&'a self, dc: &'a DcName, p: &'a Pending) -> impl Iterator<Item = Epoch> + 'a {
+        std::iter::once(&self.stream)
+            .chain(self.streams.keys())
+            .chain(p.streams.keys())
+            .filter(move |s| s.dc == *dc)
+            .map(StreamId::epoch)
     }
 
     /// How far `stream` is applied here, this DC's own stream included.
@@ -854,18 +883,32 @@ impl Writer {
     }
 
     fn forget_coordinates(&mut self, batch: &mut WriteBatch, dc: &DcName, p: &mut Pending) -> Fallible<()> {
-        let ours: Vec<Vec<u8>> = self
-            .tables
-            .coords
-            .iter()
-            .map(|e| e.key().map(|k| k.to_vec()))
-            .collect::<Result<_, _>>()?;
-        for key in ours {
-            if let Some((user, at)) = schema::split_coord_key(&key)
-                && at.dc == *dc
+        self.drop_coordinates(batch, |at| at == dc, p)
+    }
+
+    /// Removes every coordinate in a DC `of` accepts, those added earlier in this batch too.
+    fn drop_coordinates(
+        &mut self,
+        batch: &mut WriteBatch,
+        of: impl Fn(&DcName) -> bool,
+        p: &mut Pending,
+    ) -> Fallible<()> {
+        let mut gone = Vec::new();
+        for entry in self.tables.coords.iter() {
+            if let Some((user, at)) = schema::split_coord_key(&entry.key()?)
+                && of(&at.dc)
             {
-                self.set_coordinate(batch, user, at, false, p);
+                gone.push((user, at));
             }
+        }
+        let added = p.coordinates.iter().filter(|(_, at, added)| *added && of(&at.dc));
+        gone.extend(
+            added
+                .map(|(user, at, _)| (user.clone(), at.clone()))
+                .collect::<Vec<_>>(),
+        );
+        for (user, at) in gone {
+            self.set_coordinate(batch, user, at, false, p);
         }
         Ok(())
     }
@@ -887,19 +930,7 @@ impl Writer {
         if newer.is_empty() {
             return Ok(());
         }
-        let ours: Vec<Vec<u8>> = self
-            .tables
-            .coords
-            .iter()
-            .map(|e| e.key().map(|k| k.to_vec()))
-            .collect::<Result<_, _>>()?;
-        for key in ours {
-            if let Some((user, at)) = schema::split_coord_key(&key)
-                && newer.contains(&at.dc)
-            {
-                self.set_coordinate(batch, user, at, false, p);
-            }
-        }
+        self.drop_coordinates(batch, |dc| newer.contains(dc), p)?;
         for dc in newer {
             for (user, at) in from_snapshot.remove(&dc).unwrap_or_default() {
                 self.set_coordinate(batch, user, at, true, p);

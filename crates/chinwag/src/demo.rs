@@ -9,7 +9,7 @@ use anyhow::Context;
 use chinwag_core::DcName;
 use chinwag_gateway::pki;
 use chinwag_server::Config;
-use chinwag_server::config::{ClusterConfig, ClusterTiming, PeerConfig};
+use chinwag_server::config::{ClusterConfig, ClusterTiming, PeerConfig, default_link_queue, default_max_log_entries};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -73,8 +73,9 @@ fn config_for(dir: &Path, me: &Planned, all: &[Planned]) -> Config {
             })
             .collect(),
         timing: ClusterTiming::default(),
-        link_queue: 4096,
+        link_queue: default_link_queue(),
         gossip_fanout: 0,
+        max_log_entries: default_max_log_entries(),
     });
     config
 }
