@@ -522,6 +522,12 @@ impl Session {
         let State::Open(open) = &mut self.state else {
             return;
         };
+        // A coordinate that outlived its connection can name a connection number now held
+        // by someone else (a node that started again from an empty store numbers its
+        // connections afresh). The message stays in its recipient's mailbox.
+        if msg.to != open.user {
+            return tracing::warn!(to = %msg.to, id = %msg.id, "a push for another user ignored");
+        }
         if msg.seq <= open.cursor {
             return;
         }

@@ -448,8 +448,10 @@ impl ClusterConfig {
         if self.link_queue == 0 {
             return bad("cluster.link_queue must be at least 1".into());
         }
-        if self.max_log_entries == 0 {
-            return bad("cluster.max_log_entries must be at least 1".into());
+        // Below this, entries still in flight to a peer that is merely slow could be
+        // dropped, and ordinary packet loss would turn into whole-state snapshots.
+        if self.max_log_entries < 65_536 {
+            return bad("cluster.max_log_entries must be at least 65536".into());
         }
         Ok(())
     }

@@ -226,6 +226,7 @@ impl EmbeddedStore {
             watermark,
             depths: recovered.depths.into_iter().collect(),
             recent: Default::default(),
+            truncating: Default::default(),
         };
         // The thread ends by itself once the store is closed or dropped (its queue closes).
         std::thread::Builder::new()

@@ -200,6 +200,11 @@ fn online_in_east(user_name: &str, conn: u64) -> (UserId, Coordinate) {
     (user(user_name), at)
 }
 
+/// East's stream in the life that began at `epoch`.
+fn east_life(epoch: u32) -> StreamId {
+    StreamId::new(DcName::parse("east").unwrap(), Epoch(epoch))
+}
+
 /// Ingests into `to` one entry of `stream` at `seq`: `user` online at `at`.
 async fn ingest_online(to: &Dc, stream: &StreamId, seq: u64, (user, at): (UserId, Coordinate)) {
     let entry = schema::Entry::Online { user, at }.encode();
@@ -209,8 +214,7 @@ async fn ingest_online(to: &Dc, stream: &StreamId, seq: u64, (user, at): (UserId
 #[tokio::test]
 async fn a_rebuilt_dc_leaves_no_coordinates_of_its_earlier_life() {
     let west = dc("west");
-    let east = DcName::parse("east").unwrap();
-    let (old, new) = (StreamId::new(east.clone(), Epoch(100)), StreamId::new(east, Epoch(200)));
+    let (old, new) = (east_life(100), east_life(200));
     let (bob, carol, dave) = (
         online_in_east("bob", 1),
         online_in_east("carol", 1),
@@ -227,6 +231,54 @@ async fn a_rebuilt_dc_leaves_no_coordinates_of_its_earlier_life() {
     ingest_online(&west, &old, 2, dave.clone()).await;
     assert!(west.store.coordinates(&dave.0).is_empty());
     assert_eq!(west.store.coordinates(&carol.0), vec![carol.1]);
+}
+
+#[tokio::test]
+async fn presence_comes_from_a_dcs_newest_life_whatever_order_its_lives_arrive_in() {
+    // A DC catching up hears of east's third life first, then of the two before it.
+    let west = dc("west");
+    let (carol, bob, dave) = (
+        online_in_east("carol", 1),
+        online_in_east("bob", 1),
+        online_in_east("dave", 1),
+    );
+    ingest_online(&west, &east_life(300), 1, carol.clone()).await;
+    ingest_online(&west, &east_life(100), 1, bob.clone()).await;
+    ingest_online(&west, &east_life(200), 1, dave.clone()).await;
+    assert_eq!(west.store.coordinates(&carol.0), vec![carol.1]);
+    assert!(west.store.coordinates(&bob.0).is_empty());
+    assert!(west.store.coordinates(&dave.0).is_empty());
+}
+
+#[tokio::test]
+async fn a_dc_takes_no_presence_from_its_own_earlier_lives() {
+    // East's own earlier streams come back to it after a rebuild, with the coordinates of
+    // connections that no longer exist (their numbers may now be other users'); one of
+    // them began while the clock was ahead, at a later epoch than today's.
+    let east = dc("east");
+    let (bob, carol) = (online_in_east("bob", 1), online_in_east("carol", 1));
+    east.store
+        .add_coordinate(carol.0.clone(), carol.1.clone())
+        .await
+        .unwrap();
+    for life in [100, 200, u32::MAX] {
+        ingest_online(&east, &east_life(life), 1, bob.clone()).await;
+    }
+    assert!(east.store.coordinates(&bob.0).is_empty());
+    assert_eq!(east.store.coordinates(&carol.0), vec![carol.1]);
+}
+
+#[tokio::test]
+async fn a_snapshot_further_along_an_earlier_life_does_not_replace_presence() {
+    let (west, north) = (dc("west"), dc("north"));
+    let (bob, carol) = (online_in_east("bob", 1), online_in_east("carol", 1));
+    ingest_online(&west, &east_life(200), 1, carol.clone()).await;
+    // North has heard only of east's earlier life, and further along it than west.
+    let old = east_life(100);
+    ingest_online(&north, &old, 1, bob.clone()).await;
+    merge(&west, &north).await;
+    assert_eq!(west.store.coordinates(&carol.0), vec![carol.1]);
+    assert!(west.store.coordinates(&bob.0).is_empty());
 }
 
 #[tokio::test]
@@ -348,44 +400,53 @@ async fn truncated_logs_no_longer_serve_old_entries() {
 }
 
 #[tokio::test]
-async fn a_long_log_is_dropped_a_bounded_part_at_a_time() {
+async fn a_long_log_is_dropped_a_bounded_part_per_commit() {
     let east = dc("east");
     let stream = east.store.stream().clone();
-    let sends = (0..2 * TRUNCATE_MAX + 50).map(|i| east.store.append(msg("alice", "bob", &format!("c{i}"))));
-    futures_util::future::try_join_all(sends).await.unwrap();
     let head = 2 * TRUNCATE_MAX + 50;
+    let sends = (0..head).map(|i| east.store.append(msg("alice", "bob", &format!("c{i}"))));
+    futures_util::future::try_join_all(sends).await.unwrap();
+    east.store.truncate(stream.clone(), head);
     let mut dropped = Vec::new();
-    for i in 0..3 {
-        east.store.truncate(stream.clone(), head);
+    for i in 0..4 {
         east.store
             .append(msg("alice", "bob", &format!("after{i}")))
             .await
             .unwrap();
         dropped.push(east.store.replication_state().unwrap().1.get(&stream));
     }
-    assert_eq!(dropped, [TRUNCATE_MAX, 2 * TRUNCATE_MAX, head]);
-    assert_eq!(east.store.read(&stream, head + 1, 10, usize::MAX).len(), 3);
+    // Not all at once, and later commits carry on without being asked again.
+    assert!(dropped[0] <= 2 * TRUNCATE_MAX, "{dropped:?}");
+    assert!(dropped.windows(2).all(|w| w[1] - w[0] <= TRUNCATE_MAX), "{dropped:?}");
+    assert_eq!(dropped[3], head);
+    assert_eq!(east.store.read(&stream, head + 1, 10, usize::MAX).len(), 4);
 }
 
 #[tokio::test]
 async fn a_snapshot_that_moves_a_stream_past_the_log_leaves_no_entries_behind() {
     let (east, west, north) = (dc("east"), dc("west"), dc("north"));
     let stream = east.store.stream().clone();
-    for i in 0..6 {
+    // More than one truncation's worth, so that the merge must drop it all at once.
+    let (held, total) = (TRUNCATE_MAX + 50, TRUNCATE_MAX + 53);
+    for i in 0..total {
         east.store.append(msg("alice", "bob", &format!("c{i}"))).await.unwrap();
-        if i == 2 {
+        if i + 1 == held {
             pull(&north, &east, &stream).await;
         }
     }
     pull(&west, &east, &stream).await;
-    assert_eq!(north.store.read(&stream, 1, 10, usize::MAX).len(), 3);
-    // North learns of entries 4..=6 from west's snapshot, not from a log: its log of
-    // east's stream now starts after 6, and entries 1..=3 must not linger below that.
+    assert_eq!(north.store.read(&stream, 1, 1_000, usize::MAX).len() as u64, held);
+    // North learns of the last three entries from west's snapshot, not from a log: its
+    // log of east's stream now starts after them, and what it held must not linger below.
     merge(&north, &west).await;
     let (applied, truncated) = north.store.replication_state().unwrap();
-    assert_eq!((applied.get(&stream), truncated.get(&stream)), (6, 6));
-    assert!(north.store.read(&stream, 1, 10, usize::MAX).is_empty());
-    assert_eq!(mailbox(&north, "bob").await.len(), 6);
+    assert_eq!((applied.get(&stream), truncated.get(&stream)), (total, total));
+    assert_eq!(
+        north.store.tables.log.iter().count(),
+        0,
+        "log entries left below the truncation"
+    );
+    assert_eq!(mailbox(&north, "bob").await.len() as u64, total);
 }
 
 /// One step of a random multi-DC history.

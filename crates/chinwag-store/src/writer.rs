@@ -78,6 +78,9 @@ pub struct Writer {
     /// The newest messages still in their mailboxes, by mailbox seq: most acks name one
     /// of them, and are then answered without searching the mailbox table.
     pub recent: BTreeMap<u64, Recent>,
+    /// Log prefixes asked to be dropped (`Op::Truncate`): through which seq, per stream.
+    /// Dropped [`TRUNCATE_MAX`] entries per commit, so a long backlog is never one batch.
+    pub truncating: HashMap<StreamId, u64>,
 }
 
 /// What deleting a message needs to know of it.
@@ -91,8 +94,8 @@ pub struct Recent {
 /// time a connected recipient takes to acknowledge; each costs under 100 bytes.
 const RECENT_MAX: usize = 32_768;
 
-/// Most log entries one truncation drops.
-pub(crate) const TRUNCATE_MAX: u64 = if cfg!(test) { 100 } else { 65_536 };
+/// Most log entries one commit drops for `Op::Truncate`.
+pub(crate) const TRUNCATE_MAX: u64 = if cfg!(test) { 100 } else { 4_096 };
 
 /// What one batch will change once it is durable.
 #[derive(Default)]
@@ -171,6 +174,7 @@ impl Writer {
             }
         }
         let durable = pending.durable;
+        self.drop_logs(&mut batch, &mut pending);
         let result = result.and_then(|()| {
             self.write_depths(&mut batch, &pending);
             let meta = &self.tables.meta;
@@ -258,7 +262,10 @@ impl Writer {
                 let through = self.ingest(batch, &stream, first, entries, pending)?;
                 pending.answers.push(Answer::Applied(reply, through));
             }
-            Op::Truncate(stream, through) => self.truncate(batch, &stream, through, pending),
+            Op::Truncate(stream, through) => {
+                let target = self.truncating.entry(stream).or_default();
+                *target = (*target).max(through);
+            }
             Op::ForgetCoordinates(dc, reply) => {
                 self.forget_coordinates(batch, &dc, pending)?;
                 pending.answers.push(Answer::Done(reply));
@@ -589,7 +596,11 @@ impl Writer {
             // Our own stream never comes back in; a gap is the replicator's to repair.
             return Ok(before.applied);
         }
-        if before.applied == 0 && self.epochs_of(&stream.dc, p).any(|e| e < stream.epoch()) {
+        if before.applied == 0
+            && stream.dc != self.stream.dc
+            && self.current_life(stream, p)
+            && self.epochs_of(&stream.dc, p).any(|e| e < stream.epoch())
+        {
             // The first entry of a DC's new life (its store was rebuilt from nothing): the
             // coordinates we hold for it came from its earlier life, whose connections are
             // gone, and nothing will ever retract them.
@@ -669,13 +680,12 @@ impl Writer {
                     self.ack_remote(batch, &id, p)?;
                 }
             }
-            // An earlier life of a DC that has started again is history: its users are
-            // not online there any more (a DC writes one stream at a time).
-            Entry::Online { user, at } => {
-                if !self.epochs_of(&stream.dc, p).any(|e| e > stream.epoch()) {
-                    self.set_coordinate(batch, user, at, true, p);
-                }
+            // Presence from an earlier life of a DC is history, and its connection numbers
+            // may since name other users' connections.
+            Entry::Online { user, at } | Entry::Offline { user, at } if !self.current_life(stream, p) => {
+                tracing::debug!(%stream, %user, ?at, "presence from an earlier life of its DC skipped");
             }
+            Entry::Online { user, at } => self.set_coordinate(batch, user, at, true, p),
             Entry::Offline { user, at } => self.set_coordinate(batch, user, at, false, p),
         }
         Ok(())
@@ -735,26 +745,57 @@ impl Writer {
         }
     }
 
-    fn truncate(&mut self, batch: &mut WriteBatch, stream: &StreamId, through: u64, p: &mut Pending) {
-        let mut state = self.stream_state(stream, p);
-        if *stream == self.stream {
-            state.applied = self.log_seq;
+    /// Works through [`Writer::truncating`]: up to [`TRUNCATE_MAX`] entries this commit. A
+    /// prefix stays asked for until a durable commit has dropped all of it.
+    fn drop_logs(&mut self, batch: &mut WriteBatch, p: &mut Pending) {
+        let mut asked = std::mem::take(&mut self.truncating);
+        asked.retain(|stream, through| {
+            let (truncated, applied) = self.log_bounds(stream, p);
+            truncated < (*through).min(applied)
+        });
+        let mut budget = TRUNCATE_MAX;
+        for (stream, through) in &asked {
+            budget -= self.truncate(batch, stream, *through, budget, p);
+            if budget == 0 {
+                break;
+            }
         }
-        // A long backlog dropped at once would be one huge batch held in memory; the rest
-        // goes with the next truncations, which follow every tick while entries flow.
-        let through = through.min(state.applied).min(state.truncated + TRUNCATE_MAX);
-        for seq in state.truncated + 1..=through {
+        self.truncating = asked;
+    }
+
+    /// How far `stream`'s log is truncated, and how far it reaches.
+    fn log_bounds(&self, stream: &StreamId, p: &Pending) -> (u64, u64) {
+        let state = self.stream_state(stream, p);
+        let applied = if *stream == self.stream {
+            self.log_seq
+        } else {
+            state.applied
+        };
+        (state.truncated, applied)
+    }
+
+    /// Drops `stream`'s log through `through`, at most `max` entries of it; returns how
+    /// many it dropped.
+    fn truncate(&mut self, batch: &mut WriteBatch, stream: &StreamId, through: u64, max: u64, p: &mut Pending) -> u64 {
+        let (truncated, applied) = self.log_bounds(stream, p);
+        let through = through.min(applied).min(truncated.saturating_add(max));
+        if through <= truncated {
+            return 0;
+        }
+        for seq in truncated + 1..=through {
             batch.remove(&self.tables.log, schema::entry_key(stream, seq));
         }
-        if through > state.truncated {
-            state.truncated = through;
-            batch.insert(
-                &self.tables.streams,
-                schema::stream_key(stream),
-                postcard::to_stdvec(&state).expect("encodes"),
-            );
-            p.streams.insert(stream.clone(), state);
-        }
+        let state = StreamState {
+            truncated: through,
+            ..self.stream_state(stream, p)
+        };
+        batch.insert(
+            &self.tables.streams,
+            schema::stream_key(stream),
+            postcard::to_stdvec(&state).expect("encodes"),
+        );
+        p.streams.insert(stream.clone(), state);
+        through - truncated
     }
 
     /// The epochs of `dc`'s streams known here, this DC's own included.
@@ -764,6 +805,16 @@ impl Writer {
             .chain(p.streams.keys())
             .filter(move |s| s.dc == *dc)
             .map(StreamId::epoch)
+    }
+
+    /// Whether `stream` is the one its DC writes now, as far as we know: a DC writes one
+    /// stream at a time, and a store rebuilt from nothing takes a later epoch (its
+    /// creation time; message ids rely on that too). Ours is the one we write.
+    fn current_life(&self, stream: &StreamId, p: &Pending) -> bool {
+        if stream.dc == self.stream.dc {
+            return *stream == self.stream;
+        }
+        !self.epochs_of(&stream.dc, p).any(|e| e > stream.epoch())
     }
 
     /// How far `stream` is applied here, this DC's own stream included.
@@ -862,7 +913,8 @@ impl Writer {
                 // The log never received the entries up to `seen`, so it cannot relay them,
                 // nor the ones before them that it did receive: those are dropped too,
                 // or they would stay below the truncation point for good.
-                self.truncate(batch, stream, applied, p);
+                // All of it, even a long backlog: the merge is one batch anyway.
+                self.truncate(batch, stream, applied, u64::MAX, p);
                 self.forget_gone(batch, stream, applied + 1, seen, p)?;
                 let mut state = self.stream_state(stream, p);
                 state.applied = seen;
@@ -922,9 +974,15 @@ impl Writer {
         mut from_snapshot: HashMap<DcName, Vec<(UserId, Coordinate)>>,
         p: &mut Pending,
     ) -> Fallible<()> {
+        // The sender's coordinates of a DC replace ours when it is further along that DC's
+        // current stream; being further along an earlier life's says nothing of who is
+        // online now.
+        let newest = |stream: &StreamId| {
+            self.current_life(stream, p) && !a_s.streams().any(|s| s.dc == stream.dc && s.epoch() > stream.epoch())
+        };
         let newer: HashSet<DcName> = a_s
             .iter()
-            .filter(|(stream, seen)| stream.dc != self.options.dc && *seen > self.applied(stream, p))
+            .filter(|(stream, seen)| stream.dc != self.options.dc && *seen > self.applied(stream, p) && newest(stream))
             .map(|(stream, _)| stream.dc.clone())
             .collect();
         if newer.is_empty() {

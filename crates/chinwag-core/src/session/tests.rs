@@ -333,6 +333,18 @@ fn mailbox_then_live_then_ack() {
 }
 
 #[test]
+fn a_push_for_another_user_is_never_delivered() {
+    let (mut s, limit) = logged_in(SessionLimits::default());
+    s.on_scanned(Ok(vec![]), limit);
+    drain(&mut s);
+    s.on_push(msg(1, "carol"));
+    assert_eq!(drain(&mut s), vec![]);
+    // Nor does it move the cursor past bob's own first message.
+    s.on_push(msg(1, "bob"));
+    assert!(matches!(drain(&mut s)[..], [Output::Deliver(ref m)] if m.to == user("bob")));
+}
+
+#[test]
 fn full_window_falls_back_to_the_mailbox() {
     let (mut s, limit) = logged_in(SessionLimits {
         max_inflight: 2,
