@@ -213,7 +213,8 @@ pub async fn start(
 enum Done {
     Applied(StreamId, Result<u64, StoreError>),
     Merged(Result<VersionVector, StoreError>),
-    Forgot(DcName, Result<(), StoreError>),
+    /// A request whose only answer worth acting on is a failure, which is logged.
+    Requested(String, Result<(), StoreError>),
 }
 
 type Applying = Pin<Box<dyn Future<Output = Done> + Send>>;
@@ -269,10 +270,8 @@ impl Driver {
                         self.replicator.on_snapshot_merged(&applied, &*self.store);
                     }
                     Done::Merged(Err(e)) => tracing::warn!(error = %e, "merging a snapshot failed; it will be sent again"),
-                    Done::Forgot(dc, Err(e)) => {
-                        tracing::warn!(%dc, error = %e, "could not forget the coordinates of a silent DC");
-                    }
-                    Done::Forgot(_, Ok(())) => {}
+                    Done::Requested(what, Err(e)) => tracing::warn!(error = %e, "store could not {what}"),
+                    Done::Requested(_, Ok(())) => {}
                 },
                 _ = shutdown.changed() => return,
             }
@@ -327,7 +326,8 @@ impl Driver {
                 Action::Forget { dc } => {
                     tracing::warn!(%dc, "DC silent past decommission_after: forgetting its coordinates");
                     let forget = self.store.forget_coordinates(dc.clone());
-                    applying.push(Box::pin(async move { Done::Forgot(dc, forget.await) }));
+                    let what = format!("forget the coordinates of {dc}");
+                    applying.push(Box::pin(async move { Done::Requested(what, forget.await) }));
                 }
                 Action::MergeSnapshot {
                     from,
@@ -341,7 +341,9 @@ impl Driver {
                     }
                 }
                 Action::Truncate { stream, through } => {
-                    self.store.truncate(stream, through);
+                    let what = format!("drop the log of {stream} through {through}");
+                    let truncate = self.store.truncate(stream, through);
+                    applying.push(Box::pin(async move { Done::Requested(what, truncate.await) }));
                 }
             }
         }

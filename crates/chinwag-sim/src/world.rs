@@ -458,7 +458,8 @@ impl World {
                         .note_applied(self.now, dc, &stream, self.applied_everywhere(&stream));
                 }
                 Action::Truncate { stream, through } => {
-                    self.dcs[dc].store.as_ref().expect("running").truncate(stream, through);
+                    let truncate = self.dcs[dc].store.as_ref().expect("running").truncate(stream, through);
+                    self.expect_done(dc, truncate);
                 }
                 Action::SendSnapshot { to } => self.send_snapshot(dc, to),
                 Action::MergeSnapshot {
@@ -485,18 +486,20 @@ impl World {
                     }
                 }
                 Action::Forget { dc: gone } => {
-                    let forget = self.dcs[dc]
-                        .store
-                        .as_ref()
-                        .expect("running")
-                        .forget_coordinates(gone.clone());
-                    if let Err(e) = self.rt.block_on(forget) {
-                        let name = &self.dcs[dc].name;
-                        self.history
-                            .trace(self.now, format!("{name} could not forget {gone}: {e}"));
-                    }
+                    let forget = self.dcs[dc].store.as_ref().expect("running").forget_coordinates(gone);
+                    self.expect_done(dc, forget);
                 }
             }
+        }
+    }
+
+    /// Waits for a store request that answers nothing but success or failure; a failure
+    /// goes into the trace, for the checker's verdict to be read against.
+    fn expect_done(&mut self, dc: usize, request: impl Future<Output = Result<(), chinwag_core::StoreError>>) {
+        if let Err(e) = self.rt.block_on(request) {
+            let name = &self.dcs[dc].name;
+            self.history
+                .trace(self.now, format!("{name}: a store request failed: {e}"));
         }
     }
 

@@ -353,12 +353,14 @@ impl EmbeddedStore {
         self.call(request(|reply| Op::ForgetCoordinates(dc, reply)), WhenFull::Wait)
     }
 
-    /// Drops the log of `stream` through `through` (every peer has it).
-    ///
-    /// Best effort: if the writer's queue is full it is skipped, and a later truncation
-    /// covers it.
-    pub fn truncate(&self, stream: StreamId, through: u64) {
-        let _ = self.ops.try_send(Op::Truncate(stream, through));
+    /// Drops the log of `stream` through `through` (every peer has it). Answers once the
+    /// store has taken the request; a long prefix then goes over several commits.
+    pub fn truncate(
+        &self,
+        stream: StreamId,
+        through: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + use<> {
+        self.call(request(|reply| Op::Truncate(stream, through, reply)), WhenFull::Wait)
     }
 
     /// Queues `op` when called, not when the returned future is first polled, so that

@@ -44,8 +44,8 @@ pub enum Op {
     /// Apply entries of another DC's stream, numbered from `first`; answers how far the
     /// stream is applied afterwards.
     Ingest(StreamId, u64, Vec<Vec<u8>>, Reply<u64>),
-    /// Drop a log prefix every peer has.
-    Truncate(StreamId, u64),
+    /// Drop a log prefix every peer has; answered once asked for, not once dropped.
+    Truncate(StreamId, u64, Reply<()>),
     /// Drop the coordinates of a DC that has gone silent (not logged: a local belief).
     ForgetCoordinates(DcName, Reply<()>),
     /// Merge another DC's snapshot; answers what is applied afterwards.
@@ -79,7 +79,8 @@ pub struct Writer {
     /// of them, and are then answered without searching the mailbox table.
     pub recent: BTreeMap<u64, Recent>,
     /// Log prefixes asked to be dropped (`Op::Truncate`): through which seq, per stream.
-    /// Dropped [`TRUNCATE_MAX`] entries per commit, so a long backlog is never one batch.
+    /// Dropped a bounded part per commit (see [`Writer::drop_logs`]), so a long backlog is
+    /// never one huge batch.
     pub truncating: HashMap<StreamId, u64>,
 }
 
@@ -94,7 +95,7 @@ pub struct Recent {
 /// time a connected recipient takes to acknowledge; each costs under 100 bytes.
 const RECENT_MAX: usize = 32_768;
 
-/// Most log entries one commit drops for `Op::Truncate`.
+/// Log entries a commit drops for `Op::Truncate`, besides twice what it adds to the logs.
 pub(crate) const TRUNCATE_MAX: u64 = if cfg!(test) { 100 } else { 4_096 };
 
 /// What one batch will change once it is durable.
@@ -121,6 +122,8 @@ struct Pending {
     streams: HashMap<StreamId, StreamState>,
     /// Messages from other DCs' streams stored by this batch.
     replicated_in: u64,
+    /// Entries this batch adds to the logs, this DC's own and relayed ones.
+    logged: u64,
     answers: Vec<Answer>,
     stop: Option<oneshot::Sender<()>>,
     /// The batch must reach the disk before anyone is answered.
@@ -204,6 +207,7 @@ impl Writer {
                 (self.observer)(started.elapsed(), count);
                 self.shared.set_failure(None);
                 self.publish(&mut pending);
+                self.dropped_logs();
                 for answer in pending.answers {
                     // A caller that went away (its connection closed) no longer needs the
                     // answer; the operation is durable all the same.
@@ -262,9 +266,10 @@ impl Writer {
                 let through = self.ingest(batch, &stream, first, entries, pending)?;
                 pending.answers.push(Answer::Applied(reply, through));
             }
-            Op::Truncate(stream, through) => {
+            Op::Truncate(stream, through, reply) => {
                 let target = self.truncating.entry(stream).or_default();
                 *target = (*target).max(through);
+                pending.answers.push(Answer::Done(reply));
             }
             Op::ForgetCoordinates(dc, reply) => {
                 self.forget_coordinates(batch, &dc, pending)?;
@@ -286,6 +291,7 @@ impl Writer {
         if self.options.replicate {
             p.durable = true;
             self.log_seq += 1;
+            p.logged += 1;
             batch.insert(
                 &self.tables.log,
                 schema::entry_key(&self.stream, self.log_seq),
@@ -624,6 +630,7 @@ impl Writer {
                 }
             }
             batch.insert(&self.tables.log, schema::entry_key(stream, seq), bytes);
+            p.logged += 1;
             p.streams.get_mut(stream).expect("inserted before the loop").applied = seq;
         }
         let state = self.stream_state(stream, p);
@@ -745,22 +752,31 @@ impl Writer {
         }
     }
 
-    /// Works through [`Writer::truncating`]: up to [`TRUNCATE_MAX`] entries this commit. A
-    /// prefix stays asked for until a durable commit has dropped all of it.
+    /// Works through [`Writer::truncating`]: [`TRUNCATE_MAX`] entries this commit, plus
+    /// twice what it adds to the logs, so that a backlog shrinks even while logs grow fast.
     fn drop_logs(&mut self, batch: &mut WriteBatch, p: &mut Pending) {
-        let mut asked = std::mem::take(&mut self.truncating);
-        asked.retain(|stream, through| {
-            let (truncated, applied) = self.log_bounds(stream, p);
-            truncated < (*through).min(applied)
-        });
-        let mut budget = TRUNCATE_MAX;
+        let asked: Vec<(StreamId, u64)> = self.truncating.iter().map(|(s, t)| (s.clone(), *t)).collect();
+        let mut budget = TRUNCATE_MAX + 2 * p.logged;
         for (stream, through) in &asked {
             budget -= self.truncate(batch, stream, *through, budget, p);
             if budget == 0 {
                 break;
             }
         }
-        self.truncating = asked;
+    }
+
+    /// Forgets the prefixes now dropped for good. Called after a successful commit, so one
+    /// whose commit failed stays asked for.
+    fn dropped_logs(&mut self) {
+        let asked = std::mem::take(&mut self.truncating);
+        let committed = Pending::default();
+        self.truncating = asked
+            .into_iter()
+            .filter(|(stream, through)| {
+                let (truncated, applied) = self.log_bounds(stream, &committed);
+                truncated < (*through).min(applied)
+            })
+            .collect();
     }
 
     /// How far `stream`'s log is truncated, and how far it reaches.
