@@ -521,6 +521,11 @@ mod tests {
         let mut itself = config.clone();
         itself.cluster.as_mut().unwrap().peers[0].dc = "east".into();
         assert!(itself.validate().unwrap_err().to_string().contains("itself"));
+        assert_eq!(cluster.max_log_entries, 10_000_000);
+        let mut short_logs = config.clone();
+        short_logs.cluster.as_mut().unwrap().max_log_entries = 8_192;
+        let err = short_logs.validate().unwrap_err().to_string();
+        assert!(err.contains("max_log_entries must be at least 65536"), "{err}");
     }
 
     #[test]

@@ -303,13 +303,8 @@ async fn a_late_joiner_catches_up_from_a_snapshot() {
     // bob acknowledges the second message in east.
     let page = east.store.scan(user("bob"), 0, 10).await.unwrap();
     east.store.ack(user("bob"), vec![page[1].seq]).await.unwrap();
-    let online = Coordinate {
-        dc: DcName::parse("east").unwrap(),
-        node: NodeName::parse("n1").unwrap(),
-        incarnation: 1,
-        conn: 9,
-    };
-    east.store.add_coordinate(user("dave"), online.clone()).await.unwrap();
+    let (dave, online) = online_in_east("dave", 9);
+    east.store.add_coordinate(dave, online.clone()).await.unwrap();
 
     merge(&north, &east).await;
     assert_eq!(mailbox(&north, "bob").await, mailbox(&east, "bob").await);

@@ -602,11 +602,9 @@ impl Writer {
             // Our own stream never comes back in; a gap is the replicator's to repair.
             return Ok(before.applied);
         }
-        if before.applied == 0
-            && stream.dc != self.stream.dc
-            && self.current_life(stream, p)
-            && self.epochs_of(&stream.dc, p).any(|e| e < stream.epoch())
-        {
+        // Whether this stream's presence counts does not change within one ingest.
+        let current = self.current_life(stream, p);
+        if before.applied == 0 && current && self.epochs_of(&stream.dc, p).any(|e| e < stream.epoch()) {
             // The first entry of a DC's new life (its store was rebuilt from nothing): the
             // coordinates we hold for it came from its earlier life, whose connections are
             // gone, and nothing will ever retract them.
@@ -621,7 +619,7 @@ impl Writer {
                 continue;
             }
             match Entry::decode(&bytes) {
-                Ok(entry) => self.apply_entry(batch, stream, seq, entry, p)?,
+                Ok(entry) => self.apply_entry(batch, stream, seq, entry, current, p)?,
                 // An entry this build cannot read is skipped, not retried forever: the
                 // stream must keep moving for everything after it.
                 Err(e) => {
@@ -642,12 +640,15 @@ impl Writer {
         Ok(state.applied)
     }
 
+    /// Applies one entry of `stream`; its presence entries only if `current` (see
+    /// [`Writer::current_life`]).
     fn apply_entry(
         &mut self,
         batch: &mut WriteBatch,
         stream: &StreamId,
         seq: u64,
         entry: Entry,
+        current: bool,
         p: &mut Pending,
     ) -> Fallible<()> {
         match entry {
@@ -689,7 +690,7 @@ impl Writer {
             }
             // Presence from an earlier life of a DC is history, and its connection numbers
             // may since name other users' connections.
-            Entry::Online { user, at } | Entry::Offline { user, at } if !self.current_life(stream, p) => {
+            Entry::Online { user, at } | Entry::Offline { user, at } if !current => {
                 tracing::debug!(%stream, %user, ?at, "presence from an earlier life of its DC skipped");
             }
             Entry::Online { user, at } => self.set_coordinate(batch, user, at, true, p),
@@ -755,6 +756,9 @@ impl Writer {
     /// Works through [`Writer::truncating`]: [`TRUNCATE_MAX`] entries this commit, plus
     /// twice what it adds to the logs, so that a backlog shrinks even while logs grow fast.
     fn drop_logs(&mut self, batch: &mut WriteBatch, p: &mut Pending) {
+        if self.truncating.is_empty() {
+            return;
+        }
         let asked: Vec<(StreamId, u64)> = self.truncating.iter().map(|(s, t)| (s.clone(), *t)).collect();
         let mut budget = TRUNCATE_MAX + 2 * p.logged;
         for (stream, through) in &asked {
@@ -768,15 +772,16 @@ impl Writer {
     /// Forgets the prefixes now dropped for good. Called after a successful commit, so one
     /// whose commit failed stays asked for.
     fn dropped_logs(&mut self) {
-        let asked = std::mem::take(&mut self.truncating);
+        if self.truncating.is_empty() {
+            return;
+        }
+        let mut asked = std::mem::take(&mut self.truncating);
         let committed = Pending::default();
-        self.truncating = asked
-            .into_iter()
-            .filter(|(stream, through)| {
-                let (truncated, applied) = self.log_bounds(stream, &committed);
-                truncated < (*through).min(applied)
-            })
-            .collect();
+        asked.retain(|stream, through| {
+            let (truncated, applied) = self.log_bounds(stream, &committed);
+            truncated < (*through).min(applied)
+        });
+        self.truncating = asked;
     }
 
     /// How far `stream`'s log is truncated, and how far it reaches.
@@ -970,11 +975,7 @@ impl Writer {
             }
         }
         let added = p.coordinates.iter().filter(|(_, at, added)| *added && of(&at.dc));
-        gone.extend(
-            added
-                .map(|(user, at, _)| (user.clone(), at.clone()))
-                .collect::<Vec<_>>(),
-        );
+        gone.extend(added.map(|(user, at, _)| (user.clone(), at.clone())));
         for (user, at) in gone {
             self.set_coordinate(batch, user, at, false, p);
         }
