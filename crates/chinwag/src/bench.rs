@@ -139,6 +139,10 @@ struct Report {
     /// under, which the whole-run figure understates.
     #[serde(skip_serializing_if = "Option::is_none")]
     server_load_cpu_percent: Option<f64>,
+    /// The generator's own CPU over the sending phase (100 = one core). Near 100 its
+    /// own queueing would show in the latencies; well below, they are the server's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    generator_load_cpu_percent: Option<f64>,
 }
 
 impl Report {
@@ -541,14 +545,17 @@ async fn pairs(run: &Arc<Run>) -> anyhow::Result<Report> {
     run.counters.sending_since_ns.store(run.now_ns(), Ordering::Relaxed);
     let deadline = started + run.args.duration;
     let per_sender_rate = run.args.rate.map(|r| r as f64 / senders as f64);
-    let load_cpu = run.args.pid.map(|pid| {
-        let before = cpu_ticks(pid);
-        let run = run.clone();
+    let load_cpu = {
+        let (server, generator, over) = (run.args.pid, std::process::id(), run.args.duration);
+        let before = (server.and_then(cpu_ticks), cpu_ticks(generator));
         tokio::spawn(async move {
             tokio::time::sleep_until(deadline.into()).await;
-            cpu_percent(before, cpu_ticks(pid), run.args.duration)
+            (
+                server.and_then(|pid| cpu_percent(before.0, cpu_ticks(pid), over)),
+                cpu_percent(before.1, cpu_ticks(generator), over),
+            )
         })
-    });
+    };
     let mut tasks = Vec::new();
     for (user, ws) in conns {
         let run = run.clone();
@@ -561,10 +568,7 @@ async fn pairs(run: &Arc<Run>) -> anyhow::Result<Report> {
     for task in tasks {
         task.await??;
     }
-    let server_load_cpu_percent = match load_cpu {
-        Some(task) => task.await?,
-        None => None,
-    };
+    let (server_load_cpu_percent, generator_load_cpu_percent) = load_cpu.await?;
     let ledger = run.ledger.lock().await;
     // Deliveries that trail in after the senders stop count, and so does the time they took.
     let last_ns = run.counters.last_delivery_ns.load(Ordering::Relaxed);
@@ -578,6 +582,7 @@ async fn pairs(run: &Arc<Run>) -> anyhow::Result<Report> {
         delivered: run.counters.delivered.load(Ordering::Relaxed),
         delivered_per_sec: run.counters.delivered.load(Ordering::Relaxed) as f64 / elapsed,
         server_load_cpu_percent,
+        generator_load_cpu_percent,
         ..Report::counted(&run.counters, &ledger)
     })
 }
@@ -917,6 +922,9 @@ fn print_report(r: &Report, json: bool) {
     println!("server CPU        {}", opt(r.server_cpu_percent, "%"));
     if let Some(cpu) = r.server_load_cpu_percent {
         println!("  while sending   {cpu:.1}%");
+    }
+    if let Some(cpu) = r.generator_load_cpu_percent {
+        println!("generator CPU     {cpu:.1}% while sending");
     }
 }
 

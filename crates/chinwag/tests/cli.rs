@@ -312,6 +312,12 @@ async fn the_load_generator_counts_every_message_against_a_real_node() {
             scenario.contains(&"pairs"),
             "{report}"
         );
+        // The generator's own CPU needs no PID, and is reported for pairs.
+        assert_eq!(
+            report["generator_load_cpu_percent"].as_f64().is_some_and(|c| c >= 0.0),
+            scenario.contains(&"pairs"),
+            "{report}"
+        );
     }
 }
 
