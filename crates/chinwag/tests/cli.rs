@@ -347,4 +347,7 @@ async fn the_load_generator_reports_refusals_by_code() {
     assert_eq!(report["errors_by_code"]["rate_limited"], errors, "{out}");
     // `sent` counts what the server accepted.
     assert_eq!(report["delivered"], report["sent"], "{out}");
+    // Without --pid there is no server CPU, but the generator still reports its own.
+    assert!(report["server_load_cpu_percent"].is_null(), "{out}");
+    assert!(report["generator_load_cpu_percent"].is_number(), "{out}");
 }
