@@ -474,7 +474,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         nonce: crate::clients::random_client_id()[..8].to_owned(),
         args,
     });
-    let cpu_before = run.args.pid.and_then(cpu_ticks);
+    let whole_run_cpu = run.args.pid.map(CpuWindow::start);
     let rss_before = run.args.pid.and_then(rss_kib);
     let progress = tokio::spawn(progress(run.clone()));
     let timeline = Arc::new(Mutex::new(Vec::new()));
@@ -498,7 +498,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         {
             report.rss_kib_per_conn = Some(after.saturating_sub(before) as f64 / report.connections as f64);
         }
-        report.server_cpu_percent = cpu_percent(cpu_before, cpu_ticks(pid), run.start.elapsed());
+        report.server_cpu_percent = whole_run_cpu.and_then(|w| w.percent());
     }
     print_report(&report, run.args.json);
     Ok(if report.lost == 0 && report.duplicated == 0 {
@@ -545,17 +545,11 @@ async fn pairs(run: &Arc<Run>) -> anyhow::Result<Report> {
     run.counters.sending_since_ns.store(run.now_ns(), Ordering::Relaxed);
     let deadline = started + run.args.duration;
     let per_sender_rate = run.args.rate.map(|r| r as f64 / senders as f64);
-    let load_cpu = {
-        let (server, generator, over) = (run.args.pid, std::process::id(), run.args.duration);
-        let before = (server.and_then(cpu_ticks), cpu_ticks(generator));
-        tokio::spawn(async move {
-            tokio::time::sleep_until(deadline.into()).await;
-            (
-                server.and_then(|pid| cpu_percent(before.0, cpu_ticks(pid), over)),
-                cpu_percent(before.1, cpu_ticks(generator), over),
-            )
-        })
-    };
+    let (server_cpu, generator_cpu) = (run.args.pid.map(CpuWindow::start), CpuWindow::start(std::process::id()));
+    let load_cpu = tokio::spawn(async move {
+        tokio::time::sleep_until(deadline.into()).await;
+        (server_cpu.and_then(|w| w.percent()), generator_cpu.percent())
+    });
     let mut tasks = Vec::new();
     for (user, ws) in conns {
         let run = run.clone();
@@ -955,11 +949,30 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
-/// CPU time between two readings of [`cpu_ticks`] as a share of `over` (100 = one core).
-fn cpu_percent(before: Option<u64>, after: Option<u64>, over: Duration) -> Option<f64> {
-    // Linux reports process times in USER_HZ, 100 on every mainstream configuration.
-    const TICKS_PER_SEC: f64 = 100.0;
-    Some(after?.saturating_sub(before?) as f64 / TICKS_PER_SEC / over.as_secs_f64() * 100.0)
+/// A process's CPU time from [`CpuWindow::start`] on.
+struct CpuWindow {
+    pid: u32,
+    ticks: Option<u64>,
+    since: Instant,
+}
+
+impl CpuWindow {
+    fn start(pid: u32) -> Self {
+        CpuWindow {
+            pid,
+            ticks: cpu_ticks(pid),
+            since: Instant::now(),
+        }
+    }
+
+    /// CPU time since the start as a share of the wall time that actually passed (100 =
+    /// one core): a reading taken late, on a busy core, is not overstated.
+    fn percent(&self) -> Option<f64> {
+        // Linux reports process times in USER_HZ, 100 on every mainstream configuration.
+        const TICKS_PER_SEC: f64 = 100.0;
+        let used = cpu_ticks(self.pid)?.saturating_sub(self.ticks?);
+        Some(used as f64 / TICKS_PER_SEC / self.since.elapsed().as_secs_f64() * 100.0)
+    }
 }
 
 #[cfg(test)]
