@@ -10,6 +10,7 @@
 
 mod coords;
 mod expiry;
+mod sched;
 mod schema;
 mod snapshot;
 mod watermark;

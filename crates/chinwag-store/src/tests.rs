@@ -102,6 +102,43 @@ async fn append_scan_ack() {
     assert_eq!(recorder.seqs().len(), 3);
 }
 
+/// The scheduling policy (`/proc` `stat` field 41) of each of this process's threads named
+/// `name` (truncated to 15 bytes, as the kernel keeps it).
+#[cfg(target_os = "linux")]
+fn thread_policies(name: &str) -> Vec<u32> {
+    let mut policies = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let path = task.unwrap().path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(path.join("comm")),
+            std::fs::read_to_string(path.join("stat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        if comm.trim_end() == &name[..name.len().min(15)] {
+            let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+            // Fields after the name start at field 3.
+            policies.push(after_name.split_whitespace().nth(41 - 3).unwrap().parse().unwrap());
+        }
+    }
+    policies
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_writer_thread_runs_under_sched_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), 100);
+    // Answered by the writer, so it has started and set its policy.
+    store.append(new("alice", "bob", "c1", "one")).await.unwrap();
+    let policies = thread_policies("chinwag-store-writer");
+    assert!(!policies.is_empty(), "no writer thread found");
+    assert!(
+        policies.iter().all(|&p| p == libc::SCHED_BATCH as u32),
+        "writer policies: {policies:?}"
+    );
+}
+
 #[tokio::test]
 async fn retries_are_deduplicated() {
     let dir = tempfile::tempdir().unwrap();
