@@ -2,12 +2,11 @@
 //!
 //! Every operation a connection hands to the store wakes the writer if it is waiting.
 //! Under Linux's default policy a thread that has slept is favoured when it wakes, so on a
-//! busy core the writer preempts the thread that woke it, commits a group of one, and
-//! sleeps again: two context switches per operation, and groups too small to share their
-//! fixed costs. `SCHED_BATCH` removes only that favour. The writer still gets its fair
-//! share of the core, but it runs when the runtime thread waits for the network or at the
-//! end of its time slice, by which time more operations are queued for the same commit.
-//! Setting it needs no privilege; it is the same policy as `chrt --batch`.
+//! busy core the writer preempts the thread that woke it, commits, and sleeps again: two
+//! context switches for what is often a handful of operations. `SCHED_BATCH` removes
+//! only that favour. The writer still gets its fair share of the core, but it runs when
+//! the runtime thread waits for the network or at the end of its time slice. Setting it
+//! needs no privilege; it is the same policy as `chrt --batch`.
 
 /// Puts the calling thread under `SCHED_BATCH` (Linux); elsewhere does nothing.
 #[cfg(target_os = "linux")]
