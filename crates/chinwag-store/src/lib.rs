@@ -67,7 +67,9 @@ pub struct StoreMemory {
 impl Default for StoreMemory {
     fn default() -> Self {
         Self {
-            memtable_bytes: 16 * 1024 * 1024,
+            // Small enough that writing one out stalls commits briefly (the latency
+            // tail); larger ones trade that for fewer compactions (docs/performance.md).
+            memtable_bytes: 4 * 1024 * 1024,
             cache_bytes: 32 * 1024 * 1024,
         }
     }
