@@ -142,7 +142,7 @@ type Fallible<T> = Result<T, fjall::Error>;
 impl Writer {
     pub fn run(mut self, mut ops: mpsc::Receiver<Op>) {
         if let Err(e) = crate::sched::yield_on_wake() {
-            tracing::warn!(error = %e, "could not make the store writer yield on wake-up; commit groups may be smaller");
+            tracing::warn!(error = %e, "could not make the store writer yield on wake-up; it will preempt the runtime thread on a busy core");
         }
         let mut batch = Vec::with_capacity(self.options.commit_batch_max);
         loop {
