@@ -75,6 +75,10 @@ impl Default for StoreMemory {
     }
 }
 
+/// The writer thread's name. The kernel keeps its first 15 bytes (`chinwag-store-w`),
+/// which is what `top -H` and `/proc` show.
+const WRITER_THREAD: &str = "chinwag-store-writer";
+
 /// Why the store could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -233,7 +237,7 @@ impl EmbeddedStore {
         };
         // The thread ends by itself once the store is closed or dropped (its queue closes).
         std::thread::Builder::new()
-            .name("chinwag-store-writer".into())
+            .name(WRITER_THREAD.into())
             .spawn(move || writer.run(rx))
             .map_err(|e| OpenError::Io {
                 path: path.clone(),

@@ -103,9 +103,10 @@ async fn append_scan_ack() {
 }
 
 /// The scheduling policy (`/proc` `stat` field 41) of each of this process's threads named
-/// `name` (truncated to 15 bytes, as the kernel keeps it).
+/// `name`, compared as the kernel keeps names: their first 15 bytes.
 #[cfg(target_os = "linux")]
 fn thread_policies(name: &str) -> Vec<u32> {
+    let kept = &name[..name.len().min(15)];
     let mut policies = Vec::new();
     for task in std::fs::read_dir("/proc/self/task").unwrap() {
         let path = task.unwrap().path();
@@ -115,7 +116,7 @@ fn thread_policies(name: &str) -> Vec<u32> {
         ) else {
             continue; // the thread ended meanwhile
         };
-        if comm.trim_end() == &name[..name.len().min(15)] {
+        if comm.trim_end() == kept {
             let after_name = &stat[stat.rfind(')').unwrap() + 2..];
             // Fields after the name start at field 3.
             policies.push(after_name.split_whitespace().nth(41 - 3).unwrap().parse().unwrap());
@@ -131,7 +132,7 @@ async fn the_writer_thread_runs_under_sched_batch() {
     let (store, _) = open(dir.path(), 100);
     // Answered by the writer, so it has started and set its policy.
     store.append(new("alice", "bob", "c1", "one")).await.unwrap();
-    let policies = thread_policies("chinwag-store-writer");
+    let policies = thread_policies(WRITER_THREAD);
     assert!(!policies.is_empty(), "no writer thread found");
     assert!(
         policies.iter().all(|&p| p == libc::SCHED_BATCH as u32),
