@@ -140,6 +140,48 @@ async fn the_writer_thread_runs_under_sched_batch() {
     );
 }
 
+/// Appends about 3 MiB to bob's mailbox and says whether fjall wrote a table file for it
+/// within 3 s: it does soon after a memtable fills.
+async fn three_mib_reach_a_table(store: &EmbeddedStore) -> bool {
+    for i in 0..1_000 {
+        store
+            .append(new("alice", "bob", &format!("c{i}"), &"x".repeat(3_000)))
+            .await
+            .unwrap();
+    }
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        if store.tables.mailbox.table_count() > 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+fn with_memtable(mib: u64) -> StoreOptions {
+    StoreOptions {
+        memory: crate::StoreMemory {
+            memtable_bytes: mib * 1024 * 1024,
+            ..crate::StoreMemory::default()
+        },
+        ..options(100_000)
+    }
+}
+
+#[tokio::test]
+async fn the_memtable_size_is_the_one_the_store_was_created_with() {
+    // Created with 64 MiB: 3 MiB stay in memory.
+    let dir = tempfile::tempdir().unwrap();
+    let store = try_open(dir.path(), with_memtable(64)).unwrap();
+    assert!(!three_mib_reach_a_table(&store).await);
+    // Created with 1 MiB and reopened asking for 64: the 1 MiB stays, as operations.md says.
+    let dir = tempfile::tempdir().unwrap();
+    try_open(dir.path(), with_memtable(1)).unwrap().close().await;
+    let store = try_open(dir.path(), with_memtable(64)).unwrap();
+    assert!(three_mib_reach_a_table(&store).await);
+}
+
 #[tokio::test]
 async fn retries_are_deduplicated() {
     let dir = tempfile::tempdir().unwrap();
