@@ -61,7 +61,9 @@ impl Netns {
             ])
             && ip(&["netns", "exec", &ns.name, "ip", "link", "set", &ns_if, "up"])
             && ip(&["netns", "exec", &ns.name, "ip", "link", "set", "lo", "up"]);
-        ok.then_some(ns)
+        // As root the namespace must come up: a silent skip here would hide the test.
+        assert!(ok, "could not create network namespace {} as root", ns.name);
+        Some(ns)
     }
 
     fn set_link(&self, up: bool) {
@@ -76,11 +78,12 @@ impl Drop for Netns {
     }
 }
 
-fn free_on(host: &str) -> SocketAddr {
-    std::net::TcpListener::bind(format!("{host}:0"))
-        .unwrap()
-        .local_addr()
-        .unwrap()
+/// A fixed port on an address that only this test's veth pair carries. A port picked by
+/// binding to port 0 and releasing it comes from the ephemeral range, where the first DC's
+/// outgoing dials (from the same address) could take it before the second DC binds it;
+/// ports below `ip_local_port_range` are never handed out to outgoing connections.
+fn port_on(host: &str, port: u16) -> SocketAddr {
+    format!("{host}:{port}").parse().unwrap()
 }
 
 fn dc_config(creds: &Path, name: &str, gateway: SocketAddr, peers: &[(&str, SocketAddr)]) -> String {
@@ -158,10 +161,9 @@ async fn a_dc_behind_a_downed_link_keeps_serving_locally_and_converges_after() {
     ])
     .await;
     assert_eq!(code, 0);
-    let (east_gw, west_gw) = (free_on(&ns.host_ip), free_on(&ns.host_ip));
+    let (east_gw, west_gw) = (port_on(&ns.host_ip, 7801), port_on(&ns.host_ip, 7802));
     let south_gw: SocketAddr = format!("{}:7800", ns.ns_ip).parse().unwrap();
     let south_client: SocketAddr = format!("{}:7700", ns.ns_ip).parse().unwrap();
-    let host_client = |_| free_on(&ns.host_ip);
     let mk = |name: &str| {
         let d = dir.path().join(name);
         std::fs::create_dir_all(&d).unwrap();
@@ -170,8 +172,8 @@ async fn a_dc_behind_a_downed_link_keeps_serving_locally_and_converges_after() {
     let east_cfg = dc_config(&creds, "east", east_gw, &[("west", west_gw), ("south", south_gw)]);
     let west_cfg = dc_config(&creds, "west", west_gw, &[("east", east_gw), ("south", south_gw)]);
     let south_cfg = dc_config(&creds, "south", south_gw, &[("east", east_gw), ("west", west_gw)]);
-    let east = Node::start_at(&mk("east"), &east_cfg, host_client(0));
-    let west = Node::start_at(&mk("west"), &west_cfg, host_client(1));
+    let east = Node::start_at(&mk("east"), &east_cfg, port_on(&ns.host_ip, 7701));
+    let west = Node::start_at(&mk("west"), &west_cfg, port_on(&ns.host_ip, 7702));
     let south = Node::start_in_netns(&mk("south"), &south_cfg, south_client, &ns.name);
     let nodes = [&east, &west, &south];
     wait_for("linked", &nodes, linked).await;
