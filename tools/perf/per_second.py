@@ -4,10 +4,10 @@
 Starts a fresh node (pinned to core 0) and the generator (core 1), and while they run
 samples, every 100 ms: each server thread's CPU time (/proc/PID/task/*/stat), the store's
 commit-time histogram (/metrics) and the store's new table and journal files. Prints the
-generator's summary, then one line per second of sending: that second's latency p99
-(from the generator's `latency_by_second_ms`), commits, commits slower than 12.8 / 51.2
-ms, CPU ticks (1/100 s) per thread, and files the store created. Seconds are aligned with
-the generator's to within a quarter of a second.
+generator's summary, then one line per second of sending: messages delivered and their
+latency p99 (from the generator's `latency_by_second_ms`), commits, commits slower than
+12.8 / 51.2 ms, CPU ticks (1/100 s) per thread, and files the store created. Seconds
+are aligned with the generator's to within a quarter of a second.
 
     tools/perf/per_second.py --bin target/release/chinwag --config bench.toml \
         --data /tmp/benchnode/data --rate 10000 --duration 30
@@ -149,7 +149,8 @@ def main():
         inside, (commits, slow13, slow51) = per_second(sampler.samples, started[0], second)
         ticks = {role: sum(s[1].get(role, 0) for s in inside) for role in ("tokio", "writer", "fjall")}
         files = [f for s in inside for f in s[3]]
-        print(f"{second:3d}  p99 {by_second.get(second, {}).get('p99', 0):7.1f} ms  commits {commits:5.0f}  "
+        this = by_second.get(second, {})
+        print(f"{second:3d}  delivered {this.get('messages', 0):6d}  p99 {this.get('p99', 0):7.1f} ms  commits {commits:5.0f}  "
               f">12.8ms {slow13:3.0f}  >51.2ms {slow51:3.0f}  "
               + "  ".join(f"{role} {t:3d}" for role, t in ticks.items())
               + (f"  new {' '.join(files)}" if files else ""))

@@ -27,6 +27,7 @@ use chinwag_core::{
     CommitListener, Coordinate, DcName, Epoch, NewMessage, NodeName, Receipt, SharedMessage, Store, StoreError, UserId,
 };
 use chinwag_replication::{StreamId, VersionVector};
+use fjall::config::PartitioningPolicy;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -150,7 +151,16 @@ pub struct Tables {
 
 impl Tables {
     fn open(db: Database, memory: StoreMemory) -> Result<Self, fjall::Error> {
-        let options = || KeyspaceCreateOptions::default().max_memtable_size(memory.memtable_bytes);
+        // Filters past level 0 are split into small partitions found through a pinned
+        // index. Unsplit, a level-1 or level-2 table's filter is one block of megabytes,
+        // too large to stay in the block cache, so once the idempotency records of a few
+        // minutes at full load reach level 2, every new message's duplicate check read
+        // and checksummed such a block from the file (docs/performance.md).
+        let options = || {
+            KeyspaceCreateOptions::default()
+                .max_memtable_size(memory.memtable_bytes)
+                .filter_block_partitioning_policy(PartitioningPolicy::new([false, true]))
+        };
         let ks = |name| db.keyspace(name, options);
         Ok(Self {
             mailbox: ks(schema::MAILBOX)?,
