@@ -35,9 +35,33 @@ fn dc_names(n: u16) -> Vec<DcName> {
         .collect()
 }
 
-/// A port nobody is using right now (the OS picks it).
-fn free_port() -> std::io::Result<SocketAddr> {
-    TcpListener::bind("127.0.0.1:0")?.local_addr()
+/// Where the demo looks for ports: below Linux's default ephemeral range (32768 and up).
+/// A port the OS picks for port 0 comes from that range, where any outgoing connection
+/// on the machine (the first DC dialling its peers, say) can take it between the demo
+/// choosing it and the DC binding it. Ports below the range are never handed out that way.
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// `n` loopback ports nobody is listening on, searched from a start that differs from
+/// run to run, so demos started together rarely try the same ports.
+fn free_ports(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
+    let span = PORTS.end - PORTS.start;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id();
+    // Each port stays bound until all are found, so none is chosen twice.
+    let mut held = Vec::with_capacity(n);
+    for i in 0..span {
+        if held.len() == n {
+            break;
+        }
+        let port = PORTS.start + ((seed % u32::from(span)) as u16 + i) % span;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            held.push(listener);
+        }
+    }
+    anyhow::ensure!(held.len() == n, "fewer than {n} free ports on 127.0.0.1 in {PORTS:?}");
+    Ok(held.iter().map(|l| l.local_addr()).collect::<std::io::Result<_>>()?)
 }
 
 struct Planned {
@@ -99,16 +123,16 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let dir = std::path::absolute(&args.data)?;
     let dcs = dc_names(args.dcs);
     ensure_credentials(&dir, &dcs)?;
-    let plan = dcs
+    let ports = free_ports(2 * dcs.len())?;
+    let plan: Vec<Planned> = dcs
         .iter()
-        .map(|dc| {
-            Ok(Planned {
-                dc: dc.clone(),
-                client: free_port()?,
-                gateway: free_port()?,
-            })
+        .zip(ports.chunks(2))
+        .map(|(dc, pair)| Planned {
+            dc: dc.clone(),
+            client: pair[0],
+            gateway: pair[1],
         })
-        .collect::<std::io::Result<Vec<_>>>()?;
+        .collect();
     let exe = std::env::current_exe().context("cannot find the chinwag executable")?;
     let mut children = Vec::new();
     for planned in &plan {
