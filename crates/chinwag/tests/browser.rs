@@ -98,11 +98,11 @@ struct Demo {
 }
 
 impl Demo {
-    fn start(dcs: usize) -> Demo {
+    fn start(n: usize) -> Demo {
         use std::io::BufRead;
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(BIN)
-            .args(["demo", "--json", "--dcs", &dcs.to_string(), "--data"])
+            .args(["demo", "--json", "--dcs", &n.to_string(), "--data"])
             .arg(dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -110,7 +110,7 @@ impl Demo {
             .unwrap();
         let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
         let dcs = lines
-            .take(dcs)
+            .take(n)
             .map(|line| {
                 let dc: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
                 (
@@ -118,7 +118,9 @@ impl Demo {
                     dc["http"].as_str().unwrap().to_owned(),
                 )
             })
-            .collect::<Vec<_>>();
+            .collect::<Vec<(String, String)>>();
+        // The demo stops every DC when one fails to start, and prints only those that did.
+        assert_eq!(dcs.len(), n, "the demo did not start all {n} DCs");
         Demo { child, _dir: dir, dcs }
     }
 }
