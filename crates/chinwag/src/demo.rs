@@ -49,17 +49,13 @@ fn free_ports(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos())
         ^ std::process::id();
+    let start = (seed % u32::from(span)) as u16;
     // Each port stays bound until all are found, so none is chosen twice.
-    let mut held = Vec::with_capacity(n);
-    for i in 0..span {
-        if held.len() == n {
-            break;
-        }
-        let port = PORTS.start + ((seed % u32::from(span)) as u16 + i) % span;
-        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
-            held.push(listener);
-        }
-    }
+    let held: Vec<TcpListener> = (0..span)
+        .map(|i| PORTS.start + (start + i) % span)
+        .filter_map(|port| TcpListener::bind(("127.0.0.1", port)).ok())
+        .take(n)
+        .collect();
     anyhow::ensure!(held.len() == n, "fewer than {n} free ports on 127.0.0.1 in {PORTS:?}");
     Ok(held.iter().map(|l| l.local_addr()).collect::<std::io::Result<_>>()?)
 }
@@ -216,6 +212,23 @@ async fn wait_for_stop(children: &mut [Child]) {
         for child in children.iter_mut() {
             let _ = child.start_kill();
             let _ = child.wait().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_unused_and_below_the_ephemeral_range() {
+        let ports = free_ports(10).unwrap();
+        let distinct: std::collections::BTreeSet<_> = ports.iter().map(SocketAddr::port).collect();
+        assert_eq!(distinct.len(), 10);
+        assert!(distinct.iter().all(|p| PORTS.contains(p)), "{distinct:?}");
+        // Released once chosen, so the DCs can bind them.
+        for addr in ports {
+            TcpListener::bind(addr).unwrap();
         }
     }
 }
