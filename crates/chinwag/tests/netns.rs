@@ -78,7 +78,7 @@ impl Drop for Netns {
     }
 }
 
-/// A fixed port on an address that only this test's veth pair carries. A port picked by
+/// A fixed port on an address that only this test's veth pair carries (either end). A port picked by
 /// binding to port 0 and releasing it comes from the ephemeral range, where the first DC's
 /// outgoing dials (from the same address) could take it before the second DC binds it;
 /// ports below `ip_local_port_range` are never handed out to outgoing connections.
@@ -162,8 +162,7 @@ async fn a_dc_behind_a_downed_link_keeps_serving_locally_and_converges_after() {
     .await;
     assert_eq!(code, 0);
     let (east_gw, west_gw) = (port_on(&ns.host_ip, 7801), port_on(&ns.host_ip, 7802));
-    let south_gw: SocketAddr = format!("{}:7800", ns.ns_ip).parse().unwrap();
-    let south_client: SocketAddr = format!("{}:7700", ns.ns_ip).parse().unwrap();
+    let (south_gw, south_client) = (port_on(&ns.ns_ip, 7800), port_on(&ns.ns_ip, 7700));
     let mk = |name: &str| {
         let d = dir.path().join(name);
         std::fs::create_dir_all(&d).unwrap();
