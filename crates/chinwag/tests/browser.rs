@@ -29,25 +29,40 @@ struct Driver {
 }
 
 impl Driver {
+    /// Starts chromedriver on a port found free. Another process can take that port
+    /// before chromedriver binds it; chromedriver then exits, and we try a new port.
     fn start() -> Option<Driver> {
         let program = std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = match Command::new(&program)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-        {
-            Ok(child) => child,
-            Err(e) => {
-                let why = format!("cannot run {program} ({e}); install chromium and chromium-driver");
-                assert!(std::env::var_os("CHINWAG_REQUIRE_BROWSER").is_none(), "{why}");
-                eprintln!("SKIPPED: {why}");
-                return None;
+        for _ in 0..3 {
+            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let child = match Command::new(&program)
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+            {
+                Ok(child) => child,
+                Err(e) => {
+                    let why = format!("cannot run {program} ({e}); install chromium and chromium-driver");
+                    assert!(std::env::var_os("CHINWAG_REQUIRE_BROWSER").is_none(), "{why}");
+                    eprintln!("SKIPPED: {why}");
+                    return None;
+                }
+            };
+            if let Some(driver) = Self::listening(child, port) {
+                return Some(driver);
             }
-        };
+        }
+        panic!("chromedriver exited at start three times");
+    }
+
+    /// Waits until chromedriver accepts connections on `port`; `None` if it exits first.
+    fn listening(mut child: Child, port: u16) -> Option<Driver> {
         let deadline = std::time::Instant::now() + SOON;
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if child.try_wait().unwrap().is_some() {
+                return None;
+            }
             assert!(std::time::Instant::now() < deadline, "chromedriver did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
