@@ -49,6 +49,11 @@ pub fn filters(window: Duration) -> Arc<dyn Fn(&str) -> Option<Arc<dyn Factory>>
     Arc::new(move |keyspace| (keyspace == crate::schema::DEDUP).then(|| factory.clone()))
 }
 
+/// How long the next compaction of the dedup table waits at its first record: a test's
+/// way to keep fjall's worker thread busy, as a long compaction does under load.
+#[cfg(test)]
+pub static PAUSE_NEXT_COMPACTION: std::sync::Mutex<Duration> = std::sync::Mutex::new(Duration::ZERO);
+
 /// Installed on the dedup table: each compaction gets a filter with the horizon of the
 /// moment it starts.
 struct DedupExpiry {
@@ -69,6 +74,8 @@ struct ExpiredBefore(u64);
 
 impl CompactionFilter for ExpiredBefore {
     fn filter_item(&mut self, item: ItemAccessor<'_>, _: &Context) -> CompactionFilterResult {
+        #[cfg(test)]
+        std::thread::sleep(std::mem::take(&mut *PAUSE_NEXT_COMPACTION.lock().unwrap()));
         Ok(verdict(&item.value()?, self.0))
     }
 }

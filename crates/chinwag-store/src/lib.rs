@@ -28,7 +28,7 @@ use chinwag_core::{
 };
 use chinwag_replication::{StreamId, VersionVector};
 use fjall::config::PartitioningPolicy;
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
+use fjall::{AbstractTree, Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -150,15 +150,18 @@ pub struct Tables {
 }
 
 impl Tables {
-    fn open(db: Database, memory: StoreMemory) -> Result<Self, fjall::Error> {
+    fn open(db: Database) -> Result<Self, fjall::Error> {
         // Filters past level 0 are split into small partitions found through a pinned
         // index. Unsplit, a level-1 or level-2 table's filter is one block of megabytes,
         // too large to stay in the block cache, so once the idempotency records of a few
         // minutes at full load reach level 2, every new message's duplicate check read
         // and checksummed such a block from the file (docs/performance.md).
+        //
+        // fjall's own memtable rotation is put out of reach (`u64::MAX`); the writer
+        // rotates instead, see `rotate_full`.
         let options = || {
             KeyspaceCreateOptions::default()
-                .max_memtable_size(memory.memtable_bytes)
+                .max_memtable_size(u64::MAX)
                 .filter_block_partitioning_policy(PartitioningPolicy::new([false, true]))
         };
         let ks = |name| db.keyspace(name, options);
@@ -174,6 +177,40 @@ impl Tables {
             gone: ks(schema::GONE)?,
             db,
         })
+    }
+
+    fn all(&self) -> [&Keyspace; 9] {
+        [
+            &self.mailbox,
+            &self.dedup,
+            &self.depth,
+            &self.coords,
+            &self.meta,
+            &self.log,
+            &self.streams,
+            &self.ids,
+            &self.gone,
+        ]
+    }
+
+    /// Seals every memtable that has reached `limit` bytes, to be written out.
+    ///
+    /// fjall would do this itself, but by a request to its worker thread on every commit
+    /// while a memtable is full, over a bounded queue that the worker also writes to when
+    /// it rotates. Under steady load a long compaction lets those requests fill the queue,
+    /// and the worker then waits forever on itself: no memtable is ever written out again,
+    /// and memory and the journal grow until the process is killed (fjall 3.1, see
+    /// fjall-rs/fjall#323; measured in docs/performance.md). Called by the writer after
+    /// each commit, this asks once per full memtable, and since fjall holds writes while
+    /// a keyspace has four memtables waiting, that queue never holds more than a few
+    /// requests per keyspace.
+    fn rotate_full(&self, limit: u64) -> Result<(), fjall::Error> {
+        for keyspace in self.all() {
+            if keyspace.tree.active_memtable().size() >= limit {
+                keyspace.rotate_memtable()?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -204,7 +241,7 @@ impl EmbeddedStore {
             .with_compaction_filter_factories(expiry::filters(options.dedup_window))
             .open()
             .map_err(fail)?;
-        let tables = Tables::open(db, options.memory).map_err(fail)?;
+        let tables = Tables::open(db).map_err(fail)?;
         let recovered = recover(&tables, &options).map_err(|e| match e {
             Recovery::Storage(e) => fail(e),
             Recovery::Damaged(detail) => OpenError::Corrupt {

@@ -221,6 +221,10 @@ impl Writer {
                         Answer::Merged(reply, applied) => drop(reply.send(Ok(applied))),
                     }
                 }
+                // After the answers, so sealing a memtable delays no one this batch served.
+                if let Err(e) = self.tables.rotate_full(self.options.memory.memtable_bytes) {
+                    tracing::error!(error = %e, "cannot seal a full memtable");
+                }
             }
             Err(e) => {
                 // Nothing is durable: forget what the batch would have changed, fail it all.
