@@ -134,6 +134,9 @@ impl Shared {
 /// would grow to fjall's default of 512 MiB.
 const MAX_JOURNAL_BYTES: u64 = 128 * 1024 * 1024;
 
+/// How far past its limit a memtable may grow while an earlier one waits to be written.
+const MEMTABLE_STRETCH: u64 = 8;
+
 /// The database and its keyspaces (each is a cheap, shared handle).
 #[derive(Clone)]
 pub struct Tables {
@@ -204,9 +207,16 @@ impl Tables {
     /// each commit, this asks once per full memtable, and since fjall holds writes while
     /// a keyspace has four memtables waiting, that queue never holds more than a few
     /// requests per keyspace.
+    ///
+    /// While a sealed memtable already waits for that thread (busy with a compaction),
+    /// the next one is let grow to [`MEMTABLE_STRETCH`] times the limit before it is
+    /// sealed too: fjall stops all writes for 100 ms at a time while a keyspace has four
+    /// waiting, which at full load added 200 ms to the p99 (docs/performance.md).
     fn rotate_full(&self, limit: u64) -> Result<(), fjall::Error> {
         for keyspace in self.all() {
-            if keyspace.tree.active_memtable().size() >= limit {
+            let size = keyspace.tree.active_memtable().size();
+            let waiting = keyspace.sealed_memtable_count();
+            if size >= limit && (waiting == 0 || size >= limit.saturating_mul(MEMTABLE_STRETCH)) {
                 keyspace.rotate_memtable()?;
             }
         }
