@@ -208,15 +208,21 @@ impl Tables {
     /// a keyspace has four memtables waiting, that queue never holds more than a few
     /// requests per keyspace.
     ///
-    /// While a sealed memtable already waits for that thread (busy with a compaction),
-    /// the next one is let grow to [`MEMTABLE_STRETCH`] times the limit before it is
-    /// sealed too: fjall stops all writes for 100 ms at a time while a keyspace has four
-    /// waiting, which at full load added 200 ms to the p99 (docs/performance.md).
-    fn rotate_full(&self, limit: u64) -> Result<(), fjall::Error> {
+    /// With `stretch`, while a sealed memtable already waits for that thread (busy with a
+    /// compaction), the next one may grow to [`MEMTABLE_STRETCH`] times the limit before
+    /// it is sealed too: fjall stops all writes for 100 ms at a time while a keyspace has
+    /// four waiting, which at full load added 200 ms to the p99 (docs/performance.md).
+    /// Only where fjall's own trigger is off: elsewhere an oversized memtable is exactly
+    /// what makes fjall flood its queue.
+    fn rotate_full(&self, limit: u64, stretch: bool) -> Result<(), fjall::Error> {
+        let most = if stretch {
+            limit.saturating_mul(MEMTABLE_STRETCH)
+        } else {
+            limit
+        };
         for keyspace in self.all() {
             let size = keyspace.tree.active_memtable().size();
-            let waiting = keyspace.sealed_memtable_count();
-            if size >= limit && (waiting == 0 || size >= limit.saturating_mul(MEMTABLE_STRETCH)) {
+            if size >= limit && (keyspace.sealed_memtable_count() == 0 || size >= most) {
                 keyspace.rotate_memtable()?;
             }
         }
@@ -289,6 +295,7 @@ impl EmbeddedStore {
             commits: recovered.commits,
             watermark,
             depths: recovered.depths.into_iter().collect(),
+            own_rotation: recovered.own_rotation,
             recent: Default::default(),
             truncating: Default::default(),
         };
@@ -583,6 +590,8 @@ struct Recovered {
     incarnation: u64,
     coordinates: CoordinateMap,
     depths: HashMap<UserId, u64>,
+    /// fjall's own memtable rotation is off in this store (see `Tables::rotate_full`).
+    own_rotation: bool,
 }
 
 fn read_u64(ks: &Keyspace, key: &str) -> Result<Option<u64>, Recovery> {
@@ -598,11 +607,15 @@ fn read_u64(ks: &Keyspace, key: &str) -> Result<Option<u64>, Recovery> {
 /// batch.
 fn recover(t: &Tables, options: &StoreOptions) -> Result<Recovered, Recovery> {
     let mut batch = t.db.batch().durability(Some(PersistMode::SyncAll));
-    match read_u64(&t.meta, schema::FORMAT)? {
-        None => batch.insert(&t.meta, schema::FORMAT, schema::encode_u64(schema::FORMAT_VERSION)),
-        Some(schema::FORMAT_VERSION) => {}
+    let own_rotation = match read_u64(&t.meta, schema::FORMAT)? {
+        None => {
+            batch.insert(&t.meta, schema::FORMAT, schema::encode_u64(schema::FORMAT_VERSION));
+            batch.insert(&t.meta, schema::OWN_ROTATION, schema::encode_u64(1));
+            true
+        }
+        Some(schema::FORMAT_VERSION) => read_u64(&t.meta, schema::OWN_ROTATION)?.is_some(),
         Some(found) => return Err(Recovery::Format(found)),
-    }
+    };
     let next_seq = read_u64(&t.meta, schema::NEXT_SEQ)?.unwrap_or(1);
     let mut log_seq = read_u64(&t.meta, schema::LOG_SEQ)?.unwrap_or(0);
     let commits = read_u64(&t.meta, schema::COMMITS)?.unwrap_or(0);
@@ -675,6 +688,7 @@ fn recover(t: &Tables, options: &StoreOptions) -> Result<Recovered, Recovery> {
         incarnation,
         coordinates,
         depths,
+        own_rotation,
     })
 }
 

@@ -38,6 +38,9 @@ pub const EPOCH: &str = "epoch";
 /// Number of durable write batches; see `watermark`.
 pub const COMMITS: &str = "commits";
 pub const FORMAT: &str = "format";
+/// Present (1) in stores created with fjall's own memtable rotation switched off (see
+/// `Tables::rotate_full`); older stores still have it at their creation size.
+pub const OWN_ROTATION: &str = "own_rotation";
 /// Bumped whenever the layout changes incompatibly.
 pub const FORMAT_VERSION: u64 = 2;
 

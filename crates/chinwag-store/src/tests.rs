@@ -186,8 +186,8 @@ async fn the_memtable_size_is_the_one_configured_at_each_open() {
     assert!(three_mib_reach_a_table(&store).await);
 }
 
-/// Runs `f` as if the process had one core, then lets every thread of the process run on
-/// all cores again: fjall, opened inside, starts one worker thread (it starts one per
+/// Runs `f` as if the process had one core (the first it may use), then lets every
+/// thread of the process run on all of them again: fjall, opened inside, starts one worker thread (it starts one per
 /// core it may use, up to four), whose threads then still run alongside the others.
 fn as_if_on_one_core<T>(f: impl FnOnce() -> T) -> T {
     let size = std::mem::size_of::<libc::cpu_set_t>();
@@ -195,8 +195,11 @@ fn as_if_on_one_core<T>(f: impl FnOnce() -> T) -> T {
     let all = unsafe {
         let mut all: libc::cpu_set_t = std::mem::zeroed();
         assert_eq!(libc::sched_getaffinity(0, size, &mut all), 0);
+        let first = (0..libc::CPU_SETSIZE as usize)
+            .find(|&cpu| libc::CPU_ISSET(cpu, &all))
+            .unwrap();
         let mut one: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut one);
+        libc::CPU_SET(first, &mut one);
         assert_eq!(libc::sched_setaffinity(0, size, &one), 0);
         all
     };
@@ -220,30 +223,30 @@ async fn append_until(store: Arc<EmbeddedStore>, from: &'static str, until: std:
     }
 }
 
-/// fjall 3.1's own memtable rotation could leave its only worker thread waiting on
-/// itself after a long compaction under steady commits, after which nothing was written
-/// out again (see `Tables::rotate_full`). Here a compaction of the dedup table is held for
-/// 3 s while commits go on, and memtables must still be sealed and written out after it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn memtables_are_still_written_out_after_a_long_compaction_under_load() {
-    const LIMIT: u64 = 64 * 1024;
-    let dir = tempfile::tempdir().unwrap();
-    // One fjall worker, as on one core (the benchmarks), the case that hung.
-    let store = as_if_on_one_core(|| try_open(dir.path(), with_memtable_bytes(LIMIT)).unwrap());
-    let store = Arc::new(store);
-    let pause = Duration::from_secs(3);
+const SMALL_MEMTABLE: u64 = 64 * 1024;
+
+/// A store with small memtables and one fjall worker thread, as on one core (the
+/// benchmarks): the case in which fjall's own rotation hung.
+fn open_small(dir: &Path) -> Arc<EmbeddedStore> {
+    Arc::new(as_if_on_one_core(|| {
+        try_open(dir, with_memtable_bytes(SMALL_MEMTABLE)).unwrap()
+    }))
+}
+
+/// Holds fjall's next compaction of the dedup table for `pause` from its first record,
+/// as a long compaction under load holds fjall's worker, and returns once it has begun.
+async fn hold_a_compaction(store: &EmbeddedStore, pause: Duration) {
     *expiry::PAUSE_NEXT_COMPACTION.lock().unwrap() = pause;
     // Overlapping tables at level 0 of the dedup table start its compaction, once there
     // are four. Each is written out before the next, so no memtable is waiting when the
     // compaction begins.
-    let dedup = store.tables.dedup.clone();
     let mut table = 0;
     while !expiry::PAUSE_NEXT_COMPACTION.lock().unwrap().is_zero() {
         assert!(table < 20, "no dedup compaction started");
         for from in ["a", "z"] {
             store.append(new(from, "bob", &format!("c{table}"), "x")).await.unwrap();
         }
-        let dedup = dedup.clone();
+        let dedup = store.tables.dedup.clone();
         tokio::task::spawn_blocking(move || dedup.rotate_memtable_and_wait())
             .await
             .unwrap()
@@ -251,15 +254,45 @@ async fn memtables_are_still_written_out_after_a_long_compaction_under_load() {
         table += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Commits through the paused compaction and for 2 s after it.
-    let until = std::time::Instant::now() + pause + Duration::from_secs(2);
+}
+
+/// Commits from four senders until `until`; returns the largest size the mailbox's
+/// active memtable was seen at meanwhile.
+async fn commit_until(store: &Arc<EmbeddedStore>, until: std::time::Instant) -> u64 {
     let senders = ["s1", "s2", "s3", "s4"].map(|from| tokio::spawn(append_until(store.clone(), from, until)));
+    let mut largest = 0;
+    while !senders.iter().all(|s| s.is_finished()) {
+        largest = largest.max(store.tables.mailbox.tree.active_memtable().size());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     for sender in senders {
         sender.await.unwrap();
     }
+    largest
+}
+
+/// fjall 3.1's own memtable rotation could leave its only worker thread waiting on
+/// itself after a long compaction under steady commits, after which nothing was written
+/// out again (see `Tables::rotate_full`). Here a compaction of the dedup table is held for
+/// 3 s while commits go on: meanwhile the mailbox memtable stretches to eight times its
+/// limit, and afterwards memtables are sealed and written out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memtables_are_still_written_out_after_a_long_compaction_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_small(dir.path());
+    let pause = Duration::from_secs(3);
+    hold_a_compaction(&store, pause).await;
+    let largest = commit_until(&store, std::time::Instant::now() + pause + Duration::from_secs(2)).await;
+    assert!(
+        largest > 4 * SMALL_MEMTABLE,
+        "the memtable never stretched: {largest} bytes"
+    );
     let mailbox = store.tables.mailbox.clone();
     let active = mailbox.tree.active_memtable().size();
-    assert!(active < 8 * LIMIT, "the mailbox memtable grew to {active} bytes");
+    assert!(
+        active < 8 * SMALL_MEMTABLE,
+        "the mailbox memtable grew to {active} bytes"
+    );
     let written = tokio::time::timeout(
         Duration::from_secs(15),
         tokio::task::spawn_blocking(move || mailbox.rotate_memtable_and_wait()),
@@ -269,6 +302,27 @@ async fn memtables_are_still_written_out_after_a_long_compaction_under_load() {
         .expect("no memtable written out in 15 s")
         .unwrap()
         .unwrap();
+}
+
+/// A store created before the store sealed its own memtables still has fjall's trigger
+/// at its creation size, which an oversized memtable would set off on every commit: its
+/// memtables never stretch, even while the worker is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memtables_of_a_store_from_before_its_own_rotation_never_stretch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_small(dir.path());
+    // As an older build left it: without the marker.
+    store.tables.meta.remove(schema::OWN_ROTATION).unwrap();
+    store.close().await;
+    drop(store);
+    let store = open_small(dir.path());
+    let pause = Duration::from_secs(2);
+    hold_a_compaction(&store, pause).await;
+    let largest = commit_until(&store, std::time::Instant::now() + pause).await;
+    assert!(
+        largest < 2 * SMALL_MEMTABLE,
+        "the memtable stretched to {largest} bytes"
+    );
 }
 
 #[tokio::test]

@@ -78,6 +78,9 @@ pub struct Writer {
     /// The newest messages still in their mailboxes, by mailbox seq: most acks name one
     /// of them, and are then answered without searching the mailbox table.
     pub recent: BTreeMap<u64, Recent>,
+    /// The store was created with fjall's own memtable rotation off, so memtables may
+    /// stretch past their limit (see `Tables::rotate_full`).
+    pub own_rotation: bool,
     /// Log prefixes asked to be dropped (`Op::Truncate`): through which seq, per stream.
     /// Dropped a bounded part per commit (see [`Writer::drop_logs`]), so a long backlog is
     /// never one huge batch.
@@ -222,7 +225,10 @@ impl Writer {
                     }
                 }
                 // After the answers, so sealing a memtable delays no one this batch served.
-                if let Err(e) = self.tables.rotate_full(self.options.memory.memtable_bytes) {
+                if let Err(e) = self
+                    .tables
+                    .rotate_full(self.options.memory.memtable_bytes, self.own_rotation)
+                {
                     tracing::error!(error = %e, "cannot seal a full memtable");
                 }
             }
