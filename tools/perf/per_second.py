@@ -129,11 +129,17 @@ def main():
         generator = subprocess.Popen(bench, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         started = [None]
         threading.Thread(target=follow_progress, args=(generator.stderr, started), daemon=True).start()
+        # Read the report while the run goes on: for long runs it exceeds a pipe's buffer,
+        # and the generator would block writing it.
+        output = []
+        reader = threading.Thread(target=lambda: output.append(generator.stdout.read()), daemon=True)
+        reader.start()
         sampler = Sampler(server.pid, args.listen, args.data)
         while generator.poll() is None:
             time.sleep(0.1)
             sampler.sample()
-        report = json.loads(generator.stdout.read())
+        reader.join()
+        report = json.loads(output[0])
     finally:
         server.kill()
         server.wait()
