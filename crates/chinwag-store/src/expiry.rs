@@ -49,10 +49,26 @@ pub fn filters(window: Duration) -> Arc<dyn Fn(&str) -> Option<Arc<dyn Factory>>
     Arc::new(move |keyspace| (keyspace == crate::schema::DEDUP).then(|| factory.clone()))
 }
 
-/// How long the next compaction of the dedup table waits at its first record: a test's
-/// way to keep fjall's worker thread busy, as a long compaction does under load.
+/// A test's way to keep fjall's worker thread busy, as a long compaction does under
+/// load: while `HOLD` is set, a compaction of the dedup table waits at each record (at
+/// most a minute), with `HELD` set.
 #[cfg(test)]
-pub static PAUSE_NEXT_COMPACTION: std::sync::Mutex<Duration> = std::sync::Mutex::new(Duration::ZERO);
+pub mod hold {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    pub static HOLD: AtomicBool = AtomicBool::new(false);
+    pub static HELD: AtomicBool = AtomicBool::new(false);
+
+    pub fn wait_while_held() {
+        let until = Instant::now() + Duration::from_secs(60);
+        while HOLD.load(Ordering::SeqCst) && Instant::now() < until {
+            HELD.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        HELD.store(false, Ordering::SeqCst);
+    }
+}
 
 /// Installed on the dedup table: each compaction gets a filter with the horizon of the
 /// moment it starts.
@@ -75,7 +91,7 @@ struct ExpiredBefore(u64);
 impl CompactionFilter for ExpiredBefore {
     fn filter_item(&mut self, item: ItemAccessor<'_>, _: &Context) -> CompactionFilterResult {
         #[cfg(test)]
-        std::thread::sleep(std::mem::take(&mut *PAUSE_NEXT_COMPACTION.lock().unwrap()));
+        hold::wait_while_held();
         Ok(verdict(&item.value()?, self.0))
     }
 }

@@ -1,4 +1,5 @@
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use chinwag_core::ClientMsgId;
 
@@ -212,11 +213,11 @@ fn as_if_on_one_core<T>(f: impl FnOnce() -> T) -> T {
     result
 }
 
-/// Appends from `from` until `until`, each awaited before the next, so commits follow
+/// Appends from `from` until `stop`, each awaited before the next, so commits follow
 /// each other as closely as one sender can make them.
-async fn append_until(store: Arc<EmbeddedStore>, from: &'static str, until: std::time::Instant) {
+async fn append_until(store: Arc<EmbeddedStore>, from: &'static str, stop: Arc<AtomicBool>) {
     let mut i = 0;
-    while std::time::Instant::now() < until {
+    while !stop.load(Ordering::SeqCst) {
         let msg = new(from, "bob", &format!("c{i}"), &"x".repeat(100));
         store.append(msg).await.unwrap();
         i += 1;
@@ -233,15 +234,16 @@ fn open_small(dir: &Path) -> Arc<EmbeddedStore> {
     }))
 }
 
-/// Holds fjall's next compaction of the dedup table for `pause` from its first record,
-/// as a long compaction under load holds fjall's worker, and returns once it has begun.
-async fn hold_a_compaction(store: &EmbeddedStore, pause: Duration) {
-    *expiry::PAUSE_NEXT_COMPACTION.lock().unwrap() = pause;
+/// Holds fjall's next compaction of the dedup table, as a long compaction under load
+/// holds fjall's worker, and returns once it is held; [`release`] lets it go.
+async fn hold_a_compaction(store: &EmbeddedStore) {
+    use expiry::hold::{HELD, HOLD};
+    HOLD.store(true, Ordering::SeqCst);
     // Overlapping tables at level 0 of the dedup table start its compaction, once there
     // are four. Each is written out before the next, so no memtable is waiting when the
     // compaction begins.
     let mut table = 0;
-    while !expiry::PAUSE_NEXT_COMPACTION.lock().unwrap().is_zero() {
+    while !HELD.load(Ordering::SeqCst) {
         assert!(table < 20, "no dedup compaction started");
         for from in ["a", "z"] {
             store.append(new(from, "bob", &format!("c{table}"), "x")).await.unwrap();
@@ -256,35 +258,63 @@ async fn hold_a_compaction(store: &EmbeddedStore, pause: Duration) {
     }
 }
 
-/// Commits from four senders until `until`; returns the largest size the mailbox's
-/// active memtable was seen at meanwhile.
-async fn commit_until(store: &Arc<EmbeddedStore>, until: std::time::Instant) -> u64 {
-    let senders = ["s1", "s2", "s3", "s4"].map(|from| tokio::spawn(append_until(store.clone(), from, until)));
+fn release() {
+    expiry::hold::HOLD.store(false, Ordering::SeqCst);
+}
+
+/// Four senders committing until stopped.
+struct Senders {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Senders {
+    fn start(store: &Arc<EmbeddedStore>) -> Senders {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = ["s1", "s2", "s3", "s4"]
+            .map(|from| tokio::spawn(append_until(store.clone(), from, stop.clone())))
+            .into();
+        Senders { stop, tasks }
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+    }
+}
+
+/// The largest size the mailbox's active memtable is seen at, sampled until it passes
+/// `enough` or `at_most` has gone by.
+async fn largest_memtable(store: &EmbeddedStore, at_most: Duration, enough: u64) -> u64 {
+    let until = std::time::Instant::now() + at_most;
     let mut largest = 0;
-    while !senders.iter().all(|s| s.is_finished()) {
+    while largest <= enough && std::time::Instant::now() < until {
         largest = largest.max(store.tables.mailbox.tree.active_memtable().size());
         tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    for sender in senders {
-        sender.await.unwrap();
     }
     largest
 }
 
 /// fjall 3.1's own memtable rotation could leave its only worker thread waiting on
 /// itself after a long compaction under steady commits, after which nothing was written
-/// out again (see `Tables::rotate_full`). Here a compaction of the dedup table is held for
-/// 3 s while commits go on: meanwhile the mailbox memtable stretches to eight times its
-/// limit, and afterwards memtables are sealed and written out again.
+/// out again (see `Tables::rotate_full`). Here a compaction of the dedup table is held
+/// while commits go on until the mailbox memtable has stretched past six times its limit
+/// (enough commits to fill fjall's queue many times over), then let go: memtables must
+/// be sealed and written out again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memtables_are_still_written_out_after_a_long_compaction_under_load() {
     let dir = tempfile::tempdir().unwrap();
     let store = open_small(dir.path());
-    let pause = Duration::from_secs(3);
-    hold_a_compaction(&store, pause).await;
-    let largest = commit_until(&store, std::time::Instant::now() + pause + Duration::from_secs(2)).await;
+    hold_a_compaction(&store).await;
+    let senders = Senders::start(&store);
+    let largest = largest_memtable(&store, Duration::from_secs(30), 6 * SMALL_MEMTABLE).await;
+    release();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    senders.stop().await;
     assert!(
-        largest > 4 * SMALL_MEMTABLE,
+        largest > 6 * SMALL_MEMTABLE,
         "the memtable never stretched: {largest} bytes"
     );
     let mailbox = store.tables.mailbox.clone();
@@ -316,9 +346,11 @@ async fn memtables_of_a_store_from_before_its_own_rotation_never_stretch() {
     store.close().await;
     drop(store);
     let store = open_small(dir.path());
-    let pause = Duration::from_secs(2);
-    hold_a_compaction(&store, pause).await;
-    let largest = commit_until(&store, std::time::Instant::now() + pause).await;
+    hold_a_compaction(&store).await;
+    let senders = Senders::start(&store);
+    let largest = largest_memtable(&store, Duration::from_secs(2), u64::MAX).await;
+    release();
+    senders.stop().await;
     assert!(
         largest < 2 * SMALL_MEMTABLE,
         "the memtable stretched to {largest} bytes"
