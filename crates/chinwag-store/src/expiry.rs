@@ -50,13 +50,15 @@ pub fn filters(window: Duration) -> Arc<dyn Fn(&str) -> Option<Arc<dyn Factory>>
 }
 
 /// A test's way to keep fjall's worker thread busy, as a long compaction does under
-/// load: while `HOLD` is set, a compaction of the dedup table waits at each record (at
-/// most a minute), with `HELD` set.
+/// load: while `HOLD` is set, a compaction of the dedup table of a store whose dedup
+/// window is [`WINDOW`] (no other test uses it) waits at each record (at most a minute),
+/// with `HELD` set.
 #[cfg(test)]
 pub mod hold {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::{Duration, Instant};
 
+    pub const WINDOW: Duration = Duration::from_secs(4_321);
     pub static HOLD: AtomicBool = AtomicBool::new(false);
     pub static HELD: AtomicBool = AtomicBool::new(false);
 
@@ -82,17 +84,27 @@ impl Factory for DedupExpiry {
     }
 
     fn make_filter(&self, _: &Context) -> Box<dyn CompactionFilter> {
-        Box::new(ExpiredBefore(horizon(crate::unix_ms(), self.window)))
+        Box::new(ExpiredBefore {
+            horizon_ms: horizon(crate::unix_ms(), self.window),
+            #[cfg(test)]
+            held: self.window == hold::WINDOW,
+        })
     }
 }
 
-struct ExpiredBefore(u64);
+struct ExpiredBefore {
+    horizon_ms: u64,
+    #[cfg(test)]
+    held: bool,
+}
 
 impl CompactionFilter for ExpiredBefore {
     fn filter_item(&mut self, item: ItemAccessor<'_>, _: &Context) -> CompactionFilterResult {
         #[cfg(test)]
-        hold::wait_while_held();
-        Ok(verdict(&item.value()?, self.0))
+        if self.held {
+            hold::wait_while_held();
+        }
+        Ok(verdict(&item.value()?, self.horizon_ms))
     }
 }
 

@@ -58,7 +58,9 @@ pub struct StoreOptions {
 /// What the store may hold in memory. Writes gather in one in-memory table per keyspace
 /// until it reaches `memtable_bytes` and is written out; reads go through a block cache.
 /// RSS under a steady load is roughly the busy keyspaces' memtables (mailbox and dedup;
-/// up to two each while one is being written out) plus the cache.
+/// up to two each while one is being written out) plus the cache; while fjall's worker is
+/// busy with a compaction, up to about 12 times `memtable_bytes` per busy keyspace (see
+/// `Tables::rotate_full`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreMemory {
     pub memtable_bytes: u64,
@@ -137,6 +139,25 @@ const MAX_JOURNAL_BYTES: u64 = 128 * 1024 * 1024;
 /// How far past its limit a memtable may grow while an earlier one waits to be written.
 const MEMTABLE_STRETCH: u64 = 8;
 
+/// The smallest memtable size any store was ever created with. In a format-2 store fjall
+/// still seals at the creation size; sealing at this size or below keeps the store's own
+/// trigger first, so fjall's never floods its queue.
+const FORMAT_2_MEMTABLE_MAX: u64 = 4 * 1024 * 1024;
+
+/// The size at which the writer seals a memtable: as configured, but in a store where
+/// fjall's own trigger is still on (format 2), no larger than any store was created with.
+fn memtable_limit(configured: u64, own_rotation: bool) -> u64 {
+    if own_rotation || configured <= FORMAT_2_MEMTABLE_MAX {
+        return configured;
+    }
+    tracing::warn!(
+        configured_mib = configured / (1024 * 1024),
+        used_mib = FORMAT_2_MEMTABLE_MAX / (1024 * 1024),
+        "this store was created before chinwag sealed its own memtables; store.memtable_mib is capped for it"
+    );
+    FORMAT_2_MEMTABLE_MAX
+}
+
 /// The database and its keyspaces (each is a cheap, shared handle).
 #[derive(Clone)]
 pub struct Tables {
@@ -208,21 +229,20 @@ impl Tables {
     /// a keyspace has four memtables waiting, that queue never holds more than a few
     /// requests per keyspace.
     ///
-    /// With `stretch`, while a sealed memtable already waits for that thread (busy with a
-    /// compaction), the next one may grow to [`MEMTABLE_STRETCH`] times the limit before
-    /// it is sealed too: fjall stops all writes for 100 ms at a time while a keyspace has
+    /// With `stretch`, while one sealed memtable waits for that thread (busy with a
+    /// compaction), the next may grow to [`MEMTABLE_STRETCH`] times the limit before it
+    /// is sealed too: fjall stops all writes for 100 ms at a time while a keyspace has
     /// four waiting, which at full load added 200 ms to the p99 (docs/performance.md).
-    /// Only where fjall's own trigger is off: elsewhere an oversized memtable is exactly
-    /// what makes fjall flood its queue.
+    /// A keyspace's memtables then hold at most about 12 times the limit (one of 8, three
+    /// of 1, and the one filling). Only where fjall's own trigger is off: elsewhere an
+    /// oversized memtable is exactly what makes fjall flood its queue.
     fn rotate_full(&self, limit: u64, stretch: bool) -> Result<(), fjall::Error> {
-        let most = if stretch {
-            limit.saturating_mul(MEMTABLE_STRETCH)
-        } else {
-            limit
-        };
         for keyspace in self.all() {
-            let size = keyspace.tree.active_memtable().size();
-            if size >= limit && (keyspace.sealed_memtable_count() == 0 || size >= most) {
+            let most = match keyspace.sealed_memtable_count() {
+                1 if stretch => limit.saturating_mul(MEMTABLE_STRETCH),
+                _ => limit,
+            };
+            if keyspace.tree.active_memtable().size() >= most {
                 keyspace.rotate_memtable()?;
             }
         }
@@ -296,6 +316,7 @@ impl EmbeddedStore {
             watermark,
             depths: recovered.depths.into_iter().collect(),
             own_rotation: recovered.own_rotation,
+            memtable_limit: memtable_limit(options.memory.memtable_bytes, recovered.own_rotation),
             recent: Default::default(),
             truncating: Default::default(),
         };
@@ -610,10 +631,10 @@ fn recover(t: &Tables, options: &StoreOptions) -> Result<Recovered, Recovery> {
     let own_rotation = match read_u64(&t.meta, schema::FORMAT)? {
         None => {
             batch.insert(&t.meta, schema::FORMAT, schema::encode_u64(schema::FORMAT_VERSION));
-            batch.insert(&t.meta, schema::OWN_ROTATION, schema::encode_u64(1));
             true
         }
-        Some(schema::FORMAT_VERSION) => read_u64(&t.meta, schema::OWN_ROTATION)?.is_some(),
+        Some(schema::FORMAT_VERSION) => true,
+        Some(schema::FORMAT_FJALL_ROTATION) => read_u64(&t.meta, schema::OWN_ROTATION)?.is_some(),
         Some(found) => return Err(Recovery::Format(found)),
     };
     let next_seq = read_u64(&t.meta, schema::NEXT_SEQ)?.unwrap_or(1);

@@ -38,11 +38,14 @@ pub const EPOCH: &str = "epoch";
 /// Number of durable write batches; see `watermark`.
 pub const COMMITS: &str = "commits";
 pub const FORMAT: &str = "format";
-/// Present (1) in stores created with fjall's own memtable rotation switched off (see
-/// `Tables::rotate_full`); older stores still have it at their creation size.
+/// Present (1) in the format-2 stores that briefly were created with fjall's own
+/// memtable rotation off; format 3 always has it off (see `Tables::rotate_full`).
 pub const OWN_ROTATION: &str = "own_rotation";
-/// Bumped whenever the layout changes incompatibly.
-pub const FORMAT_VERSION: u64 = 2;
+/// Bumped whenever the layout changes incompatibly. 3: fjall's own memtable rotation is
+/// off, so a build that does not seal memtables itself must refuse the store.
+pub const FORMAT_VERSION: u64 = 3;
+/// The format before, still opened: fjall seals its memtables at their creation size.
+pub const FORMAT_FJALL_ROTATION: u64 = 2;
 
 pub fn encode_u64(v: u64) -> [u8; 8] {
     v.to_be_bytes()

@@ -226,24 +226,40 @@ async fn append_until(store: Arc<EmbeddedStore>, from: &'static str, stop: Arc<A
 
 const SMALL_MEMTABLE: u64 = 64 * 1024;
 
-/// A store with small memtables and one fjall worker thread, as on one core (the
-/// benchmarks): the case in which fjall's own rotation hung.
+/// The tests that hold a compaction share [`expiry::hold`]; they take turns.
+static HOLDING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A store with small memtables, the dedup window whose compactions a test can hold, and
+/// one fjall worker thread, as on one core (the benchmarks): the case in which fjall's
+/// own rotation hung.
 fn open_small(dir: &Path) -> Arc<EmbeddedStore> {
-    Arc::new(as_if_on_one_core(|| {
-        try_open(dir, with_memtable_bytes(SMALL_MEMTABLE)).unwrap()
-    }))
+    let options = StoreOptions {
+        dedup_window: expiry::hold::WINDOW,
+        ..with_memtable_bytes(SMALL_MEMTABLE)
+    };
+    Arc::new(as_if_on_one_core(|| try_open(dir, options).unwrap()))
+}
+
+/// Lets a held compaction go when dropped, a failed assertion included.
+struct Held;
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        expiry::hold::HOLD.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Holds fjall's next compaction of the dedup table, as a long compaction under load
-/// holds fjall's worker, and returns once it is held; [`release`] lets it go.
-async fn hold_a_compaction(store: &EmbeddedStore) {
+/// holds fjall's worker, and returns once it is held.
+async fn hold_a_compaction(store: &EmbeddedStore) -> Held {
     use expiry::hold::{HELD, HOLD};
     HOLD.store(true, Ordering::SeqCst);
+    let held = Held;
     // Overlapping tables at level 0 of the dedup table start its compaction, once there
     // are four. Each is written out before the next, so no memtable is waiting when the
-    // compaction begins.
-    let mut table = 0;
-    while !HELD.load(Ordering::SeqCst) {
+    // compaction begins; another is written only if none has begun within 2 s (writing
+    // one while a compaction is held would wait for it).
+    for table in 0.. {
         assert!(table < 20, "no dedup compaction started");
         for from in ["a", "z"] {
             store.append(new(from, "bob", &format!("c{table}"), "x")).await.unwrap();
@@ -253,13 +269,14 @@ async fn hold_a_compaction(store: &EmbeddedStore) {
             .await
             .unwrap()
             .unwrap();
-        table += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        for _ in 0..200 {
+            if HELD.load(Ordering::SeqCst) {
+                return held;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
-}
-
-fn release() {
-    expiry::hold::HOLD.store(false, Ordering::SeqCst);
+    unreachable!()
 }
 
 /// Four senders committing until stopped.
@@ -297,60 +314,75 @@ async fn largest_memtable(store: &EmbeddedStore, at_most: Duration, enough: u64)
     largest
 }
 
+/// Seals the mailbox's memtable and waits until it is written out; panics if that takes
+/// longer than 15 s (on a thread of its own, which a hung fjall would never let finish).
+fn written_out_soon(store: &EmbeddedStore) {
+    let mailbox = store.tables.mailbox.clone();
+    let (done, written) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(mailbox.rotate_memtable_and_wait()));
+    let result = written.recv_timeout(Duration::from_secs(15));
+    result.expect("no memtable written out in 15 s").unwrap();
+}
+
 /// fjall 3.1's own memtable rotation could leave its only worker thread waiting on
 /// itself after a long compaction under steady commits, after which nothing was written
 /// out again (see `Tables::rotate_full`). Here a compaction of the dedup table is held
 /// while commits go on until the mailbox memtable has stretched past six times its limit
-/// (enough commits to fill fjall's queue many times over), then let go: memtables must
+/// (without the fix, enough commits to fill fjall's queue), then let go: memtables must
 /// be sealed and written out again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memtables_are_still_written_out_after_a_long_compaction_under_load() {
+    let _turn = HOLDING.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let store = open_small(dir.path());
-    hold_a_compaction(&store).await;
+    let held = hold_a_compaction(&store).await;
     let senders = Senders::start(&store);
     let largest = largest_memtable(&store, Duration::from_secs(30), 6 * SMALL_MEMTABLE).await;
-    release();
+    drop(held);
     tokio::time::sleep(Duration::from_secs(2)).await;
     senders.stop().await;
     assert!(
         largest > 6 * SMALL_MEMTABLE,
         "the memtable never stretched: {largest} bytes"
     );
-    let mailbox = store.tables.mailbox.clone();
-    let active = mailbox.tree.active_memtable().size();
+    let active = store.tables.mailbox.tree.active_memtable().size();
     assert!(
         active < 8 * SMALL_MEMTABLE,
         "the mailbox memtable grew to {active} bytes"
     );
-    let written = tokio::time::timeout(
-        Duration::from_secs(15),
-        tokio::task::spawn_blocking(move || mailbox.rotate_memtable_and_wait()),
-    );
-    written
-        .await
-        .expect("no memtable written out in 15 s")
-        .unwrap()
-        .unwrap();
+    written_out_soon(&store);
 }
 
-/// A store created before the store sealed its own memtables still has fjall's trigger
-/// at its creation size, which an oversized memtable would set off on every commit: its
-/// memtables never stretch, even while the worker is held.
+/// A store created before the store sealed its own memtables (format 2) still has fjall's
+/// trigger at its creation size, which an oversized memtable would set off on every
+/// commit: its memtables never stretch, even while the worker is held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memtables_of_a_store_from_before_its_own_rotation_never_stretch() {
+    let _turn = HOLDING.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let store = open_small(dir.path());
-    // As an older build left it: without the marker.
-    store.tables.meta.remove(schema::OWN_ROTATION).unwrap();
+    // As an older build left it. (Its keyspaces keep fjall's trigger off: this checks
+    // the store's own rule only.)
+    let meta = &store.tables.meta;
+    meta.insert(schema::FORMAT, schema::encode_u64(schema::FORMAT_FJALL_ROTATION))
+        .unwrap();
     store.close().await;
     drop(store);
     let store = open_small(dir.path());
-    hold_a_compaction(&store).await;
+    let held = hold_a_compaction(&store).await;
     let senders = Senders::start(&store);
-    let largest = largest_memtable(&store, Duration::from_secs(2), u64::MAX).await;
-    release();
+    // Under the stretch rule a second sealed memtable could not exist before the first
+    // stretched to 8 times the limit.
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    let mut largest = 0;
+    while store.tables.mailbox.sealed_memtable_count() < 2 && std::time::Instant::now() < until {
+        largest = largest.max(store.tables.mailbox.tree.active_memtable().size());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let sealed = store.tables.mailbox.sealed_memtable_count();
+    drop(held);
     senders.stop().await;
+    assert!(sealed >= 2, "only {sealed} memtable sealed in 20 s");
     assert!(
         largest < 2 * SMALL_MEMTABLE,
         "the memtable stretched to {largest} bytes"

@@ -81,6 +81,8 @@ pub struct Writer {
     /// The store was created with fjall's own memtable rotation off, so memtables may
     /// stretch past their limit (see `Tables::rotate_full`).
     pub own_rotation: bool,
+    /// Where the writer seals a memtable (see `memtable_limit`).
+    pub memtable_limit: u64,
     /// Log prefixes asked to be dropped (`Op::Truncate`): through which seq, per stream.
     /// Dropped a bounded part per commit (see [`Writer::drop_logs`]), so a long backlog is
     /// never one huge batch.
@@ -225,10 +227,7 @@ impl Writer {
                     }
                 }
                 // After the answers, so sealing a memtable delays no one this batch served.
-                if let Err(e) = self
-                    .tables
-                    .rotate_full(self.options.memory.memtable_bytes, self.own_rotation)
-                {
+                if let Err(e) = self.tables.rotate_full(self.memtable_limit, self.own_rotation) {
                     tracing::error!(error = %e, "cannot seal a full memtable");
                 }
             }
