@@ -314,6 +314,22 @@ async fn largest_memtable(store: &EmbeddedStore, at_most: Duration, enough: u64)
     largest
 }
 
+/// `Tables::all` is the list the writer seals memtables from; a keyspace missing from it
+/// would never be written out in a format-3 store.
+#[tokio::test]
+async fn every_keyspace_is_among_those_whose_memtables_are_sealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), 100);
+    let sealed: Vec<_> = store.tables.all().iter().map(|k| k.name().clone()).collect();
+    let mut all = store.tables.db.list_keyspace_names();
+    all.sort();
+    let mut listed = sealed.clone();
+    listed.sort();
+    listed.dedup();
+    assert_eq!(listed.len(), sealed.len(), "a keyspace listed twice");
+    assert_eq!(listed, all);
+}
+
 /// Seals the mailbox's memtable and waits until it is written out; panics if that takes
 /// longer than 15 s (on a thread of its own, which a hung fjall would never let finish).
 fn written_out_soon(store: &EmbeddedStore) {
