@@ -213,6 +213,30 @@ fn as_if_on_one_core<T>(f: impl FnOnce() -> T) -> T {
     result
 }
 
+/// A memtable rebuilt from the journal at open is sealed and written out if it is over
+/// the limit, without waiting for a write.
+#[tokio::test]
+async fn a_memtable_replayed_over_the_limit_is_written_out_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = try_open(dir.path(), with_memtable(64)).unwrap();
+    for i in 0..1_000 {
+        let msg = new("alice", "bob", &format!("c{i}"), &"x".repeat(3_000));
+        store.append(msg).await.unwrap();
+    }
+    assert_eq!(store.tables.mailbox.table_count(), 0);
+    store.close().await;
+    drop(store);
+    let store = try_open(dir.path(), with_memtable(1)).unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while store.tables.mailbox.table_count() == 0 {
+        assert!(
+            std::time::Instant::now() < until,
+            "the replayed memtable stayed in memory"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Appends from `from` until `stop`, each awaited before the next, so commits follow
 /// each other as closely as one sender can make them.
 async fn append_until(store: Arc<EmbeddedStore>, from: &'static str, stop: Arc<AtomicBool>) {

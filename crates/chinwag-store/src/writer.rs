@@ -149,6 +149,9 @@ impl Writer {
         if let Err(e) = crate::sched::yield_on_wake() {
             tracing::warn!(error = %e, "could not make the store writer yield on wake-up; it will preempt the runtime thread on a busy core");
         }
+        // What the journal replayed at open can be over the limit; seal it now rather
+        // than at the first write, which may be long in coming.
+        self.seal_full_memtables();
         let mut batch = Vec::with_capacity(self.options.commit_batch_max);
         loop {
             let Some(first) = ops.blocking_recv() else { return };
@@ -166,6 +169,12 @@ impl Writer {
                 let _ = done.send(());
                 return;
             }
+        }
+    }
+
+    fn seal_full_memtables(&self) {
+        if let Err(e) = self.tables.rotate_full(self.memtable_limit, self.own_rotation) {
+            tracing::error!(error = %e, "cannot seal a full memtable");
         }
     }
 
@@ -227,9 +236,7 @@ impl Writer {
                     }
                 }
                 // After the answers, so sealing a memtable delays no one this batch served.
-                if let Err(e) = self.tables.rotate_full(self.memtable_limit, self.own_rotation) {
-                    tracing::error!(error = %e, "cannot seal a full memtable");
-                }
+                self.seal_full_memtables();
             }
             Err(e) => {
                 // Nothing is durable: forget what the batch would have changed, fail it all.
