@@ -60,7 +60,7 @@ pub struct StoreOptions {
 /// RSS under a steady load is roughly the busy keyspaces' memtables (mailbox and dedup;
 /// up to two each while one is being written out) plus the cache; while fjall's worker is
 /// busy with a compaction, up to about 12 times `memtable_bytes` per busy keyspace (see
-/// `Tables::rotate_full`).
+/// `Tables::seal_full`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreMemory {
     pub memtable_bytes: u64,
@@ -144,18 +144,36 @@ const MEMTABLE_STRETCH: u64 = 8;
 /// trigger first, so fjall's never floods its queue.
 const FORMAT_2_MEMTABLE_MAX: u64 = 4 * 1024 * 1024;
 
-/// The size at which the writer seals a memtable: as configured, but in a store where
-/// fjall's own trigger is still on (format 2), no larger than any store was created with.
-fn memtable_limit(configured: u64, own_rotation: bool) -> u64 {
-    if own_rotation || configured <= FORMAT_2_MEMTABLE_MAX {
-        return configured;
+/// When the writer seals a memtable (see `Tables::seal_full`).
+#[derive(Debug, Clone, Copy)]
+pub struct Sealing {
+    /// Size at which a memtable is sealed.
+    limit: u64,
+    /// Whether a memtable may grow to [`MEMTABLE_STRETCH`] times the limit while one
+    /// sealed memtable waits: only where fjall's own trigger is off.
+    stretch: bool,
+}
+
+impl Sealing {
+    /// As configured, where fjall's own trigger is off; in a store where it is still on
+    /// (format 2), no stretching and no larger than any store was created with.
+    fn for_store(configured: u64, own_rotation: bool) -> Sealing {
+        if own_rotation || configured <= FORMAT_2_MEMTABLE_MAX {
+            return Sealing {
+                limit: configured,
+                stretch: own_rotation,
+            };
+        }
+        tracing::warn!(
+            configured_mib = configured / (1024 * 1024),
+            used_mib = FORMAT_2_MEMTABLE_MAX / (1024 * 1024),
+            "this store was created before chinwag sealed its own memtables; store.memtable_mib is capped for it"
+        );
+        Sealing {
+            limit: FORMAT_2_MEMTABLE_MAX,
+            stretch: false,
+        }
     }
-    tracing::warn!(
-        configured_mib = configured / (1024 * 1024),
-        used_mib = FORMAT_2_MEMTABLE_MAX / (1024 * 1024),
-        "this store was created before chinwag sealed its own memtables; store.memtable_mib is capped for it"
-    );
-    FORMAT_2_MEMTABLE_MAX
 }
 
 /// The database and its keyspaces (each is a cheap, shared handle).
@@ -182,7 +200,7 @@ impl Tables {
         // and checksummed such a block from the file (docs/performance.md).
         //
         // fjall's own memtable rotation is put out of reach (`u64::MAX`); the writer
-        // rotates instead, see `rotate_full`.
+        // rotates instead, see `seal_full`.
         let options = || {
             KeyspaceCreateOptions::default()
                 .max_memtable_size(u64::MAX)
@@ -217,7 +235,7 @@ impl Tables {
         ]
     }
 
-    /// Seals every memtable that has reached `limit` bytes, to be written out.
+    /// Seals every memtable that has reached its limit (`sealing`), to be written out.
     ///
     /// fjall would do this itself, but by a request to its worker thread on every commit
     /// while a memtable is full, over a bounded queue that the worker also writes to when
@@ -231,18 +249,23 @@ impl Tables {
     ///
     /// With `stretch`, while one sealed memtable waits for that thread (busy with a
     /// compaction), the next may grow to [`MEMTABLE_STRETCH`] times the limit before it
-    /// is sealed too: fjall stops all writes for 100 ms at a time while a keyspace has
-    /// four waiting, which at full load added 200 ms to the p99 (docs/performance.md).
-    /// A keyspace's memtables then hold at most about 12 times the limit (one of 8, three
-    /// of 1, and the one filling). Only where fjall's own trigger is off: elsewhere an
-    /// oversized memtable is exactly what makes fjall flood its queue.
-    fn rotate_full(&self, limit: u64, stretch: bool) -> Result<(), fjall::Error> {
+    /// is sealed too. Sealing at once added 150–200 ms to the p99 at saturation
+    /// (docs/performance.md); most likely fjall's holds of all writes, 100 ms at a time,
+    /// while a keyspace has four waiting (read from its code, not traced). A keyspace's
+    /// memtables then hold at most about 12 times the limit (one of 8, three of 1, and the
+    /// one filling). Only where fjall's own trigger is off: elsewhere an oversized
+    /// memtable is exactly what makes fjall flood its queue.
+    ///
+    /// Runs after every commit: most keyspaces are below the limit, so their size is
+    /// checked first and the count of waiting memtables only when it matters.
+    fn seal_full(&self, sealing: Sealing) -> Result<(), fjall::Error> {
         for keyspace in self.all() {
-            let most = match keyspace.sealed_memtable_count() {
-                1 if stretch => limit.saturating_mul(MEMTABLE_STRETCH),
-                _ => limit,
-            };
-            if keyspace.tree.active_memtable().size() >= most {
+            let size = keyspace.tree.active_memtable().size();
+            if size < sealing.limit {
+                continue;
+            }
+            let stretched = sealing.stretch && keyspace.sealed_memtable_count() == 1;
+            if !stretched || size >= sealing.limit.saturating_mul(MEMTABLE_STRETCH) {
                 keyspace.rotate_memtable()?;
             }
         }
@@ -315,8 +338,7 @@ impl EmbeddedStore {
             commits: recovered.commits,
             watermark,
             depths: recovered.depths.into_iter().collect(),
-            own_rotation: recovered.own_rotation,
-            memtable_limit: memtable_limit(options.memory.memtable_bytes, recovered.own_rotation),
+            sealing: Sealing::for_store(options.memory.memtable_bytes, recovered.own_rotation),
             recent: Default::default(),
             truncating: Default::default(),
         };
@@ -611,7 +633,7 @@ struct Recovered {
     incarnation: u64,
     coordinates: CoordinateMap,
     depths: HashMap<UserId, u64>,
-    /// fjall's own memtable rotation is off in this store (see `Tables::rotate_full`).
+    /// fjall's own memtable rotation is off in this store (see `Tables::seal_full`).
     own_rotation: bool,
 }
 

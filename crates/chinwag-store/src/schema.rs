@@ -39,7 +39,7 @@ pub const EPOCH: &str = "epoch";
 pub const COMMITS: &str = "commits";
 pub const FORMAT: &str = "format";
 /// Present (1) in the format-2 stores that briefly were created with fjall's own
-/// memtable rotation off; format 3 always has it off (see `Tables::rotate_full`).
+/// memtable rotation off; format 3 always has it off (see `Tables::seal_full`).
 pub const OWN_ROTATION: &str = "own_rotation";
 /// Bumped whenever the layout changes incompatibly. 3: fjall's own memtable rotation is
 /// off, so a build that does not seal memtables itself must refuse the store.

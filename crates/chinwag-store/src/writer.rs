@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::expiry;
 use crate::schema::{self, DedupRecord, Entry, IdRecord, MessageRecord, SnapshotItem, StreamState};
 use crate::watermark::Watermark;
-use crate::{Shared, StoreOptions, Tables};
+use crate::{Sealing, Shared, StoreOptions, Tables};
 
 pub type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -78,11 +78,8 @@ pub struct Writer {
     /// The newest messages still in their mailboxes, by mailbox seq: most acks name one
     /// of them, and are then answered without searching the mailbox table.
     pub recent: BTreeMap<u64, Recent>,
-    /// The store was created with fjall's own memtable rotation off, so memtables may
-    /// stretch past their limit (see `Tables::rotate_full`).
-    pub own_rotation: bool,
-    /// Where the writer seals a memtable (see `memtable_limit`).
-    pub memtable_limit: u64,
+    /// When memtables are sealed (see `Tables::seal_full`).
+    pub sealing: Sealing,
     /// Log prefixes asked to be dropped (`Op::Truncate`): through which seq, per stream.
     /// Dropped a bounded part per commit (see [`Writer::drop_logs`]), so a long backlog is
     /// never one huge batch.
@@ -173,7 +170,7 @@ impl Writer {
     }
 
     fn seal_full_memtables(&self) {
-        if let Err(e) = self.tables.rotate_full(self.memtable_limit, self.own_rotation) {
+        if let Err(e) = self.tables.seal_full(self.sealing) {
             tracing::error!(error = %e, "cannot seal a full memtable");
         }
     }
