@@ -141,16 +141,19 @@ async fn the_writer_thread_runs_under_sched_batch() {
     );
 }
 
-/// Appends about 3 MiB to bob's mailbox and says whether fjall wrote a table file for it
-/// within 3 s: it does soon after a memtable fills.
-async fn three_mib_reach_a_table(store: &EmbeddedStore) -> bool {
+/// Appends about 3 MiB to bob's mailbox.
+async fn append_three_mib(store: &EmbeddedStore) {
     for i in 0..1_000 {
         store
             .append(new("alice", "bob", &format!("c{i}"), &"x".repeat(3_000)))
             .await
             .unwrap();
     }
-    let until = std::time::Instant::now() + Duration::from_secs(3);
+}
+
+/// Whether fjall writes a table file for the mailbox within `within`.
+async fn a_mailbox_table_within(store: &EmbeddedStore, within: Duration) -> bool {
+    let until = std::time::Instant::now() + within;
     while std::time::Instant::now() < until {
         if store.tables.mailbox.table_count() > 0 {
             return true;
@@ -158,6 +161,13 @@ async fn three_mib_reach_a_table(store: &EmbeddedStore) -> bool {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     false
+}
+
+/// Appends about 3 MiB to bob's mailbox and says whether fjall wrote a table file for it
+/// within 3 s: it does soon after a memtable fills.
+async fn three_mib_reach_a_table(store: &EmbeddedStore) -> bool {
+    append_three_mib(store).await;
+    a_mailbox_table_within(store, Duration::from_secs(3)).await
 }
 
 fn with_memtable_bytes(bytes: u64) -> StoreOptions {
@@ -188,8 +198,9 @@ async fn the_memtable_size_is_the_one_configured_at_each_open() {
 }
 
 /// Runs `f` as if the process had one core (the first it may use), then lets every
-/// thread of the process run on all of them again: fjall, opened inside, starts one worker thread (it starts one per
-/// core it may use, up to four), whose threads then still run alongside the others.
+/// thread of the process run on all of them again: fjall, opened inside, starts one
+/// worker thread (it starts one per core it may use, up to four), which then still runs
+/// alongside the others.
 fn as_if_on_one_core<T>(f: impl FnOnce() -> T) -> T {
     let size = std::mem::size_of::<libc::cpu_set_t>();
     // SAFETY: the sets are plain bitmasks owned by this frame; 0 names this thread.
@@ -219,22 +230,15 @@ fn as_if_on_one_core<T>(f: impl FnOnce() -> T) -> T {
 async fn a_memtable_replayed_over_the_limit_is_written_out_at_open() {
     let dir = tempfile::tempdir().unwrap();
     let store = try_open(dir.path(), with_memtable(64)).unwrap();
-    for i in 0..1_000 {
-        let msg = new("alice", "bob", &format!("c{i}"), &"x".repeat(3_000));
-        store.append(msg).await.unwrap();
-    }
+    append_three_mib(&store).await;
     assert_eq!(store.tables.mailbox.table_count(), 0);
     store.close().await;
     drop(store);
     let store = try_open(dir.path(), with_memtable(1)).unwrap();
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    while store.tables.mailbox.table_count() == 0 {
-        assert!(
-            std::time::Instant::now() < until,
-            "the replayed memtable stayed in memory"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        a_mailbox_table_within(&store, Duration::from_secs(10)).await,
+        "the replayed memtable stayed in memory"
+    );
 }
 
 /// Appends from `from` until `stop`, each awaited before the next, so commits follow
@@ -326,12 +330,12 @@ impl Senders {
     }
 }
 
-/// The largest size the mailbox's active memtable is seen at, sampled until it passes
-/// `enough` or `at_most` has gone by.
-async fn largest_memtable(store: &EmbeddedStore, at_most: Duration, enough: u64) -> u64 {
+/// The largest size the mailbox's active memtable is seen at, sampled every 5 ms until
+/// `done` says so (given that size) or `at_most` has gone by.
+async fn largest_memtable(store: &EmbeddedStore, at_most: Duration, done: impl Fn(u64) -> bool) -> u64 {
     let until = std::time::Instant::now() + at_most;
     let mut largest = 0;
-    while largest <= enough && std::time::Instant::now() < until {
+    while !done(largest) && std::time::Instant::now() < until {
         largest = largest.max(store.tables.mailbox.tree.active_memtable().size());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -366,7 +370,7 @@ fn written_out_soon(store: &EmbeddedStore) {
 
 /// fjall 3.1's own memtable rotation could leave its only worker thread waiting on
 /// itself after a long compaction under steady commits, after which nothing was written
-/// out again (see `Tables::rotate_full`). Here a compaction of the dedup table is held
+/// out again (see `Tables::seal_full`). Here a compaction of the dedup table is held
 /// while commits go on until the mailbox memtable has stretched past six times its limit
 /// (without the fix, enough commits to fill fjall's queue), then let go: memtables must
 /// be sealed and written out again.
@@ -377,7 +381,7 @@ async fn memtables_are_still_written_out_after_a_long_compaction_under_load() {
     let store = open_small(dir.path());
     let held = hold_a_compaction(&store).await;
     let senders = Senders::start(&store);
-    let largest = largest_memtable(&store, Duration::from_secs(30), 6 * SMALL_MEMTABLE).await;
+    let largest = largest_memtable(&store, Duration::from_secs(30), |l| l > 6 * SMALL_MEMTABLE).await;
     drop(held);
     tokio::time::sleep(Duration::from_secs(2)).await;
     senders.stop().await;
@@ -413,13 +417,12 @@ async fn memtables_of_a_store_from_before_its_own_rotation_never_stretch() {
     let senders = Senders::start(&store);
     // Under the stretch rule a second sealed memtable could not exist before the first
     // stretched to 8 times the limit.
-    let until = std::time::Instant::now() + Duration::from_secs(20);
-    let mut largest = 0;
-    while store.tables.mailbox.sealed_memtable_count() < 2 && std::time::Instant::now() < until {
-        largest = largest.max(store.tables.mailbox.tree.active_memtable().size());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let sealed = store.tables.mailbox.sealed_memtable_count();
+    let mailbox = &store.tables.mailbox;
+    let largest = largest_memtable(&store, Duration::from_secs(20), |_| {
+        mailbox.sealed_memtable_count() >= 2
+    })
+    .await;
+    let sealed = mailbox.sealed_memtable_count();
     drop(held);
     senders.stop().await;
     assert!(sealed >= 2, "only {sealed} memtable sealed in 20 s");
