@@ -3,10 +3,13 @@
 
 Starts a fresh node (pinned to core 0) and the generator (core 1), and while they run
 samples, every 100 ms: each server thread's CPU time (/proc/PID/task/*/stat), the store's
-commit-time histogram (/metrics) and the store's new table and journal files. Prints the
-generator's summary, then one line per second of sending: messages delivered and their
-latency p99 (from the generator's `latency_by_second_ms`), commits, commits slower than
-12.8 / 51.2 ms, CPU ticks (1/100 s) per thread, and files the store created. Seconds
+commit-time histogram and engine queues (/metrics) and the store's new table and journal
+files. Prints the generator's summary, then one line per second of sending: messages
+delivered and their latency p99 (from the generator's `latency_by_second_ms`), commits,
+commits slower than 12.8 / 51.2 ms, CPU ticks (1/100 s) per thread, the most sealed
+memtables and level-0 runs of any keyspace and the longest writer queue seen, the
+compaction time in the second (it can exceed 1,000 ms with two compactions at once), and
+files the store created. Seconds
 are aligned with the generator's to within a quarter of a second.
 
     tools/perf/per_second.py --bin target/release/chinwag --config bench.toml \
@@ -43,15 +46,29 @@ def thread_ticks(pid):
     return ticks
 
 
-def commit_buckets(listen):
-    """Cumulative store commits: all, slower than 12.8 ms, slower than 51.2 ms."""
+def scrape(listen):
+    """From /metrics: cumulative store commits (all, slower than 12.8 ms, slower than
+    51.2 ms), and the engine's queues now: the most sealed memtables and level-0 runs of
+    any keyspace, the writer's queue, and compaction time so far (µs)."""
     text = urllib.request.urlopen(f"http://{listen}/metrics", timeout=1).read().decode()
-    buckets = {}
+    buckets, engine = {}, {"sealed": 0, "l0": 0, "queue": 0, "compacting": 0}
     for line in text.splitlines():
-        if line.startswith("chinwag_store_commit_seconds_bucket"):
-            buckets[line.split('"')[1]] = float(line.split()[-1])
+        name, value = line.split("{")[0].split(" ")[0], line.split()[-1] if line else ""
+        if name == "chinwag_store_commit_seconds_bucket":
+            buckets[line.split('"')[1]] = float(value)
+        elif name in ENGINE:
+            key = ENGINE[name]
+            engine[key] = max(engine[key], int(float(value)))
     total = buckets["+Inf"]
-    return total, total - buckets["0.0128"], total - buckets["0.0512"]
+    return (total, total - buckets["0.0128"], total - buckets["0.0512"]), engine
+
+
+ENGINE = {
+    "chinwag_store_sealed_memtables": "sealed",
+    "chinwag_store_level0_runs": "l0",
+    "chinwag_store_writer_queue": "queue",
+    "chinwag_store_compaction_microseconds_total": "compacting",
+}
 
 
 def store_files(data):
@@ -74,12 +91,12 @@ class Sampler:
             by_role[key[0]] = by_role.get(key[0], 0) + value - self.prev.get(key, value)
         self.prev = cur
         try:
-            commits = commit_buckets(self.listen)
+            commits, engine = scrape(self.listen)
         except (OSError, KeyError):
-            commits = None
+            commits, engine = None, None
         files = store_files(self.data)
         new, self.seen = sorted(files - self.seen), self.seen | files
-        self.samples.append((now, by_role, commits, new))
+        self.samples.append((now, by_role, commits, new, engine))
 
 
 def follow_progress(stderr, started):
@@ -155,10 +172,14 @@ def main():
         inside, (commits, slow13, slow51) = per_second(sampler.samples, started[0], second)
         ticks = {role: sum(s[1].get(role, 0) for s in inside) for role in ("tokio", "writer", "fjall")}
         files = [f for s in inside for f in s[3]]
+        engine = [s[4] for s in inside if s[4]]
+        most = {key: max((e[key] for e in engine), default=0) for key in ("sealed", "l0", "queue")}
+        compacting = (engine[-1]["compacting"] - engine[0]["compacting"]) // 1000 if engine else 0
         this = by_second.get(second, {})
         print(f"{second:3d}  delivered {this.get('messages', 0):6d}  p99 {this.get('p99', 0):7.1f} ms  commits {commits:5.0f}  "
               f">12.8ms {slow13:3.0f}  >51.2ms {slow51:3.0f}  "
               + "  ".join(f"{role} {t:3d}" for role, t in ticks.items())
+              + f"  sealed {most['sealed']}  l0 {most['l0']:2d}  queue {most['queue']:4d}  compacting {compacting:4d} ms"
               + (f"  new {' '.join(files)}" if files else ""))
 
 

@@ -8,8 +8,10 @@ use std::time::Duration;
 use crate::edge::Refusal;
 use chinwag_core::DeliveryStats;
 use chinwag_proto::ErrorCode;
+use chinwag_store::{EngineStats, KeyspaceStats};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -77,9 +79,13 @@ pub struct Snapshot {
 /// Reads a [`Snapshot`]; shared by metrics and the cluster view.
 pub type ReadSnapshot = Arc<dyn Fn() -> Snapshot + Send + Sync>;
 
+/// Reads the storage engine's queues; only at a scrape, since it walks every keyspace.
+pub type ReadEngine = Arc<dyn Fn() -> EngineStats + Send + Sync>;
+
 /// Reads a [`Snapshot`] and the delivery counters when Prometheus scrapes.
 pub struct Snapshotter {
     pub read: ReadSnapshot,
+    pub engine: ReadEngine,
     pub delivery: Arc<DeliveryStats>,
     pub cluster: Option<watch::Receiver<ClusterStatus>>,
 }
@@ -199,7 +205,7 @@ impl Collector for Snapshotter {
             ),
         ];
         for (name, help, value) in gauges {
-            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            let gauge = gauge(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
         let stats = &self.delivery;
@@ -213,7 +219,7 @@ impl Collector for Snapshotter {
             "pushes",
             "Pushes of committed messages to coordinates, by outcome",
             None,
-            prometheus_client::metrics::MetricType::Counter,
+            MetricType::Counter,
         )?;
         for (outcome, counter) in outcomes {
             let value = ConstCounter::new(counter.load(Ordering::Relaxed));
@@ -226,6 +232,7 @@ impl Collector for Snapshotter {
             None,
             receipts.metric_type(),
         )?)?;
+        encode_engine(&mut encoder, &(self.engine)())?;
         let Some(cluster) = &self.cluster else { return Ok(()) };
         let replicated = ConstCounter::new(snap.replicated_in);
         replicated.encode(encoder.encode_descriptor(
@@ -243,12 +250,117 @@ struct PeerLabel {
     peer: String,
 }
 
-type PeerValue = fn(&PeerView) -> u64;
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyspaceLabel {
+    keyspace: String,
+}
+
+/// One metric family with a series per item (peer, keyspace): name, help, type, value.
+type Series<T> = (&'static str, &'static str, MetricType, fn(&T) -> u64);
+
+fn encode_series<T, L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    series: &[Series<T>],
+    items: &[T],
+    label: impl Fn(&T) -> L,
+) -> Result<(), std::fmt::Error> {
+    for (name, help, kind, value) in series {
+        let mut family = encoder.encode_descriptor(name, help, None, *kind)?;
+        for item in items {
+            encode_value(family.encode_family(&label(item))?, *kind, value(item))?;
+        }
+    }
+    Ok(())
+}
+
+fn encode_value(metric: MetricEncoder<'_>, kind: MetricType, value: u64) -> Result<(), std::fmt::Error> {
+    match kind {
+        MetricType::Counter => ConstCounter::new(value).encode(metric),
+        _ => gauge(value).encode(metric),
+    }
+}
+
+fn gauge(value: u64) -> ConstGauge {
+    ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX))
+}
+
+/// The storage engine's queues and work, per keyspace and in all.
+fn encode_engine(encoder: &mut DescriptorEncoder, engine: &EngineStats) -> Result<(), std::fmt::Error> {
+    use MetricType::{Counter as C, Gauge as G};
+    let keyspaces: [Series<KeyspaceStats>; 5] = [
+        (
+            "store_memtable_bytes",
+            "Bytes in the keyspace's memtable that takes writes",
+            G,
+            |k| k.memtable_bytes,
+        ),
+        (
+            "store_sealed_memtables",
+            "Sealed memtables waiting to be written out; all writes are held while one keyspace has 4",
+            G,
+            |k| k.sealed_memtables,
+        ),
+        (
+            "store_level0_runs",
+            "Sorted runs in level 0 waiting for compaction; writes are slowed from 20",
+            G,
+            |k| k.level0_runs,
+        ),
+        ("store_tables", "Table files of the keyspace, all levels", G, |k| {
+            k.tables
+        }),
+        (
+            "store_table_bytes",
+            "Bytes of the keyspace's table files on disk",
+            G,
+            |k| k.disk_bytes,
+        ),
+    ];
+    encode_series(encoder, &keyspaces, &engine.keyspaces, |k| KeyspaceLabel {
+        keyspace: k.name.clone(),
+    })?;
+    let totals: [Series<EngineStats>; 6] = [
+        (
+            "store_journals",
+            "Journal files; all but the newest wait for memtables to be written out",
+            G,
+            |e| e.journals,
+        ),
+        (
+            "store_flushes_queued",
+            "Sealed memtables queued for the engine's workers, all keyspaces",
+            G,
+            |e| e.flushes_queued,
+        ),
+        ("store_compactions_running", "Compactions in progress", G, |e| {
+            e.compactions_running
+        }),
+        ("store_compactions", "Compactions completed since start", C, |e| {
+            e.compactions_completed
+        }),
+        (
+            "store_compaction_microseconds",
+            "Time spent compacting since start",
+            C,
+            |e| e.compaction_micros,
+        ),
+        (
+            "store_writer_queue",
+            "Operations waiting for the store's writer thread (store.queue bounds it)",
+            G,
+            |e| e.writer_queue,
+        ),
+    ];
+    for (name, help, kind, value) in totals {
+        encode_value(encoder.encode_descriptor(name, help, None, kind)?, kind, value(engine))?;
+    }
+    Ok(())
+}
 
 /// Per-peer replication metrics, from the replication driver's latest status.
 fn encode_peers(encoder: &mut DescriptorEncoder, status: &ClusterStatus) -> Result<(), std::fmt::Error> {
-    use prometheus_client::metrics::MetricType::{Counter as C, Gauge as G};
-    let series: [(&str, &str, prometheus_client::metrics::MetricType, PeerValue); 8] = [
+    use MetricType::{Counter as C, Gauge as G};
+    let series: [Series<PeerView>; 8] = [
         ("replication_peer_up", "1 if the peer DC is reachable", G, |p| {
             u64::from(p.reachable)
         }),
@@ -292,16 +404,5 @@ fn encode_peers(encoder: &mut DescriptorEncoder, status: &ClusterStatus) -> Resu
             |p| p.frames_rejected,
         ),
     ];
-    for (name, help, kind, value) in series {
-        let mut family = encoder.encode_descriptor(name, help, None, kind)?;
-        for peer in &status.peers {
-            let label = PeerLabel { peer: peer.dc.clone() };
-            let v = value(peer);
-            match kind {
-                C => ConstCounter::new(v).encode(family.encode_family(&label)?)?,
-                _ => ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX)).encode(family.encode_family(&label)?)?,
-            }
-        }
-    }
-    Ok(())
+    encode_series(encoder, &series, &status.peers, |p| PeerLabel { peer: p.dc.clone() })
 }

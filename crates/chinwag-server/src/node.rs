@@ -151,8 +151,10 @@ impl Node {
                 }
             })
         };
+        let engine = store.clone();
         let snapshotter = Snapshotter {
             read: snapshot.clone(),
+            engine: Arc::new(move || engine.engine_stats()),
             delivery: delivery.stats(),
             cluster: cluster.clone(),
         };

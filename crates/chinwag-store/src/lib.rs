@@ -9,6 +9,7 @@
 //! `tools/store-compare/README.md` for the measured comparison with redb and SQLite.
 
 mod coords;
+mod engine;
 mod expiry;
 mod sched;
 mod schema;
@@ -33,6 +34,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use coords::CoordinateMap;
+pub use engine::{EngineStats, KeyspaceStats};
 pub use schema::Entry;
 pub use writer::CommitObserver;
 use writer::{Op, Writer};
@@ -380,6 +382,21 @@ impl EmbeddedStore {
             coordinates: coordinates.len() as u64,
             online_users: coordinates.users_by_dc(),
             replicated_in: self.shared.replicated_in.load(Ordering::Relaxed),
+        }
+    }
+
+    /// What the storage engine is doing: its queues of memtables, level-0 runs and
+    /// compactions, and this store's own queue of writes.
+    pub fn engine_stats(&self) -> EngineStats {
+        let db = &self.tables.db;
+        EngineStats {
+            keyspaces: self.tables.all().into_iter().map(KeyspaceStats::of).collect(),
+            journals: engine::count(db.journal_count()),
+            flushes_queued: engine::count(db.outstanding_flushes()),
+            compactions_running: engine::count(db.active_compactions()),
+            compactions_completed: engine::count(db.compactions_completed()),
+            compaction_micros: u64::try_from(db.time_compacting().as_micros()).unwrap_or(u64::MAX),
+            writer_queue: engine::count(self.ops.max_capacity() - self.ops.capacity()),
         }
     }
 

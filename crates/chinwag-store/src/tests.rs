@@ -358,6 +358,36 @@ async fn every_keyspace_is_among_those_whose_memtables_are_sealed() {
     assert_eq!(listed, all);
 }
 
+#[tokio::test]
+async fn engine_stats_name_every_keyspace_and_follow_its_memtable_and_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = try_open(dir.path(), with_memtable(1)).unwrap();
+    let mut names: Vec<_> = store.engine_stats().keyspaces.into_iter().map(|k| k.name).collect();
+    names.sort();
+    let mut all: Vec<_> = store
+        .tables
+        .db
+        .list_keyspace_names()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    all.sort();
+    assert_eq!(names, all);
+    let before = store.engine_stats();
+    let mailbox = |stats: &crate::EngineStats| stats.keyspaces.iter().find(|k| k.name == schema::MAILBOX).cloned();
+    assert_eq!(mailbox(&before).unwrap().tables, 0, "{before:?}");
+    append_three_mib(&store).await;
+    assert!(a_mailbox_table_within(&store, Duration::from_secs(3)).await);
+    let after = store.engine_stats();
+    let written = mailbox(&after).unwrap();
+    assert!(written.tables >= 1 && written.disk_bytes > 0, "{written:?}");
+    assert!(written.memtable_bytes < 1024 * 1024, "{written:?}");
+    let dedup = after.keyspaces.iter().find(|k| k.name == schema::DEDUP).unwrap();
+    assert!(dedup.memtable_bytes > 0, "{dedup:?}");
+    assert!(after.journals >= 1, "{after:?}");
+    assert_eq!(after.writer_queue, 0, "every append was answered");
+}
+
 /// Seals the mailbox's memtable and waits until it is written out; panics if that takes
 /// longer than 15 s (on a thread of its own, which a hung fjall would never let finish).
 fn written_out_soon(store: &EmbeddedStore) {
@@ -382,6 +412,7 @@ async fn memtables_are_still_written_out_after_a_long_compaction_under_load() {
     let held = hold_a_compaction(&store).await;
     let senders = Senders::start(&store);
     let largest = largest_memtable(&store, Duration::from_secs(30), |l| l > 6 * SMALL_MEMTABLE).await;
+    let engine = store.engine_stats();
     drop(held);
     tokio::time::sleep(Duration::from_secs(2)).await;
     senders.stop().await;
@@ -389,6 +420,10 @@ async fn memtables_are_still_written_out_after_a_long_compaction_under_load() {
         largest > 6 * SMALL_MEMTABLE,
         "the memtable never stretched: {largest} bytes"
     );
+    // What the metrics showed while the compaction was held.
+    assert!(engine.compactions_running >= 1, "{engine:?}");
+    let mailbox = engine.keyspaces.iter().find(|k| k.name == schema::MAILBOX).unwrap();
+    assert!(mailbox.sealed_memtables >= 1, "{mailbox:?}");
     let active = store.tables.mailbox.tree.active_memtable().size();
     assert!(
         active < 8 * SMALL_MEMTABLE,

@@ -260,9 +260,20 @@ async fn healthz_and_metrics() {
         "chinwag_store_commit_seconds_bucket",
         "chinwag_store_commit_ops_bucket",
         "chinwag_pushes_total{outcome=\"queued\"} 1",
+        "chinwag_store_sealed_memtables{keyspace=\"dedup\"} 0",
+        "chinwag_store_level0_runs{keyspace=\"mailbox\"} 0",
+        "chinwag_store_tables{keyspace=\"coords\"}",
+        "chinwag_store_journals 1",
+        "chinwag_store_compactions_running 0",
+        "chinwag_store_writer_queue",
     ] {
         assert!(metrics.contains(name), "missing {name} in\n{metrics}");
     }
+    // The message and its acknowledgement are in the mailbox's memtable.
+    let mailbox = "chinwag_store_memtable_bytes{keyspace=\"mailbox\"} ";
+    let line = metrics.lines().find_map(|l| l.strip_prefix(mailbox));
+    let bytes: u64 = line.and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(bytes > 0, "{mailbox} missing or 0 in\n{metrics}");
 }
 
 #[tokio::test]
