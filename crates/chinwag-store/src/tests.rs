@@ -388,6 +388,46 @@ async fn engine_stats_name_every_keyspace_and_follow_its_memtable_and_tables() {
     assert_eq!(after.writer_queue, 0, "every append was answered");
 }
 
+/// The dedup keyspace's compaction shape (level-0 threshold, table size, level ratios)
+/// as fjall keeps it in the keyspace's configuration.
+fn compaction_shape(keyspace: &fjall::Keyspace) -> (u8, u64, Vec<f32>) {
+    let config: HashMap<String, Vec<u8>> = keyspace
+        .config
+        .compaction_strategy
+        .get_config()
+        .into_iter()
+        .map(|(k, v)| (String::from_utf8(k.to_vec()).unwrap(), v.to_vec()))
+        .collect();
+    let ratios = &config["leveled_level_ratio_policy"];
+    let ratios = ratios[1..]
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let target = u64::from_le_bytes(config["leveled_target_size"][..].try_into().unwrap());
+    (config["leveled_l0_threshold"][0], target, ratios)
+}
+
+#[tokio::test]
+async fn idempotency_records_are_compacted_in_small_levels_that_grow_by_four() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), 100);
+    let dedup_shape = (4, 8 * 1024 * 1024, vec![4.0]);
+    assert_eq!(compaction_shape(&store.tables.dedup), dedup_shape);
+    // The other keyspaces keep fjall's default.
+    assert_eq!(
+        compaction_shape(&store.tables.mailbox),
+        (4, 64 * 1024 * 1024, vec![10.0])
+    );
+    store.close().await;
+    drop(store);
+    let (store, _) = reopen(dir.path()).await;
+    assert_eq!(
+        compaction_shape(&store.tables.dedup),
+        dedup_shape,
+        "kept across a restart"
+    );
+}
+
 /// Seals the mailbox's memtable and waits until it is written out; panics if that takes
 /// longer than 15 s (on a thread of its own, which a hung fjall would never let finish).
 fn written_out_soon(store: &EmbeddedStore) {
