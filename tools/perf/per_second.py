@@ -53,12 +53,14 @@ def scrape(listen):
     text = urllib.request.urlopen(f"http://{listen}/metrics", timeout=1).read().decode()
     buckets, engine = {}, {"sealed": 0, "l0": 0, "queue": 0, "compacting": 0}
     for line in text.splitlines():
-        name, value = line.split("{")[0].split(" ")[0], line.split()[-1] if line else ""
+        if not line or line.startswith("#"):
+            continue
+        series, value = line.rsplit(" ", 1)
+        name = series.split("{")[0]
         if name == "chinwag_store_commit_seconds_bucket":
-            buckets[line.split('"')[1]] = float(value)
+            buckets[series.split('"')[1]] = float(value)
         elif name in ENGINE:
-            key = ENGINE[name]
-            engine[key] = max(engine[key], int(float(value)))
+            engine[ENGINE[name]] = max(engine[ENGINE[name]], int(float(value)))
     total = buckets["+Inf"]
     return (total, total - buckets["0.0128"], total - buckets["0.0512"]), engine
 

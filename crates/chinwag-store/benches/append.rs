@@ -6,14 +6,14 @@
 //! would be (this is what group commit is for); `pipelined` is one caller keeping 256
 //! appends in flight, as one fast connection does.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use chinwag_core::{
-    ClientMsgId, CommitListener, Coordinate, DcName, NewMessage, NodeName, SharedMessage, Store, UserId,
-};
-use chinwag_store::{EmbeddedStore, StoreOptions};
+use chinwag_core::{ClientMsgId, CommitListener, Coordinate, NewMessage, SharedMessage, Store, UserId};
+use chinwag_store::EmbeddedStore;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
@@ -37,16 +37,7 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let options = StoreOptions {
-            dc: DcName::parse("bench").unwrap(),
-            node: NodeName::parse("n1").unwrap(),
-            mailbox_max_messages: u64::MAX,
-            commit_batch_max: 4096,
-            queue: 65_536,
-            dedup_window: Duration::from_secs(3600),
-            replicate: false,
-            memory: chinwag_store::StoreMemory::default(),
-        };
+        let options = common::options(Duration::from_secs(3600));
         let store = EmbeddedStore::open(dir.path(), options, Arc::new(Ignore), Box::new(|_, _| {})).unwrap();
         Self {
             _dir: dir,

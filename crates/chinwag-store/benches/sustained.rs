@@ -10,15 +10,15 @@
 //! and the shape of the dedup table. The compaction time per million messages is the
 //! figure to compare between builds; it grows with the records held (docs/performance.md).
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use chinwag_core::{
-    ClientMsgId, CommitListener, Coordinate, DcName, NewMessage, NodeName, SharedMessage, Store, UserId,
-};
-use chinwag_store::{EmbeddedStore, StoreOptions};
+use chinwag_core::{ClientMsgId, CommitListener, Coordinate, NewMessage, SharedMessage, Store, UserId};
+use chinwag_store::EmbeddedStore;
 use tokio::sync::mpsc;
 
 const USERS: u64 = 1_000;
@@ -50,16 +50,7 @@ fn main() {
 async fn run(total: u64) {
     let dir = tempfile::tempdir().unwrap();
     let (committed, to_ack) = mpsc::unbounded_channel();
-    let options = StoreOptions {
-        dc: DcName::parse("bench").unwrap(),
-        node: NodeName::parse("n1").unwrap(),
-        mailbox_max_messages: u64::MAX,
-        commit_batch_max: 4096,
-        queue: 65_536,
-        dedup_window: Duration::from_secs(24 * 3600),
-        replicate: false,
-        memory: chinwag_store::StoreMemory::default(),
-    };
+    let options = common::options(Duration::from_secs(24 * 3600));
     let listener = Arc::new(Recipients(committed));
     let store = Arc::new(EmbeddedStore::open(dir.path(), options, listener, Box::new(|_, _| {})).unwrap());
     let users: Arc<Vec<UserId>> = Arc::new(

@@ -214,7 +214,7 @@ impl Tables {
         // every level-0 table overlaps all of the level below it and compaction rewrites
         // each record many times. A small level 1 (4 tables of 8 MiB) and a ratio of 4
         // between levels rewrite each record fewer times than fjall's defaults (64 MiB
-        // tables, ratio 10): 25 % less compaction CPU over 20 million messages
+        // tables, ratio 10): 29 % less compaction CPU over 20 million messages
         // (docs/performance.md), for one or two more levels to probe per duplicate check.
         let dedup_options = || {
             options().compaction_strategy(Arc::new(
