@@ -388,8 +388,8 @@ async fn engine_stats_name_every_keyspace_and_follow_its_memtable_and_tables() {
     assert_eq!(after.writer_queue, 0, "every append was answered");
 }
 
-/// The dedup keyspace's compaction shape (level-0 threshold, table size, level ratios)
-/// as fjall keeps it in the keyspace's configuration.
+/// A keyspace's compaction shape (level-0 threshold, table size, level ratios) as fjall
+/// keeps it in the keyspace's configuration.
 fn compaction_shape(keyspace: &fjall::Keyspace) -> (u8, u64, Vec<f32>) {
     let config: HashMap<String, Vec<u8>> = keyspace
         .config
