@@ -319,12 +319,24 @@ fn encode_engine(encoder: &mut DescriptorEncoder, engine: &EngineStats) -> Resul
     encode_series(encoder, &keyspaces, &engine.keyspaces, |k| KeyspaceLabel {
         keyspace: k.name.clone(),
     })?;
-    let totals: [Series<EngineStats>; 6] = [
+    let totals: [Series<EngineStats>; 8] = [
         (
             "store_journals",
-            "Journal files; all but the newest wait for memtables to be written out",
+            "fjall's journal files; all but the newest wait for memtables to be written out",
             G,
             |e| e.journals,
+        ),
+        (
+            "store_journal_bytes",
+            "Bytes in the store's own journal, replayed at a restart and emptied at each checkpoint",
+            G,
+            |e| e.journal_bytes,
+        ),
+        (
+            "store_held_messages",
+            "New messages held in memory and the journal only, written to fjall at a checkpoint if still unacknowledged",
+            G,
+            |e| e.held_messages,
         ),
         (
             "store_flushes_queued",

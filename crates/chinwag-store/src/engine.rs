@@ -40,8 +40,13 @@ impl KeyspaceStats {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EngineStats {
     pub keyspaces: Vec<KeyspaceStats>,
-    /// Write-ahead journal files; all but the newest wait for memtables to be written out.
+    /// fjall's journal files; all but the newest wait for memtables to be written out.
     pub journals: u64,
+    /// Bytes in the store's own journal (`crate::journal`), replayed at open and emptied at
+    /// each checkpoint.
+    pub journal_bytes: u64,
+    /// New messages held in memory, not yet written to fjall.
+    pub held_messages: u64,
     /// Sealed memtables queued for the engine's flush workers, over all keyspaces.
     pub flushes_queued: u64,
     pub compactions_running: u64,

@@ -1,23 +1,28 @@
 //! chinwag's embedded store: one DC's mailboxes and coordinates in a fjall database (an
-//! LSM tree with a write-ahead journal) inside the data directory.
+//! LSM tree) inside the data directory, behind the store's own write-ahead journal.
 //!
-//! Writes are made durable by group commit on a dedicated thread (see [`writer`]); reads
-//! are snapshot reads that never wait for the writer. Coordinates are kept durably and
-//! mirrored in memory, because every delivery looks them up.
+//! Writes are made durable by group commit on a dedicated thread (see [`writer`]) that
+//! syncs the journal, not fjall; new messages stay in memory and the journal until a
+//! checkpoint finds them still unacknowledged (see [`journal`]). Reads are snapshot reads
+//! that wait at most for one commit to reach fjall's memory. Coordinates are kept
+//! durably and mirrored in memory, because every delivery looks them up.
 //!
 //! Why fjall: see ARCHITECTURE.md ("The embedded store") and
 //! `tools/store-compare/README.md` for the measured comparison with redb and SQLite.
 
+mod batch;
 mod coords;
 mod engine;
 mod expiry;
+mod held;
+mod journal;
 mod sched;
 mod schema;
 mod snapshot;
 mod watermark;
 mod writer;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -114,6 +119,10 @@ pub struct Shared {
     coordinates: RwLock<CoordinateMap>,
     mailbox_depth: AtomicU64,
     replicated_in: AtomicU64,
+    /// New messages not yet written to fjall, by mailbox key (see [`journal`]). Changed
+    /// only by the writer, always together with a fjall commit.
+    held: RwLock<held::Held>,
+    journal_bytes: AtomicU64,
     /// The error of the last commit, if it failed; cleared by the next one that succeeds.
     failure: Mutex<Option<String>>,
 }
@@ -238,6 +247,21 @@ impl Tables {
         })
     }
 
+    fn get(&self, keyspace: journal::Ks) -> &Keyspace {
+        use journal::Ks;
+        match keyspace {
+            Ks::Mailbox => &self.mailbox,
+            Ks::Dedup => &self.dedup,
+            Ks::Depth => &self.depth,
+            Ks::Coords => &self.coords,
+            Ks::Meta => &self.meta,
+            Ks::Log => &self.log,
+            Ks::Streams => &self.streams,
+            Ks::Ids => &self.ids,
+            Ks::Gone => &self.gone,
+        }
+    }
+
     fn all(&self) -> [&Keyspace; 9] {
         [
             &self.mailbox,
@@ -318,6 +342,7 @@ impl EmbeddedStore {
             .open()
             .map_err(fail)?;
         let tables = Tables::open(db).map_err(fail)?;
+        let journal = replay(&path, &tables)?;
         let recovered = recover(&tables, &options).map_err(|e| match e {
             Recovery::Storage(e) => fail(e),
             Recovery::Damaged(detail) => OpenError::Corrupt {
@@ -336,6 +361,8 @@ impl EmbeddedStore {
             coordinates: RwLock::new(recovered.coordinates),
             mailbox_depth: AtomicU64::new(depth_total),
             replicated_in: AtomicU64::new(0),
+            held: RwLock::default(),
+            journal_bytes: AtomicU64::new(0),
             failure: Mutex::new(None),
         });
         let (ops, rx) = mpsc::channel(options.queue);
@@ -356,8 +383,9 @@ impl EmbeddedStore {
             watermark,
             depths: recovered.depths.into_iter().collect(),
             sealing: Sealing::for_store(options.memory.memtable_bytes, recovered.own_rotation),
-            recent: Default::default(),
             truncating: Default::default(),
+            journal,
+            buffer: Vec::new(),
         };
         // The thread ends by itself once the store is closed or dropped (its queue closes).
         std::thread::Builder::new()
@@ -407,6 +435,8 @@ impl EmbeddedStore {
         EngineStats {
             keyspaces: self.tables.all().into_iter().map(KeyspaceStats::of).collect(),
             journals: engine::count(db.journal_count()),
+            journal_bytes: self.shared.journal_bytes.load(Ordering::Relaxed),
+            held_messages: engine::count(self.shared.held.read().expect("held lock").len()),
             flushes_queued: engine::count(db.outstanding_flushes()),
             compactions_running: engine::count(db.active_compactions()),
             compactions_completed: engine::count(db.compactions_completed()),
@@ -476,7 +506,8 @@ impl EmbeddedStore {
     /// tombstone — and what it reflects, for a DC that needs entries no log holds any more.
     /// Reads a point-in-time view; does not block writers.
     pub fn snapshot(&self) -> Result<(VersionVector, Vec<Vec<u8>>), StoreError> {
-        snapshot::build(&self.tables, &self.stream).map_err(|e| StoreError::Unavailable(e.to_string()))
+        let (snap, held) = self.view(|held| held.clone());
+        snapshot::build(&self.tables, &snap, held, &self.stream).map_err(|e| StoreError::Unavailable(e.to_string()))
     }
 
     /// Merges a snapshot from another DC (see [`EmbeddedStore::snapshot`]) and returns
@@ -537,20 +568,33 @@ impl EmbeddedStore {
         let Some(first) = after.checked_add(1) else {
             return Ok(Vec::new());
         };
-        let lo = schema::mailbox_key(user, first);
-        let hi = schema::mailbox_key(user, u64::MAX);
-        // One snapshot for the whole page: batches are atomic, so a page never shows a
-        // later message without the earlier ones committed before it.
-        let snapshot = self.tables.db.snapshot();
-        let mut page = Vec::with_capacity(limit.min(256));
-        for entry in snapshot.range(&self.tables.mailbox, lo..=hi).take(limit) {
+        let range = schema::mailbox_key(user, first)..=schema::mailbox_key(user, u64::MAX);
+        // One view for the whole page: batches are atomic, so a page never shows a later
+        // message without the earlier ones committed before it. A message a checkpoint is
+        // moving to fjall may be in both; the page takes it once.
+        let (snapshot, mut page) = self.view(|held| {
+            held.range(user, first)
+                .take(limit)
+                .map(|msg| (msg.seq, msg.clone()))
+                .collect::<BTreeMap<_, _>>()
+        });
+        for entry in snapshot.range(&self.tables.mailbox, range).take(limit) {
             let (key, value) = entry.into_inner().map_err(|e| e.to_string())?;
             let seq = schema::key_seq(&key).ok_or("short mailbox key")?;
+            if page.contains_key(&seq) {
+                continue;
+            }
             let record: schema::MessageRecord =
                 postcard::from_bytes(&value).map_err(|e| format!("mailbox record {seq}: {e}"))?;
-            page.push(Arc::new(record.into_message(user, seq, &self.dc)?));
+            page.insert(seq, Arc::new(record.into_message(user, seq, &self.dc)?));
         }
-        Ok(page)
+        Ok(page.into_values().take(limit).collect())
+    }
+
+    /// A fjall snapshot and what `read` takes from the held messages at the same moment.
+    fn view<T>(&self, read: impl FnOnce(&held::Held) -> T) -> (fjall::Snapshot, T) {
+        let held = self.shared.held.read().expect("held lock");
+        (self.tables.db.snapshot(), read(&held))
     }
 }
 
@@ -620,6 +664,62 @@ fn classify(path: &Path, e: fjall::Error) -> OpenError {
         // not a usable store.
         _ => OpenError::Corrupt { path, detail },
     }
+}
+
+/// Applies what the journal holds to fjall (see [`journal`]), syncs fjall and empties
+/// the journal. Refuses a journal that ends before a commit fjall has seen: fjall only
+/// sees a durable commit once the journal holds it, so it was truncated or damaged.
+fn replay(path: &Path, tables: &Tables) -> Result<journal::Journal, OpenError> {
+    let journal_path = path.join(journal::FILE);
+    let io = |e: std::io::Error| OpenError::Io {
+        path: journal_path.clone(),
+        detail: e.to_string(),
+    };
+    let corrupt = |detail: String| OpenError::Corrupt {
+        path: journal_path.clone(),
+        detail,
+    };
+    let (mut journal, records) = journal::Journal::open(path).map_err(|e| match e {
+        journal::ReadError::Io(e) => io(e),
+        damaged => corrupt(damaged.to_string()),
+    })?;
+    let counter = |key| {
+        read_u64(&tables.meta, key).map_err(|e| match e {
+            Recovery::Storage(e) => classify(path, e),
+            _ => corrupt(format!("meta {key} is not a counter")),
+        })
+    };
+    let seen = counter(schema::COMMITS)?.unwrap_or(0);
+    let checkpoint = counter(schema::CHECKPOINT_COMMITS)?;
+    let mut batch = tables.db.batch().durability(Some(PersistMode::SyncAll));
+    let mut commits = checkpoint.unwrap_or(seen);
+    for (n, payload) in records.iter().enumerate() {
+        let changes = journal::changes(payload).ok_or_else(|| corrupt(format!("record {n} is malformed")))?;
+        for change in changes {
+            let keyspace = tables.get(change.keyspace);
+            match change.value {
+                Some(value) => {
+                    if change.keyspace == journal::Ks::Meta && change.key == schema::COMMITS.as_bytes() {
+                        commits = schema::decode_u64(value).unwrap_or(commits);
+                    }
+                    batch.insert(keyspace, change.key, value);
+                }
+                None => batch.remove(keyspace, change.key),
+            }
+        }
+    }
+    if seen > commits {
+        return Err(corrupt(format!(
+            "it ends at commit {commits} but the tables hold commit {seen}: the journal was truncated or damaged"
+        )));
+    }
+    batch.insert(&tables.meta, schema::CHECKPOINT_COMMITS, schema::encode_u64(commits));
+    batch.commit().map_err(|e| classify(path, e))?;
+    journal.clear().map_err(io)?;
+    if !records.is_empty() {
+        tracing::info!(records = records.len(), "replayed the journal");
+    }
+    Ok(journal)
 }
 
 /// Opens the watermark and refuses a store whose journal has fewer commits than were

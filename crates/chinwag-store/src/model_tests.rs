@@ -1,6 +1,6 @@
 //! The store against a model of what it promises, over random sequences of appends
 //! (with retries), acknowledgements (of present, absent and repeated messages, and of
-//! another user's), and reopenings: every mailbox reads back exactly as the model says,
+//! another user's), reopenings and crashes: every mailbox reads back exactly as the model says,
 //! in order; a retry always gets the first attempt's id; the depth metric matches; each
 //! acknowledged message yields one delivery receipt for its sender.
 
@@ -27,6 +27,8 @@ enum Step {
         stray: Option<u8>,
     },
     Reopen,
+    /// Continue from a copy of the files as a crash now would leave them.
+    Crash,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -35,6 +37,7 @@ fn step() -> impl Strategy<Value = Step> {
         3 => (0u8..3, proptest::collection::vec(any::<u8>(), 0..4), any::<Option<u8>>())
             .prop_map(|(user, picks, stray)| Step::Ack { user, picks, stray }),
         1 => Just(Step::Reopen),
+        1 => Just(Step::Crash),
     ]
 }
 
@@ -82,7 +85,7 @@ struct Model {
 }
 
 async fn run(steps: Vec<Step>) {
-    let dir = tempfile::tempdir().unwrap();
+    let mut dir = tempfile::tempdir().unwrap();
     let receipts = Arc::new(Receipts::default());
     let mut store = open(dir.path(), &receipts);
     let mut model = Model::default();
@@ -137,6 +140,13 @@ async fn run(steps: Vec<Step>) {
             Step::Reopen => {
                 store.close().await;
                 drop(store);
+                store = open(dir.path(), &receipts);
+            }
+            Step::Crash => {
+                let copy = crate::tests::crash_copy(dir.path());
+                store.close().await;
+                drop(store);
+                dir = copy;
                 store = open(dir.path(), &receipts);
             }
         }

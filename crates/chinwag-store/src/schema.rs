@@ -37,6 +37,9 @@ pub const LOG_SEQ: &str = "log_seq";
 pub const EPOCH: &str = "epoch";
 /// Number of durable write batches; see `watermark`.
 pub const COMMITS: &str = "commits";
+/// [`COMMITS`] when the journal was last emptied: the store's own journal (`journal`)
+/// must hold every commit after it that fjall has seen.
+pub const CHECKPOINT_COMMITS: &str = "checkpoint_commits";
 pub const FORMAT: &str = "format";
 /// Present (1) in the format-2 stores that briefly were created with fjall's own
 /// memtable rotation off; format 3 always has it off (see `Tables::seal_full`).

@@ -17,14 +17,21 @@
 //! The rule is symmetric and depends only on the two states, so merging is commutative,
 //! and merging the same snapshot twice changes nothing.
 
+use chinwag_core::Message;
 use chinwag_replication::{StreamId, VersionVector};
-use fjall::Readable;
+use fjall::{Readable, Snapshot};
 
 use crate::Tables;
+use crate::held::Held;
 use crate::schema::{self, IdRecord, MessageRecord, SnapshotItem};
 
-pub fn build(t: &Tables, own: &StreamId) -> Result<(VersionVector, Vec<Vec<u8>>), fjall::Error> {
-    let snap = t.db.snapshot();
+/// Builds the snapshot from `snap` and the messages held in memory at the same moment.
+pub fn build(
+    t: &Tables,
+    snap: &Snapshot,
+    mut held: Held,
+    own: &StreamId,
+) -> Result<(VersionVector, Vec<Vec<u8>>), fjall::Error> {
     let mut applied = VersionVector::default();
     let own_head = snap
         .get(&t.meta, schema::LOG_SEQ)?
@@ -54,6 +61,8 @@ pub fn build(t: &Tables, own: &StreamId) -> Result<(VersionVector, Vec<Vec<u8>>)
         ) else {
             continue;
         };
+        // A checkpoint may be moving it to fjall.
+        held.remove(&to, schema::key_seq(&key).unwrap_or(0));
         let item = SnapshotItem::Message {
             to,
             id: IdRecord {
@@ -68,6 +77,7 @@ pub fn build(t: &Tables, own: &StreamId) -> Result<(VersionVector, Vec<Vec<u8>>)
         };
         items.push(postcard::to_stdvec(&item).expect("encodes"));
     }
+    items.extend(held.iter().map(|msg| message_item(msg)));
     for entry in snap.iter(&t.coords) {
         if let Some((user, at)) = schema::split_coord_key(&entry.key()?) {
             items.push(postcard::to_stdvec(&SnapshotItem::Online { user, at }).expect("encodes"));
@@ -82,4 +92,16 @@ pub fn build(t: &Tables, own: &StreamId) -> Result<(VersionVector, Vec<Vec<u8>>)
         }
     }
     Ok((applied, items))
+}
+
+fn message_item(msg: &Message) -> Vec<u8> {
+    let item = SnapshotItem::Message {
+        to: msg.to.clone(),
+        id: IdRecord::from(&msg.id),
+        from: msg.from.clone(),
+        client_id: msg.client_id.clone(),
+        text: msg.text.clone(),
+        at_ms: msg.at_ms,
+    };
+    postcard::to_stdvec(&item).expect("encodes")
 }

@@ -804,6 +804,89 @@ async fn damaged_table_files_are_reported_never_silently_lost() {
     }
 }
 
+/// A copy of the store as a crash would leave it now: every file as the kernel holds it,
+/// nothing of what the process has not written yet. The store must be idle.
+pub(crate) fn crash_copy(dir: &Path) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    for file in walk(dir) {
+        let to = copy.path().join(file.strip_prefix(dir).unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&file, &to).unwrap();
+    }
+    copy
+}
+
+/// Appends five messages to bob (fewer than a checkpoint takes in tests, so all are held
+/// in memory and in the journal only) and acknowledges the first; returns a crash copy.
+async fn crashed_with_held_messages() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), 100);
+    for i in 0..5 {
+        store
+            .append(new("alice", "bob", &format!("c{i}"), &format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let first = store.scan(user("bob"), 0, 1).await.unwrap()[0].seq;
+    store.ack(user("bob"), vec![first]).await.unwrap();
+    assert_eq!(store.tables.mailbox.iter().count(), 0, "the messages reached fjall");
+    crash_copy(dir.path())
+}
+
+#[tokio::test]
+async fn after_a_crash_the_journal_brings_back_messages_held_in_memory() {
+    let copy = crashed_with_held_messages().await;
+    let (store, _) = open(copy.path(), 100);
+    let texts: Vec<String> = (store.scan(user("bob"), 0, 10).await.unwrap().iter())
+        .map(|m| m.text.clone())
+        .collect();
+    assert_eq!(texts, ["m1", "m2", "m3", "m4"]);
+    assert_eq!(store.mailbox_depth(), 4);
+    let journal = copy.path().join(STORE_DIR).join(journal::FILE);
+    assert_eq!(std::fs::metadata(journal).unwrap().len(), 0, "replayed, so emptied");
+    assert!(
+        store
+            .append(new("alice", "bob", "c4", "again"))
+            .await
+            .unwrap()
+            .duplicate
+    );
+}
+
+#[tokio::test]
+async fn a_store_journal_cut_short_or_damaged_is_reported_never_silently_lost() {
+    use std::os::unix::fs::FileExt;
+    type Cut = fn(&std::fs::File);
+    let cuts: [(&str, Cut); 3] = [
+        ("last record cut", |f| {
+            f.set_len(f.metadata().unwrap().len() - 3).unwrap()
+        }),
+        ("emptied", |f| f.set_len(0).unwrap()),
+        ("first record damaged", |f| f.write_all_at(b"?", 20).unwrap()),
+    ];
+    for (name, cut) in cuts {
+        let copy = crashed_with_held_messages().await;
+        let path = copy.path().join(STORE_DIR).join(journal::FILE);
+        cut(&std::fs::OpenOptions::new().write(true).open(&path).unwrap());
+        match try_open(copy.path(), options(100)) {
+            Err(OpenError::Corrupt { .. }) => {}
+            Err(e) => panic!("{name}: expected a corruption report, got {e}"),
+            Ok(_) => panic!("{name}: opened without the acknowledged messages"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_clean_close_leaves_the_journal_empty_and_the_messages_in_fjall() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), 100);
+    store.append(new("alice", "bob", "c1", "kept")).await.unwrap();
+    store.close().await;
+    let journal = dir.path().join(STORE_DIR).join(journal::FILE);
+    assert_eq!(std::fs::metadata(journal).unwrap().len(), 0);
+    assert_eq!(store.tables.mailbox.iter().count(), 1);
+}
+
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {

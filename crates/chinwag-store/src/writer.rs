@@ -2,7 +2,7 @@
 //!
 //! Every write goes through one thread, which takes whatever operations are waiting (up to
 //! `commit_batch_max`), turns them into one atomic fjall write batch and makes it durable
-//! with one fsync of the journal. Throughput therefore grows with load instead of being
+//! with one fsync of the store's journal ([`crate::journal`]). Throughput therefore grows with load instead of being
 //! capped at one fsync per message, and the order of commits is the order of this
 //! thread's loop: that is what gives seqs, and the commit listener, a single total order.
 //!
@@ -17,7 +17,6 @@
 //! here too ([`Writer::ingest`]).
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,10 +25,12 @@ use chinwag_core::{
     UserId,
 };
 use chinwag_replication::{StreamId, VersionVector};
-use fjall::{OwnedWriteBatch as WriteBatch, PersistMode};
+use fjall::PersistMode;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::batch::Batch;
 use crate::expiry;
+use crate::journal::{Journal, Ks, Record};
 use crate::schema::{self, DedupRecord, Entry, IdRecord, MessageRecord, SnapshotItem, StreamState};
 use crate::watermark::Watermark;
 use crate::{Sealing, Shared, StoreOptions, Tables};
@@ -75,27 +76,27 @@ pub struct Writer {
     pub depths: HashMap<UserId, u64>,
     /// Tells the replication driver how far this DC's own stream reaches.
     pub log_head: watch::Sender<u64>,
-    /// The newest messages still in their mailboxes, by mailbox seq: most acks name one
-    /// of them, and are then answered without searching the mailbox table.
-    pub recent: BTreeMap<u64, Recent>,
     /// When memtables are sealed (see `Tables::seal_full`).
     pub sealing: Sealing,
+    /// Makes each commit durable; see [`crate::journal`].
+    pub journal: Journal,
+    /// The last journal record's buffer, for the next one.
+    pub buffer: Vec<u8>,
     /// Log prefixes asked to be dropped (`Op::Truncate`): through which seq, per stream.
     /// Dropped a bounded part per commit (see [`Writer::drop_logs`]), so a long backlog is
     /// never one huge batch.
     pub truncating: HashMap<StreamId, u64>,
 }
 
-/// What deleting a message needs to know of it.
-pub struct Recent {
-    to: UserId,
-    from: UserId,
-    id: MessageId,
-}
+/// A checkpoint is due once the journal holds this many bytes (bounding the replay at
+/// open) or this many messages are held in memory (bounding the memory they take: a few
+/// hundred bytes each).
+const CHECKPOINT_BYTES: u64 = if cfg!(test) { 1 << 20 } else { 64 << 20 };
+const HELD_MAX: usize = if cfg!(test) { 8 } else { 65_536 };
 
-/// Messages remembered in [`Writer::recent`]. At 60k messages/s this still covers the
-/// time a connected recipient takes to acknowledge; each costs under 100 bytes.
-const RECENT_MAX: usize = 32_768;
+/// Past this, commits fail until a checkpoint succeeds: checkpoints are failing (the
+/// log says why), and the journal and the held messages must not grow without bound.
+const JOURNAL_MAX: u64 = 4 * CHECKPOINT_BYTES;
 
 /// Log entries a commit drops for `Op::Truncate`, besides twice what it adds to the logs.
 pub(crate) const TRUNCATE_MAX: u64 = if cfg!(test) { 100 } else { 4_096 };
@@ -115,6 +116,9 @@ struct Pending {
     /// Messages deleted because a recipient's device acknowledged them, by sender: for
     /// the senders' delivery receipts.
     receipts: HashMap<UserId, Vec<MessageId>>,
+    /// Messages this batch puts into (`Some`) or deletes from (`None`) the ones held in
+    /// memory (see [`crate::journal`]).
+    held: HashMap<(UserId, u64), Option<SharedMessage>>,
     /// Mailbox keys written in this batch, with their message ids.
     inserted: HashMap<Vec<u8>, MessageId>,
     /// Message id index entries written (`Some`) or removed (`None`) in this batch.
@@ -160,6 +164,8 @@ impl Writer {
                 }
             }
             if let Some(done) = self.commit(batch.drain(..)) {
+                // A clean stop leaves nothing to replay at the next open.
+                self.checkpoint();
                 // Let go of the database before saying so: whoever closed the store may
                 // want to open the directory again.
                 drop(self);
@@ -181,7 +187,7 @@ impl Writer {
         let started = Instant::now();
         let (seq_before, log_before) = (self.next_seq, self.log_seq);
         let mut pending = Pending::default();
-        let mut batch = self.tables.db.batch();
+        let mut batch = Batch::new(&self.tables, std::mem::take(&mut self.buffer));
         let mut count = 0;
         let mut result = Ok(());
         for op in ops {
@@ -194,20 +200,12 @@ impl Writer {
         self.drop_logs(&mut batch, &mut pending);
         let result = result.and_then(|()| {
             self.write_depths(&mut batch, &pending);
-            let meta = &self.tables.meta;
-            batch.insert(meta, schema::NEXT_SEQ, schema::encode_u64(self.next_seq));
-            batch.insert(meta, schema::LOG_SEQ, schema::encode_u64(self.log_seq));
+            batch.insert(Ks::Meta, schema::NEXT_SEQ, schema::encode_u64(self.next_seq));
+            batch.insert(Ks::Meta, schema::LOG_SEQ, schema::encode_u64(self.log_seq));
             if durable {
-                batch.insert(meta, schema::COMMITS, schema::encode_u64(self.commits + 1));
+                batch.insert(Ks::Meta, schema::COMMITS, schema::encode_u64(self.commits + 1));
             }
-            // A batch of nothing but this node's coordinates need not wait for the disk:
-            // after a crash the node drops them anyway. Everything else is fsynced.
-            let mode = if durable {
-                PersistMode::SyncData
-            } else {
-                PersistMode::Buffer
-            };
-            batch.durability(Some(mode)).commit()
+            self.write(batch, &mut pending, durable)
         });
         match result {
             Ok(()) => {
@@ -232,8 +230,12 @@ impl Writer {
                         Answer::Merged(reply, applied) => drop(reply.send(Ok(applied))),
                     }
                 }
-                // After the answers, so sealing a memtable delays no one this batch served.
+                // After the answers, so neither delays anyone this batch served.
                 self.seal_full_memtables();
+                if self.journal.len() >= CHECKPOINT_BYTES || self.held_count() >= HELD_MAX {
+                    self.checkpoint();
+                }
+                (self.shared.journal_bytes).store(self.journal.len(), std::sync::atomic::Ordering::Relaxed);
             }
             Err(e) => {
                 // Nothing is durable: forget what the batch would have changed, fail it all.
@@ -255,8 +257,78 @@ impl Writer {
         pending.stop
     }
 
+    /// Makes the batch durable in the journal (synced, unless nothing in it needs to be:
+    /// after a crash the node drops its own coordinates anyway), then hands it to fjall
+    /// without a sync of its own. Readers see fjall's new state and the batch's held
+    /// messages at the same moment: both change under the `held` lock, which readers hold
+    /// while they take a fjall snapshot.
+    fn write(&mut self, batch: Batch, p: &mut Pending, durable: bool) -> Fallible<()> {
+        let Batch { fjall, mut record, .. } = batch;
+        let appended = if self.journal.len() >= JOURNAL_MAX {
+            Err(std::io::Error::other(
+                "the journal is full because checkpoints fail; see the log",
+            ))
+        } else {
+            self.journal.append(&mut record, durable)
+        };
+        let appended = appended.map_err(fjall::Error::from);
+        let committed = appended.and_then(|()| self.commit_to_fjall(fjall, &record, p));
+        self.buffer = record.into_buffer();
+        committed
+    }
+
+    /// The second half of [`Writer::write`].
+    fn commit_to_fjall(&mut self, fjall: fjall::OwnedWriteBatch, record: &Record, p: &mut Pending) -> Fallible<()> {
+        let mut held = self.shared.held.write().expect("held lock");
+        if let Err(e) = fjall.durability(Some(PersistMode::Buffer)).commit() {
+            drop(held);
+            // The caller forgets the batch, so the journal must too.
+            self.journal.take_back(record)?;
+            return Err(e);
+        }
+        for ((user, seq), msg) in p.held.drain() {
+            match msg {
+                Some(msg) => held.insert(msg),
+                None => held.remove(&user, seq),
+            }
+        }
+        Ok(())
+    }
+
+    fn held_count(&self) -> usize {
+        self.shared.held.read().expect("held lock").footprint()
+    }
+
+    /// Writes the messages still held in memory to fjall, syncs fjall (which makes every
+    /// batch it took unsynced durable too) and empties the journal. A failure leaves
+    /// everything as it was, to be tried again after a later commit.
+    fn checkpoint(&mut self) {
+        let started = Instant::now();
+        let journal_bytes = self.journal.len();
+        let held: Vec<SharedMessage> = self.shared.held.read().expect("held lock").iter().cloned().collect();
+        let mut batch = self.tables.db.batch().durability(Some(PersistMode::SyncAll));
+        for msg in &held {
+            let key = schema::mailbox_key(&msg.to, msg.seq);
+            batch.insert(&self.tables.mailbox, key, MessageRecord::of(msg).encode());
+        }
+        let meta = &self.tables.meta;
+        batch.insert(meta, schema::CHECKPOINT_COMMITS, schema::encode_u64(self.commits));
+        if let Err(e) = batch.commit() {
+            tracing::error!(error = %e, held = held.len(), "checkpoint failed; the journal keeps growing until one succeeds");
+            return;
+        }
+        // Only the writer changes the held messages, so these are exactly the ones written.
+        self.shared.held.write().expect("held lock").clear();
+        if let Err(e) = self.journal.clear() {
+            // Harmless but for the replay at the next open, which now covers more.
+            tracing::error!(error = %e, path = %self.journal.path().display(), "cannot empty the journal");
+        }
+        let micros = started.elapsed().as_micros();
+        tracing::debug!(held = held.len(), journal_bytes, micros, "checkpoint");
+    }
+
     /// Adds one operation to the batch. `Err` is a storage failure that fails the batch.
-    fn apply(&mut self, batch: &mut WriteBatch, op: Op, pending: &mut Pending) -> Fallible<()> {
+    fn apply(&mut self, batch: &mut Batch, op: Op, pending: &mut Pending) -> Fallible<()> {
         pending.durable |= matches!(
             op,
             Op::Append(..) | Op::Ack(..) | Op::Ingest(..) | Op::MergeSnapshot(..)
@@ -303,21 +375,17 @@ impl Writer {
     /// Appends `entry` to this DC's own stream, if replicating. Stream entries are always
     /// made durable: peers receive them as soon as they commit, and a seq lost in a crash
     /// would be reused for something else.
-    fn log_own(&mut self, batch: &mut WriteBatch, entry: &Entry, p: &mut Pending) {
+    fn log_own(&mut self, batch: &mut Batch, entry: &Entry, p: &mut Pending) {
         if self.options.replicate {
             p.durable = true;
             self.log_seq += 1;
             p.logged += 1;
-            batch.insert(
-                &self.tables.log,
-                schema::entry_key(&self.stream, self.log_seq),
-                entry.encode(),
-            );
+            batch.insert(Ks::Log, schema::entry_key(&self.stream, self.log_seq), entry.encode());
         }
     }
 
     /// A connection of this DC logged in or closed: store it and tell the other DCs.
-    fn local_coordinate(&mut self, batch: &mut WriteBatch, user: UserId, at: Coordinate, added: bool, p: &mut Pending) {
+    fn local_coordinate(&mut self, batch: &mut Batch, user: UserId, at: Coordinate, added: bool, p: &mut Pending) {
         let (u, a) = (user.clone(), at.clone());
         let entry = if added {
             Entry::Online { user: u, at: a }
@@ -328,12 +396,12 @@ impl Writer {
         self.set_coordinate(batch, user, at, added, p);
     }
 
-    fn set_coordinate(&self, batch: &mut WriteBatch, user: UserId, at: Coordinate, added: bool, p: &mut Pending) {
+    fn set_coordinate(&self, batch: &mut Batch, user: UserId, at: Coordinate, added: bool, p: &mut Pending) {
         let key = schema::coord_key(&user, &at);
         if added {
-            batch.insert(&self.tables.coords, key, []);
+            batch.insert(Ks::Coords, key, []);
         } else {
-            batch.remove(&self.tables.coords, key);
+            batch.remove(Ks::Coords, key);
         }
         p.coordinates.push((user, at, added));
     }
@@ -349,12 +417,7 @@ impl Writer {
 
     /// Stores one message unless it is a retry or the mailbox is full. `Ok(Err)` is this
     /// message's own refusal; `Err` a storage failure.
-    fn append(
-        &mut self,
-        batch: &mut WriteBatch,
-        new: NewMessage,
-        p: &mut Pending,
-    ) -> Fallible<Result<Receipt, StoreError>> {
+    fn append(&mut self, batch: &mut Batch, new: NewMessage, p: &mut Pending) -> Fallible<Result<Receipt, StoreError>> {
         let dedup_key = schema::dedup_key(&new.from, &new.client_id);
         if let Some(earlier) = self.earlier(&dedup_key, new.at_ms, p)? {
             // An unreadable record would mean a damaged store. Storing the retry again
@@ -409,7 +472,7 @@ impl Writer {
     /// two ids and drops the other, so all converge on one copy. A record from more than a
     /// dedup window before this message is no twin: judged by the two messages' times, not
     /// by when each DC happens to look, so every DC decides alike.
-    fn insert_replicated(&mut self, batch: &mut WriteBatch, msg: Message, p: &mut Pending) -> Fallible<()> {
+    fn insert_replicated(&mut self, batch: &mut Batch, msg: Message, p: &mut Pending) -> Fallible<()> {
         let dedup_key = schema::dedup_key(&msg.from, &msg.client_id);
         let twin = self
             .earlier(&dedup_key, msg.at_ms, p)?
@@ -432,15 +495,11 @@ impl Writer {
     }
 
     /// Puts a message into its recipient's mailbox at the next mailbox seq.
-    fn insert_message(&mut self, batch: &mut WriteBatch, mut msg: Message, dedup_key: Vec<u8>, p: &mut Pending) {
+    fn insert_message(&mut self, batch: &mut Batch, mut msg: Message, dedup_key: Vec<u8>, p: &mut Pending) {
         msg.seq = self.next_seq;
         self.next_seq += 1;
         let mailbox_key = schema::mailbox_key(&msg.to, msg.seq);
-        batch.insert(
-            &self.tables.mailbox,
-            mailbox_key.clone(),
-            MessageRecord::of(&msg).encode(),
-        );
+        batch.insert_held(&mailbox_key, &MessageRecord::of(&msg));
         if self.options.replicate {
             // Only replicated entries can delete a message in the batch that stored it.
             p.inserted.insert(mailbox_key.clone(), msg.id.clone());
@@ -450,14 +509,14 @@ impl Writer {
             at_ms: msg.at_ms,
         };
         batch.insert(
-            &self.tables.dedup,
+            Ks::Dedup,
             dedup_key.clone(),
             postcard::to_stdvec(&dedup).expect("encodes"),
         );
         if self.options.replicate {
             let id_key = schema::id_key(&msg.id);
-            batch.insert(&self.tables.ids, id_key.clone(), mailbox_key.clone());
-            p.ids.insert(id_key, Some(mailbox_key));
+            batch.insert(Ks::Ids, id_key.clone(), mailbox_key.clone());
+            p.ids.insert(id_key, Some(mailbox_key.clone()));
         }
         let depth = self.depth(&msg.to, p) + 1;
         p.depths.insert(msg.to.clone(), depth);
@@ -469,18 +528,20 @@ impl Writer {
                 duplicate: false,
             },
         );
-        p.committed.push(Arc::new(msg));
+        let msg = Arc::new(msg);
+        p.held.insert((msg.to.clone(), msg.seq), Some(msg.clone()));
+        p.committed.push(msg);
     }
 
     /// Writes the final size of every mailbox the batch touched, once per batch however
     /// many messages it stored or deleted.
-    fn write_depths(&self, batch: &mut WriteBatch, p: &Pending) {
+    fn write_depths(&self, batch: &mut Batch, p: &Pending) {
         for (user, &depth) in &p.depths {
             let key = user.as_str().as_bytes();
             if depth == 0 {
-                batch.remove(&self.tables.depth, key);
+                batch.remove(Ks::Depth, key);
             } else {
-                batch.insert(&self.tables.depth, key, schema::encode_u64(depth));
+                batch.insert(Ks::Depth, key, schema::encode_u64(depth));
             }
         }
     }
@@ -488,7 +549,7 @@ impl Writer {
     /// Deletes a mailbox entry if it is still there; returns its message id.
     fn delete_message(
         &mut self,
-        batch: &mut WriteBatch,
+        batch: &mut Batch,
         user: &UserId,
         mailbox_key: Vec<u8>,
         p: &mut Pending,
@@ -496,17 +557,14 @@ impl Writer {
         if p.deleted.contains(&mailbox_key) {
             return Ok(None);
         }
-        let recent = schema::key_seq(&mailbox_key)
-            .and_then(|seq| self.recent.get(&seq))
-            .filter(|r| &r.to == user);
-        let id = match (p.inserted.get(&mailbox_key), recent) {
+        let seq = schema::key_seq(&mailbox_key).unwrap_or(0);
+        let held = self.held(user, seq, p);
+        // Most acknowledged messages are still held, and then the mailbox table is not read.
+        let id = match (p.inserted.get(&mailbox_key), held.as_deref()) {
             (Some(id), _) => Some(id.clone()),
-            (None, Some(recent)) => {
-                p.receipts
-                    .entry(recent.from.clone())
-                    .or_default()
-                    .push(recent.id.clone());
-                Some(recent.id.clone())
+            (None, Some(Message { from, id, .. })) => {
+                p.receipts.entry(from.clone()).or_default().push(id.clone());
+                Some(id.clone())
             }
             (None, None) => {
                 let Some(record) = self.tables.mailbox.get(&mailbox_key)? else {
@@ -528,13 +586,18 @@ impl Writer {
                 }
             }
         };
-        batch.remove(&self.tables.mailbox, mailbox_key.clone());
+        if held.is_some() {
+            batch.remove_held(&mailbox_key);
+            p.held.insert((user.clone(), seq), None);
+        } else {
+            batch.remove(Ks::Mailbox, &mailbox_key);
+        }
         p.deleted.insert(mailbox_key);
         if let Some(id) = &id
             && self.options.replicate
         {
             let id_key = schema::id_key(id);
-            batch.remove(&self.tables.ids, id_key.clone());
+            batch.remove(Ks::Ids, id_key.clone());
             p.ids.insert(id_key, None);
         }
         let depth = self.depth(user, p).saturating_sub(1);
@@ -542,8 +605,16 @@ impl Writer {
         Ok(id)
     }
 
+    /// Message `seq` of `user`'s mailbox if it is held in memory, not (yet) in fjall.
+    fn held(&self, user: &UserId, seq: u64, p: &Pending) -> Option<SharedMessage> {
+        match p.held.get(&(user.clone(), seq)) {
+            Some(entry) => entry.clone(),
+            None => self.shared.held.read().expect("held lock").get(user, seq).cloned(),
+        }
+    }
+
     /// A user acknowledged messages on a connection of this DC.
-    fn ack_local(&mut self, batch: &mut WriteBatch, user: UserId, seqs: &[u64], p: &mut Pending) -> Fallible<()> {
+    fn ack_local(&mut self, batch: &mut Batch, user: UserId, seqs: &[u64], p: &mut Pending) -> Fallible<()> {
         let mut ids = Vec::new();
         for &seq in seqs {
             if let Some(id) = self.delete_message(batch, &user, schema::mailbox_key(&user, seq), p)? {
@@ -607,7 +678,7 @@ impl Writer {
     /// Applies entries of another DC's stream, in order, skipping what is already applied.
     fn ingest(
         &mut self,
-        batch: &mut WriteBatch,
+        batch: &mut Batch,
         stream: &StreamId,
         first: u64,
         entries: Vec<Vec<u8>>,
@@ -643,13 +714,13 @@ impl Writer {
                     self.forget_gone(batch, stream, seq, seq, p)?;
                 }
             }
-            batch.insert(&self.tables.log, schema::entry_key(stream, seq), bytes);
+            batch.insert(Ks::Log, schema::entry_key(stream, seq), bytes);
             p.logged += 1;
             p.streams.get_mut(stream).expect("inserted before the loop").applied = seq;
         }
         let state = self.stream_state(stream, p);
         batch.insert(
-            &self.tables.streams,
+            Ks::Streams,
             schema::stream_key(stream),
             postcard::to_stdvec(&state).expect("encodes"),
         );
@@ -660,7 +731,7 @@ impl Writer {
     /// [`Writer::current_life`]).
     fn apply_entry(
         &mut self,
-        batch: &mut WriteBatch,
+        batch: &mut Batch,
         stream: &StreamId,
         seq: u64,
         entry: Entry,
@@ -683,7 +754,7 @@ impl Writer {
                 let id_key = schema::id_key(&id);
                 if self.is_gone(&id_key, p)? {
                     // Acknowledged elsewhere before it reached us.
-                    batch.remove(&self.tables.gone, id_key.clone());
+                    batch.remove(Ks::Gone, id_key.clone());
                     p.gone.insert(id_key, false);
                     return Ok(());
                 }
@@ -717,7 +788,7 @@ impl Writer {
 
     /// A message was acknowledged in another DC: delete it here, or, if it has not
     /// arrived yet, remember that it must not be stored when it does.
-    fn ack_remote(&mut self, batch: &mut WriteBatch, id: &MessageId, p: &mut Pending) -> Fallible<()> {
+    fn ack_remote(&mut self, batch: &mut Batch, id: &MessageId, p: &mut Pending) -> Fallible<()> {
         let id_key = schema::id_key(id);
         if let Some(mailbox_key) = self.located(&id_key, p)? {
             if let Some(user) = schema::split_user(&mailbox_key) {
@@ -727,7 +798,7 @@ impl Writer {
         }
         let origin = StreamId::new(id.origin.clone(), id.epoch);
         if id.seq > self.applied(&origin, p) {
-            batch.insert(&self.tables.gone, id_key.clone(), []);
+            batch.insert(Ks::Gone, id_key.clone(), []);
             p.gone.insert(id_key, true);
         }
         Ok(())
@@ -738,7 +809,7 @@ impl Writer {
     /// read): no entry will come to consume them.
     fn forget_gone(
         &mut self,
-        batch: &mut WriteBatch,
+        batch: &mut Batch,
         stream: &StreamId,
         from: u64,
         through: u64,
@@ -756,7 +827,7 @@ impl Writer {
                 .map(|(key, _)| key.clone()),
         );
         for key in keys {
-            batch.remove(&self.tables.gone, key.clone());
+            batch.remove(Ks::Gone, key.clone());
             p.gone.insert(key, false);
         }
         Ok(())
@@ -771,7 +842,7 @@ impl Writer {
 
     /// Works through [`Writer::truncating`]: [`TRUNCATE_MAX`] entries this commit, plus
     /// twice what it adds to the logs, so that a backlog shrinks even while logs grow fast.
-    fn drop_logs(&mut self, batch: &mut WriteBatch, p: &mut Pending) {
+    fn drop_logs(&mut self, batch: &mut Batch, p: &mut Pending) {
         if self.truncating.is_empty() {
             return;
         }
@@ -813,21 +884,21 @@ impl Writer {
 
     /// Drops `stream`'s log through `through`, at most `max` entries of it; returns how
     /// many it dropped.
-    fn truncate(&mut self, batch: &mut WriteBatch, stream: &StreamId, through: u64, max: u64, p: &mut Pending) -> u64 {
+    fn truncate(&mut self, batch: &mut Batch, stream: &StreamId, through: u64, max: u64, p: &mut Pending) -> u64 {
         let (truncated, applied) = self.log_bounds(stream, p);
         let through = through.min(applied).min(truncated.saturating_add(max));
         if through <= truncated {
             return 0;
         }
         for seq in truncated + 1..=through {
-            batch.remove(&self.tables.log, schema::entry_key(stream, seq));
+            batch.remove(Ks::Log, schema::entry_key(stream, seq));
         }
         let state = StreamState {
             truncated: through,
             ..self.stream_state(stream, p)
         };
         batch.insert(
-            &self.tables.streams,
+            Ks::Streams,
             schema::stream_key(stream),
             postcard::to_stdvec(&state).expect("encodes"),
         );
@@ -873,7 +944,7 @@ impl Writer {
     /// Merges a snapshot by the rule in [`crate::snapshot`].
     fn merge_snapshot(
         &mut self,
-        batch: &mut WriteBatch,
+        batch: &mut Batch,
         a_s: &VersionVector,
         items: Vec<Vec<u8>>,
         p: &mut Pending,
@@ -957,7 +1028,7 @@ impl Writer {
                 state.applied = seen;
                 state.truncated = seen;
                 batch.insert(
-                    &self.tables.streams,
+                    Ks::Streams,
                     schema::stream_key(stream),
                     postcard::to_stdvec(&state).expect("encodes"),
                 );
@@ -971,17 +1042,12 @@ impl Writer {
         Ok(merged)
     }
 
-    fn forget_coordinates(&mut self, batch: &mut WriteBatch, dc: &DcName, p: &mut Pending) -> Fallible<()> {
+    fn forget_coordinates(&mut self, batch: &mut Batch, dc: &DcName, p: &mut Pending) -> Fallible<()> {
         self.drop_coordinates(batch, |at| at == dc, p)
     }
 
     /// Removes every coordinate in a DC `of` accepts, those added earlier in this batch too.
-    fn drop_coordinates(
-        &mut self,
-        batch: &mut WriteBatch,
-        of: impl Fn(&DcName) -> bool,
-        p: &mut Pending,
-    ) -> Fallible<()> {
+    fn drop_coordinates(&mut self, batch: &mut Batch, of: impl Fn(&DcName) -> bool, p: &mut Pending) -> Fallible<()> {
         let mut gone = Vec::new();
         for entry in self.tables.coords.iter() {
             if let Some((user, at)) = schema::split_coord_key(&entry.key()?)
@@ -1002,7 +1068,7 @@ impl Writer {
     /// along that DC's stream.
     fn merge_coordinates(
         &mut self,
-        batch: &mut WriteBatch,
+        batch: &mut Batch,
         a_s: &VersionVector,
         mut from_snapshot: HashMap<DcName, Vec<(UserId, Coordinate)>>,
         p: &mut Pending,
@@ -1064,28 +1130,6 @@ impl Writer {
         }
         for (from, ids) in p.receipts.drain() {
             self.listener.delivered(&from, &ids, coords.of(&from));
-        }
-        drop(coords);
-        self.remember(p);
-    }
-
-    /// Keeps the batch's new messages in [`Writer::recent`] and forgets deleted ones.
-    fn remember(&mut self, p: &Pending) {
-        for msg in &p.committed {
-            let recent = Recent {
-                to: msg.to.clone(),
-                from: msg.from.clone(),
-                id: msg.id.clone(),
-            };
-            self.recent.insert(msg.seq, recent);
-        }
-        for key in &p.deleted {
-            if let Some(seq) = schema::key_seq(key) {
-                self.recent.remove(&seq);
-            }
-        }
-        while self.recent.len() > RECENT_MAX {
-            self.recent.pop_first();
         }
     }
 }
