@@ -198,6 +198,8 @@ pub struct StoreConfig {
     pub memtable_mib: u64,
     /// Block cache for reads, in MiB.
     pub cache_mib: u64,
+    /// Journal size at which held messages are written to the tables, in MiB.
+    pub checkpoint_mib: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -269,6 +271,7 @@ impl Default for StoreConfig {
             dedup_window: Duration::from_secs(24 * 3600),
             memtable_mib: StoreMemory::default().memtable_bytes / MIB,
             cache_mib: StoreMemory::default().cache_bytes / MIB,
+            checkpoint_mib: StoreMemory::default().checkpoint_bytes / MIB,
         }
     }
 }
@@ -326,6 +329,7 @@ impl Config {
             ("store.queue", self.store.queue as u64),
             ("store.memtable_mib", self.store.memtable_mib),
             ("store.cache_mib", self.store.cache_mib),
+            ("store.checkpoint_mib", self.store.checkpoint_mib),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{name} must be at least 1"));
@@ -340,8 +344,10 @@ impl Config {
         if l.max_frame_bytes > 16 * 1024 * 1024 {
             return bad("limits.max_frame_bytes is capped at 16 MiB".into());
         }
-        if self.store.memtable_mib > 1024 || self.store.cache_mib > 1024 * 1024 {
-            return bad("store.memtable_mib is capped at 1024 and store.cache_mib at 1048576".into());
+        if self.store.memtable_mib > 1024 || self.store.cache_mib > 1024 * 1024 || self.store.checkpoint_mib > 1024 {
+            return bad(
+                "store.memtable_mib and store.checkpoint_mib are capped at 1024, store.cache_mib at 1048576".into(),
+            );
         }
         let timeouts = [
             ("limits.login_timeout", l.login_timeout),

@@ -245,6 +245,7 @@ fn store_options(config: &Config) -> StoreOptions {
         memory: StoreMemory {
             memtable_bytes: config.store.memtable_mib * crate::config::MIB,
             cache_bytes: config.store.cache_mib * crate::config::MIB,
+            checkpoint_bytes: config.store.checkpoint_mib * crate::config::MIB,
         },
     }
 }

@@ -69,10 +69,25 @@ pub struct StoreOptions {
 /// up to two each while one is being written out) plus the cache; while fjall's worker is
 /// busy with a compaction, up to about 12 times `memtable_bytes` per busy keyspace (see
 /// `Tables::seal_full`).
+///
+/// New messages are held in memory (and the journal) until a checkpoint, which runs once
+/// the journal reaches `checkpoint_bytes` or one held message or recipient per KiB of it
+/// is held: at most about a quarter of `checkpoint_bytes` of RSS. The same size bounds
+/// the journal replayed at a restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreMemory {
     pub memtable_bytes: u64,
     pub cache_bytes: u64,
+    pub checkpoint_bytes: u64,
+}
+
+impl StoreMemory {
+    /// Held messages and recipients at which a checkpoint is due.
+    fn held_max(&self) -> usize {
+        usize::try_from(self.checkpoint_bytes / 1024)
+            .unwrap_or(usize::MAX)
+            .max(1)
+    }
 }
 
 impl Default for StoreMemory {
@@ -82,6 +97,7 @@ impl Default for StoreMemory {
             // tail); larger ones trade that for fewer compactions (docs/performance.md).
             memtable_bytes: 4 * 1024 * 1024,
             cache_bytes: 32 * 1024 * 1024,
+            checkpoint_bytes: 64 * 1024 * 1024,
         }
     }
 }

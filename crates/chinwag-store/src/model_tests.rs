@@ -54,7 +54,7 @@ fn options() -> StoreOptions {
         queue: 1024,
         dedup_window: Duration::from_secs(3600),
         replicate: false,
-        memory: crate::StoreMemory::default(),
+        memory: crate::tests::SMALL_CHECKPOINTS,
     }
 }
 

@@ -33,9 +33,17 @@ fn options_with_window(mailbox_max_messages: u64, dedup_window: Duration) -> Sto
         queue: 1024,
         dedup_window,
         replicate: false,
-        memory: crate::StoreMemory::default(),
+        memory: SMALL_CHECKPOINTS,
     }
 }
+
+/// A checkpoint whenever held messages and their recipients reach 8, so that tests
+/// see messages both held and in fjall.
+pub(crate) const SMALL_CHECKPOINTS: StoreMemory = StoreMemory {
+    memtable_bytes: 4 * 1024 * 1024,
+    cache_bytes: 32 * 1024 * 1024,
+    checkpoint_bytes: 8 * 1024,
+};
 
 fn open(dir: &Path, max: u64) -> (EmbeddedStore, Arc<Recorder>) {
     let recorder = Arc::new(Recorder::default());
@@ -174,7 +182,7 @@ fn with_memtable_bytes(bytes: u64) -> StoreOptions {
     StoreOptions {
         memory: crate::StoreMemory {
             memtable_bytes: bytes,
-            ..crate::StoreMemory::default()
+            ..SMALL_CHECKPOINTS
         },
         ..options(1_000_000)
     }

@@ -88,15 +88,10 @@ pub struct Writer {
     pub truncating: HashMap<StreamId, u64>,
 }
 
-/// A checkpoint is due once the journal holds this many bytes (bounding the replay at
-/// open) or this many messages are held in memory (bounding the memory they take: a few
-/// hundred bytes each).
-const CHECKPOINT_BYTES: u64 = if cfg!(test) { 1 << 20 } else { 64 << 20 };
-const HELD_MAX: usize = if cfg!(test) { 8 } else { 65_536 };
-
-/// Past this, commits fail until a checkpoint succeeds: checkpoints are failing (the
-/// log says why), and the journal and the held messages must not grow without bound.
-const JOURNAL_MAX: u64 = 4 * CHECKPOINT_BYTES;
+/// Past this many times `checkpoint_bytes`, commits fail until a checkpoint succeeds:
+/// checkpoints are failing (the log says why), and the journal and the held messages
+/// must not grow without bound.
+const JOURNAL_STRETCH: u64 = 4;
 
 /// Log entries a commit drops for `Op::Truncate`, besides twice what it adds to the logs.
 pub(crate) const TRUNCATE_MAX: u64 = if cfg!(test) { 100 } else { 4_096 };
@@ -232,7 +227,8 @@ impl Writer {
                 }
                 // After the answers, so neither delays anyone this batch served.
                 self.seal_full_memtables();
-                if self.journal.len() >= CHECKPOINT_BYTES || self.held_count() >= HELD_MAX {
+                let memory = self.options.memory;
+                if self.journal.len() >= memory.checkpoint_bytes || self.held_count() >= memory.held_max() {
                     self.checkpoint();
                 }
                 (self.shared.journal_bytes).store(self.journal.len(), std::sync::atomic::Ordering::Relaxed);
@@ -264,7 +260,8 @@ impl Writer {
     /// while they take a fjall snapshot.
     fn write(&mut self, batch: Batch, p: &mut Pending, durable: bool) -> Fallible<()> {
         let Batch { fjall, mut record, .. } = batch;
-        let appended = if self.journal.len() >= JOURNAL_MAX {
+        let journal_max = JOURNAL_STRETCH.saturating_mul(self.options.memory.checkpoint_bytes);
+        let appended = if self.journal.len() >= journal_max {
             Err(std::io::Error::other(
                 "the journal is full because checkpoints fail; see the log",
             ))

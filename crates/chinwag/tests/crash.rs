@@ -158,7 +158,8 @@ async fn kill_9_under_load_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     // No limit may refuse a send here: a refused send retried later is rightly accepted
     // after later ones, and would read as reordering.
-    let limits = "[limits]\nrate_per_sec = 100000\nburst = 100000\nuser_rate_per_sec = 100000\nuser_burst = 100000\nmailbox_max_messages = 10000000\n";
+    // Small checkpoints, so that kills also land during checkpoints and just after them.
+    let limits = "[limits]\nrate_per_sec = 100000\nburst = 100000\nuser_rate_per_sec = 100000\nuser_burst = 100000\nmailbox_max_messages = 10000000\n[store]\ncheckpoint_mib = 1\n";
     let mut node = Node::start_in(dir.path(), limits);
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let (stop, done) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
