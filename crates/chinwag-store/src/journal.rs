@@ -275,6 +275,8 @@ fn take(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     type Op<'a> = (Ks, &'a [u8], Option<&'a [u8]>);
@@ -372,6 +374,43 @@ mod tests {
         j.clear().unwrap();
         assert_eq!(j.len(), 0);
         assert!(reopen(dir.path()).unwrap().is_empty());
+    }
+
+    fn keyspace() -> impl Strategy<Value = Ks> {
+        (0u8..9).prop_map(|code| Ks::from_code(code).unwrap())
+    }
+
+    proptest! {
+        #[test]
+        fn records_round_trip(ops in proptest::collection::vec(
+            (keyspace(), proptest::collection::vec(any::<u8>(), 0..40), proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300))),
+            0..20,
+        )) {
+            let mut r = Record::reusing(vec![7; 100]);
+            for (ks, key, value) in &ops {
+                r.push(*ks, key, value.as_deref());
+            }
+            let sealed = r.seal().to_vec();
+            let (payloads, len) = split(&sealed).unwrap();
+            prop_assert_eq!(len, sealed.len());
+            let read: Vec<_> = changes(&payloads[0]).unwrap().into_iter()
+                .map(|c| (c.keyspace, c.key.to_vec(), c.value.map(<[u8]>::to_vec)))
+                .collect();
+            prop_assert_eq!(read, ops);
+        }
+
+        /// Whatever a damaged file holds, reading it never panics, and whatever it
+        /// accepts is a prefix of the file.
+        #[test]
+        fn any_bytes_are_read_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            if let Ok((payloads, len)) = split(&bytes) {
+                prop_assert!(len <= bytes.len());
+                for payload in &payloads {
+                    let _ = changes(payload);
+                }
+            }
+            let _ = changes(&bytes);
+        }
     }
 
     #[test]
