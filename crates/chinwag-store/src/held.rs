@@ -14,9 +14,27 @@ use rustc_hash::FxHashMap as HashMap;
 pub struct Held {
     by_user: HashMap<UserId, BTreeMap<u64, SharedMessage>>,
     len: usize,
+    /// The store's commit count these messages reflect.
+    commits: u64,
 }
 
 impl Held {
+    /// None held, at commit count `commits`.
+    pub fn at(commits: u64) -> Self {
+        Self {
+            commits,
+            ..Self::default()
+        }
+    }
+
+    pub fn commits(&self) -> u64 {
+        self.commits
+    }
+
+    pub fn set_commits(&mut self, commits: u64) {
+        self.commits = commits;
+    }
+
     pub fn insert(&mut self, msg: SharedMessage) {
         let mailbox = self.by_user.entry(msg.to.clone()).or_default();
         if mailbox.insert(msg.seq, msg).is_none() {

@@ -111,30 +111,22 @@ impl Record {
         }
     }
 
-    /// The record with its header, ready to append.
-    fn seal(&mut self) -> &[u8] {
+    /// The record with its header, ready to append; refused past 4 GiB (a snapshot merge
+    /// of that size is one commit group).
+    fn seal(&mut self) -> io::Result<&[u8]> {
         let payload = &self.bytes[HEADER..];
+        let len = u32::try_from(payload.len())
+            .map_err(|_| io::Error::other("a commit group of 4 GiB or more cannot be journaled"))?;
         let hash = xxh3_64(payload);
-        let len = length(payload);
         self.bytes[..4].copy_from_slice(&len.to_le_bytes());
         self.bytes[4..HEADER].copy_from_slice(&hash.to_le_bytes());
-        &self.bytes
+        Ok(&self.bytes)
     }
 }
 
-/// Keys and values are bounded far below 4 GiB (frames, ids and records are small), and
-/// a commit group is bounded by `commit_batch_max`.
+/// Keys and values come from frames of at most 16 MiB and from the store's own records.
 fn length(bytes: &[u8]) -> u32 {
-    u32::try_from(bytes.len()).expect("journal items are far below 4 GiB")
-}
-
-/// Why the journal could not be read at open.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    #[error("record at byte {offset} is damaged and is not the last one")]
-    Damaged { offset: u64 },
+    u32::try_from(bytes.len()).expect("journal keys and values are far below 4 GiB")
 }
 
 pub struct Journal {
@@ -142,14 +134,18 @@ pub struct Journal {
     path: PathBuf,
     /// Bytes of whole records; the next record goes here.
     len: u64,
+    /// Why the file may no longer match `len` (a failed write could not be cut back):
+    /// appending is refused from then on, until a restart reads the file again.
+    broken: Option<String>,
 }
 
 impl Journal {
-    /// Opens the journal in `dir` and returns it with the payloads of its whole records.
-    /// A last record cut short (a crash during its write, before it was synced and so
-    /// before anyone was answered) is dropped; a damaged record followed by others is an
-    /// error, since those others may have been acknowledged.
-    pub fn open(dir: &Path) -> Result<(Journal, Vec<Vec<u8>>), ReadError> {
+    /// Opens the journal in `dir` and returns it with the payloads of its records up to
+    /// the first that is incomplete or fails its checksum. That one is most likely a
+    /// write a crash cut short (and then no one was answered for it or anything after);
+    /// if it was damaged later instead, the caller sees that fjall holds commits the
+    /// journal now lacks (`replay` in `lib.rs`), or the watermark does.
+    pub fn open(dir: &Path) -> io::Result<(Journal, Vec<Vec<u8>>)> {
         let path = dir.join(FILE);
         let file = OpenOptions::new()
             .read(true)
@@ -159,14 +155,15 @@ impl Journal {
             .open(&path)?;
         let mut bytes = Vec::new();
         io::Read::read_to_end(&mut &file, &mut bytes)?;
-        let (payloads, len) = split(&bytes)?;
+        let (payloads, len) = split(&bytes);
         if len < bytes.len() {
-            tracing::warn!(path = %path.display(), dropped_bytes = bytes.len() - len, "dropping a journal record cut short by a crash");
+            tracing::warn!(path = %path.display(), at = len, dropped_bytes = bytes.len() - len, "the journal ends in an incomplete or damaged record; dropping it and everything after it");
         }
         let journal = Journal {
             file,
             path,
             len: len as u64,
+            broken: None,
         };
         Ok((journal, payloads))
     }
@@ -178,7 +175,10 @@ impl Journal {
     /// Appends a record, synced if `sync`. On failure the file is cut back to where it was,
     /// so a half-written record is never followed by others.
     pub fn append(&mut self, record: &mut Record, sync: bool) -> io::Result<()> {
-        let bytes = record.seal();
+        if let Some(why) = &self.broken {
+            return Err(io::Error::other(why.clone()));
+        }
+        let bytes = record.seal()?;
         let written = self
             .file
             .write_all_at(bytes, self.len)
@@ -189,30 +189,36 @@ impl Journal {
                 Ok(())
             }
             Err(e) => {
-                self.cut(self.len)?;
+                self.cut(self.len);
                 Err(e)
             }
         }
     }
 
-    /// Takes back the last record, of `len` bytes (its commit to fjall failed).
-    pub fn take_back(&mut self, record: &Record) -> io::Result<()> {
-        let to = self.len - record.bytes.len() as u64;
-        self.cut(to)?;
-        self.len = to;
-        Ok(())
+    /// Takes back the last record (its commit to fjall failed, so the writer forgets the
+    /// group and reuses its seqs: the record must never be replayed).
+    pub fn take_back(&mut self, record: &Record) {
+        self.cut(self.len - record.bytes.len() as u64);
     }
 
-    /// Empties the journal once fjall durably holds everything in it.
+    /// Empties the journal once fjall durably holds everything in it. A failure leaves
+    /// the journal longer than needed but consistent: replay covers more.
     pub fn clear(&mut self) -> io::Result<()> {
-        self.cut(0)?;
+        self.file.set_len(0)?;
         self.len = 0;
-        Ok(())
+        self.file.sync_all()
     }
 
-    fn cut(&self, to: u64) -> io::Result<()> {
-        self.file.set_len(to)?;
-        self.file.sync_all()
+    /// Cuts the file back to `to`; if that cannot be done durably, stops all appends.
+    fn cut(&mut self, to: u64) {
+        let cut = self.file.set_len(to).and_then(|()| self.file.sync_all());
+        if let Err(e) = cut {
+            let why = format!("cannot cut the journal back after a failed commit ({e}); restart the node");
+            tracing::error!(path = %self.path.display(), "{why}");
+            self.broken = Some(why);
+        } else {
+            self.len = to;
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -220,27 +226,22 @@ impl Journal {
     }
 }
 
-/// The payloads of the whole records at the start of `bytes`, and how many bytes they take.
-fn split(bytes: &[u8]) -> Result<(Vec<Vec<u8>>, usize), ReadError> {
+/// The payloads of the whole, intact records at the start of `bytes`, and how many bytes
+/// they take.
+fn split(bytes: &[u8]) -> (Vec<Vec<u8>>, usize) {
     let mut payloads = Vec::new();
     let mut at = 0;
     while bytes.len() - at >= HEADER {
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
         let hash = u64::from_le_bytes(bytes[at + 4..at + HEADER].try_into().expect("8 bytes"));
         let end = at + HEADER + len;
-        let Some(payload) = bytes.get(at + HEADER..end) else {
-            break;
-        };
-        if xxh3_64(payload) != hash {
-            if end < bytes.len() {
-                return Err(ReadError::Damaged { offset: at as u64 });
-            }
-            break;
+        match bytes.get(at + HEADER..end) {
+            Some(payload) if xxh3_64(payload) == hash => payloads.push(payload.to_vec()),
+            _ => break,
         }
-        payloads.push(payload.to_vec());
         at = end;
     }
-    Ok((payloads, at))
+    (payloads, at)
 }
 
 /// The operations of one record's payload, in order; `None` if it is malformed.
@@ -291,7 +292,7 @@ mod tests {
         r
     }
 
-    fn reopen(dir: &Path) -> Result<Vec<Read>, ReadError> {
+    fn reopen(dir: &Path) -> io::Result<Vec<Read>> {
         let (_, payloads) = Journal::open(dir)?;
         Ok(payloads
             .iter()
@@ -350,7 +351,7 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_record_followed_by_others_is_an_error() {
+    fn a_damaged_record_ends_the_journal() {
         let dir = tempfile::tempdir().unwrap();
         let (mut j, _) = Journal::open(dir.path()).unwrap();
         for key in [b"a", b"b"] {
@@ -359,7 +360,7 @@ mod tests {
         drop(j);
         let file = OpenOptions::new().write(true).open(dir.path().join(FILE)).unwrap();
         file.write_all_at(b"y", HEADER as u64 + 9).unwrap();
-        assert!(matches!(reopen(dir.path()), Err(ReadError::Damaged { offset: 0 })));
+        assert!(reopen(dir.path()).unwrap().is_empty());
     }
 
     #[test]
@@ -369,7 +370,7 @@ mod tests {
         j.append(&mut record(&[(Ks::Ids, b"a", None)]), true).unwrap();
         let mut second = record(&[(Ks::Ids, b"b", None)]);
         j.append(&mut second, true).unwrap();
-        j.take_back(&second).unwrap();
+        j.take_back(&second);
         assert_eq!(reopen(dir.path()).unwrap().len(), 1);
         j.clear().unwrap();
         assert_eq!(j.len(), 0);
@@ -390,8 +391,8 @@ mod tests {
             for (ks, key, value) in &ops {
                 r.push(*ks, key, value.as_deref());
             }
-            let sealed = r.seal().to_vec();
-            let (payloads, len) = split(&sealed).unwrap();
+            let sealed = r.seal().unwrap().to_vec();
+            let (payloads, len) = split(&sealed);
             prop_assert_eq!(len, sealed.len());
             let read: Vec<_> = changes(&payloads[0]).unwrap().into_iter()
                 .map(|c| (c.keyspace, c.key.to_vec(), c.value.map(<[u8]>::to_vec)))
@@ -403,11 +404,10 @@ mod tests {
         /// accepts is a prefix of the file.
         #[test]
         fn any_bytes_are_read_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            if let Ok((payloads, len)) = split(&bytes) {
-                prop_assert!(len <= bytes.len());
-                for payload in &payloads {
-                    let _ = changes(payload);
-                }
+            let (payloads, len) = split(&bytes);
+            prop_assert!(len <= bytes.len());
+            for payload in &payloads {
+                let _ = changes(payload);
             }
             let _ = changes(&bytes);
         }

@@ -377,7 +377,7 @@ impl EmbeddedStore {
             coordinates: RwLock::new(recovered.coordinates),
             mailbox_depth: AtomicU64::new(depth_total),
             replicated_in: AtomicU64::new(0),
-            held: RwLock::default(),
+            held: RwLock::new(held::Held::at(recovered.commits)),
             journal_bytes: AtomicU64::new(0),
             failure: Mutex::new(None),
         });
@@ -402,6 +402,7 @@ impl EmbeddedStore {
             truncating: Default::default(),
             journal,
             buffer: Vec::new(),
+            retry_checkpoint_at: None,
         };
         // The thread ends by itself once the store is closed or dropped (its queue closes).
         std::thread::Builder::new()
@@ -522,7 +523,7 @@ impl EmbeddedStore {
     /// tombstone — and what it reflects, for a DC that needs entries no log holds any more.
     /// Reads a point-in-time view; does not block writers.
     pub fn snapshot(&self) -> Result<(VersionVector, Vec<Vec<u8>>), StoreError> {
-        let (snap, held) = self.view(|held| held.clone());
+        let (snap, held) = self.consistent_view()?;
         snapshot::build(&self.tables, &snap, held, &self.stream).map_err(|e| StoreError::Unavailable(e.to_string()))
     }
 
@@ -607,10 +608,37 @@ impl EmbeddedStore {
         Ok(page.into_values().take(limit).collect())
     }
 
-    /// A fjall snapshot and what `read` takes from the held messages at the same moment.
+    /// What `read` takes from the held messages, then a fjall snapshot. In that order, a
+    /// message a checkpoint moves to fjall meanwhile is seen in one or both; a commit
+    /// whose fjall part is seen but whose held messages are not yet is harmless for a
+    /// page (they are pushed right after).
     fn view<T>(&self, read: impl FnOnce(&held::Held) -> T) -> (fjall::Snapshot, T) {
-        let held = self.shared.held.read().expect("held lock");
-        (self.tables.db.snapshot(), read(&held))
+        let held = read(&self.shared.held.read().expect("held lock"));
+        (self.tables.db.snapshot(), held)
+    }
+
+    /// The held messages and a fjall snapshot of one and the same commit, as a replication
+    /// snapshot needs (a message missing from it would read as acknowledged). The writer
+    /// updates the held messages just after each commit reaches fjall, so this retries
+    /// while the two differ; that is microseconds, or while fjall holds writes.
+    fn consistent_view(&self) -> Result<(fjall::Snapshot, held::Held), StoreError> {
+        let started = std::time::Instant::now();
+        loop {
+            let held = self.shared.held.read().expect("held lock").clone();
+            let snap = self.tables.db.snapshot();
+            let commits = snap
+                .get(&self.tables.meta, schema::COMMITS)
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?
+                .and_then(|v| schema::decode_u64(&v))
+                .unwrap_or(0);
+            if commits == held.commits() {
+                return Ok((snap, held));
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err(StoreError::Unavailable("the store is too busy for a snapshot".into()));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }
 
@@ -695,10 +723,7 @@ fn replay(path: &Path, tables: &Tables) -> Result<journal::Journal, OpenError> {
         path: journal_path.clone(),
         detail,
     };
-    let (mut journal, records) = journal::Journal::open(path).map_err(|e| match e {
-        journal::ReadError::Io(e) => io(e),
-        damaged => corrupt(damaged.to_string()),
-    })?;
+    let (mut journal, records) = journal::Journal::open(path).map_err(io)?;
     let counter = |key| {
         read_u64(&tables.meta, key).map_err(|e| match e {
             Recovery::Storage(e) => classify(path, e),
@@ -804,6 +829,10 @@ fn recover(t: &Tables, options: &StoreOptions) -> Result<Recovered, Recovery> {
             true
         }
         Some(schema::FORMAT_VERSION) => true,
+        Some(schema::FORMAT_OWN_ROTATION) => {
+            batch.insert(&t.meta, schema::FORMAT, schema::encode_u64(schema::FORMAT_VERSION));
+            true
+        }
         Some(schema::FORMAT_FJALL_ROTATION) => read_u64(&t.meta, schema::OWN_ROTATION)?.is_some(),
         Some(found) => return Err(Recovery::Format(found)),
     };

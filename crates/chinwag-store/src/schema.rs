@@ -44,9 +44,13 @@ pub const FORMAT: &str = "format";
 /// Present (1) in the format-2 stores that briefly were created with fjall's own
 /// memtable rotation off; format 3 always has it off (see `Tables::seal_full`).
 pub const OWN_ROTATION: &str = "own_rotation";
-/// Bumped whenever the layout changes incompatibly. 3: fjall's own memtable rotation is
-/// off, so a build that does not seal memtables itself must refuse the store.
-pub const FORMAT_VERSION: u64 = 3;
+/// Bumped whenever the layout changes incompatibly. 4: new messages may be only in the
+/// store's own journal, so a build that does not replay it must refuse the store (3:
+/// fjall's own memtable rotation is off, so a build that does not seal memtables itself
+/// must refuse the store).
+pub const FORMAT_VERSION: u64 = 4;
+/// The format before, upgraded at open: fjall's own memtable rotation off, no journal.
+pub const FORMAT_OWN_ROTATION: u64 = 3;
 /// The format before, still opened: fjall seals its memtables at their creation size.
 pub const FORMAT_FJALL_ROTATION: u64 = 2;
 

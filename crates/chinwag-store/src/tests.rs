@@ -943,6 +943,32 @@ async fn appends_commit_in_call_order_not_poll_order() {
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
 }
 
+/// A store of the format before the journal opens, keeps its messages, and is marked
+/// with the new format, so that an older build, which would not replay the journal,
+/// refuses it from then on.
+#[tokio::test]
+async fn a_store_from_before_the_journal_is_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), 100);
+    store.append(new("alice", "bob", "c1", "kept")).await.unwrap();
+    store
+        .tables
+        .meta
+        .insert(schema::FORMAT, schema::encode_u64(schema::FORMAT_OWN_ROTATION))
+        .unwrap();
+    store.close().await;
+    drop(store);
+    let (store, _) = reopen(dir.path()).await;
+    let format = store
+        .tables
+        .meta
+        .get(schema::FORMAT)
+        .unwrap()
+        .and_then(|v| schema::decode_u64(&v));
+    assert_eq!(format, Some(schema::FORMAT_VERSION));
+    assert_eq!(store.scan(user("bob"), 0, 10).await.unwrap()[0].text, "kept");
+}
+
 #[tokio::test]
 async fn a_store_of_an_unknown_format_is_refused() {
     let dir = created_and_closed().await;

@@ -82,6 +82,8 @@ pub struct Writer {
     pub journal: Journal,
     /// The last journal record's buffer, for the next one.
     pub buffer: Vec<u8>,
+    /// When to try again after a failed checkpoint.
+    pub retry_checkpoint_at: Option<Instant>,
     /// Log prefixes asked to be dropped (`Op::Truncate`): through which seq, per stream.
     /// Dropped a bounded part per commit (see [`Writer::drop_logs`]), so a long backlog is
     /// never one huge batch.
@@ -227,11 +229,7 @@ impl Writer {
                 }
                 // After the answers, so neither delays anyone this batch served.
                 self.seal_full_memtables();
-                let memory = self.options.memory;
-                if self.journal.len() >= memory.checkpoint_bytes || self.held_count() >= memory.held_max() {
-                    self.checkpoint();
-                }
-                (self.shared.journal_bytes).store(self.journal.len(), std::sync::atomic::Ordering::Relaxed);
+                self.checkpoint_if_due();
             }
             Err(e) => {
                 // Nothing is durable: forget what the batch would have changed, fail it all.
@@ -248,16 +246,30 @@ impl Writer {
                         Answer::Merged(reply, _) => drop(reply.send(Err(err.clone()))),
                     }
                 }
+                // A full journal fails every commit until a checkpoint empties it.
+                self.checkpoint_if_due();
             }
         }
         pending.stop
     }
 
+    /// Checkpoints once the journal or the held messages reach their limit; after a
+    /// failed checkpoint, not again for a second.
+    fn checkpoint_if_due(&mut self) {
+        let memory = self.options.memory;
+        let due = self.journal.len() >= memory.checkpoint_bytes || self.held_count() >= memory.held_max();
+        if due && self.retry_checkpoint_at.is_none_or(|at| Instant::now() >= at) {
+            self.retry_checkpoint_at = (!self.checkpoint()).then(|| Instant::now() + Duration::from_secs(1));
+        }
+        (self.shared.journal_bytes).store(self.journal.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Makes the batch durable in the journal (synced, unless nothing in it needs to be:
     /// after a crash the node drops its own coordinates anyway), then hands it to fjall
-    /// without a sync of its own. Readers see fjall's new state and the batch's held
-    /// messages at the same moment: both change under the `held` lock, which readers hold
-    /// while they take a fjall snapshot.
+    /// without a sync of its own, then updates the held messages. Not under one lock:
+    /// fjall may hold a commit 100 ms at a time, and readers must not wait for that.
+    /// Readers that need both parts of one commit compare commit counts
+    /// (`EmbeddedStore::consistent_view`).
     fn write(&mut self, batch: Batch, p: &mut Pending, durable: bool) -> Fallible<()> {
         let Batch { fjall, mut record, .. } = batch;
         let journal_max = JOURNAL_STRETCH.saturating_mul(self.options.memory.checkpoint_bytes);
@@ -269,20 +281,27 @@ impl Writer {
             self.journal.append(&mut record, durable)
         };
         let appended = appended.map_err(fjall::Error::from);
-        let committed = appended.and_then(|()| self.commit_to_fjall(fjall, &record, p));
+        let commits = self.commits + u64::from(durable);
+        let committed = appended.and_then(|()| self.commit_to_fjall(fjall, &record, p, commits));
         self.buffer = record.into_buffer();
         committed
     }
 
     /// The second half of [`Writer::write`].
-    fn commit_to_fjall(&mut self, fjall: fjall::OwnedWriteBatch, record: &Record, p: &mut Pending) -> Fallible<()> {
-        let mut held = self.shared.held.write().expect("held lock");
+    fn commit_to_fjall(
+        &mut self,
+        fjall: fjall::OwnedWriteBatch,
+        record: &Record,
+        p: &mut Pending,
+        commits: u64,
+    ) -> Fallible<()> {
         if let Err(e) = fjall.durability(Some(PersistMode::Buffer)).commit() {
-            drop(held);
             // The caller forgets the batch, so the journal must too.
-            self.journal.take_back(record)?;
+            self.journal.take_back(record);
             return Err(e);
         }
+        let mut held = self.shared.held.write().expect("held lock");
+        held.set_commits(commits);
         for ((user, seq), msg) in p.held.drain() {
             match msg {
                 Some(msg) => held.insert(msg),
@@ -298,8 +317,8 @@ impl Writer {
 
     /// Writes the messages still held in memory to fjall, syncs fjall (which makes every
     /// batch it took unsynced durable too) and empties the journal. A failure leaves
-    /// everything as it was, to be tried again after a later commit.
-    fn checkpoint(&mut self) {
+    /// everything as it was, to be tried again; returns whether it succeeded.
+    fn checkpoint(&mut self) -> bool {
         let started = Instant::now();
         let journal_bytes = self.journal.len();
         let held: Vec<SharedMessage> = self.shared.held.read().expect("held lock").iter().cloned().collect();
@@ -312,7 +331,7 @@ impl Writer {
         batch.insert(meta, schema::CHECKPOINT_COMMITS, schema::encode_u64(self.commits));
         if let Err(e) = batch.commit() {
             tracing::error!(error = %e, held = held.len(), "checkpoint failed; the journal keeps growing until one succeeds");
-            return;
+            return false;
         }
         // Only the writer changes the held messages, so these are exactly the ones written.
         self.shared.held.write().expect("held lock").clear();
@@ -322,6 +341,7 @@ impl Writer {
         }
         let micros = started.elapsed().as_micros();
         tracing::debug!(held = held.len(), journal_bytes, micros, "checkpoint");
+        true
     }
 
     /// Adds one operation to the batch. `Err` is a storage failure that fails the batch.
