@@ -403,6 +403,7 @@ impl EmbeddedStore {
             journal,
             buffer: Vec::new(),
             retry_checkpoint_at: None,
+            fjall_synced_at: std::time::Instant::now(),
         };
         // The thread ends by itself once the store is closed or dropped (its queue closes).
         std::thread::Builder::new()

@@ -84,11 +84,20 @@ pub struct Writer {
     pub buffer: Vec<u8>,
     /// When to try again after a failed checkpoint.
     pub retry_checkpoint_at: Option<Instant>,
+    /// When fjall's own journal was last synced (see [`FJALL_SYNC_EVERY`]).
+    pub fjall_synced_at: Instant,
     /// Log prefixes asked to be dropped (`Op::Truncate`): through which seq, per stream.
     /// Dropped a bounded part per commit (see [`Writer::drop_logs`]), so a long backlog is
     /// never one huge batch.
     pub truncating: HashMap<StreamId, u64>,
 }
+
+/// How often a commit also syncs fjall's journal, though the store's journal makes it
+/// durable. fjall refuses to open when a batch in its journal fails its checksum, which
+/// after a power loss any unsynced batch may; so only the batches of the last moment may
+/// be unsynced, as when fjall was synced on every commit. It also leaves a checkpoint
+/// little to sync.
+const FJALL_SYNC_EVERY: Duration = Duration::from_millis(100);
 
 /// Past this many times `checkpoint_bytes`, commits fail until a checkpoint succeeds:
 /// checkpoints are failing (the log says why), and the journal and the held messages
@@ -295,10 +304,19 @@ impl Writer {
         p: &mut Pending,
         commits: u64,
     ) -> Fallible<()> {
-        if let Err(e) = fjall.durability(Some(PersistMode::Buffer)).commit() {
+        let sync = commits > self.commits && self.fjall_synced_at.elapsed() >= FJALL_SYNC_EVERY;
+        let mode = if sync {
+            PersistMode::SyncData
+        } else {
+            PersistMode::Buffer
+        };
+        if let Err(e) = fjall.durability(Some(mode)).commit() {
             // The caller forgets the batch, so the journal must too.
             self.journal.take_back(record);
             return Err(e);
+        }
+        if sync {
+            self.fjall_synced_at = Instant::now();
         }
         let mut held = self.shared.held.write().expect("held lock");
         held.set_commits(commits);
