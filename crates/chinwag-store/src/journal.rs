@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 use xxhash_rust::xxh3::xxh3_64;
 
 pub const FILE: &str = "journal";
+/// The empty journal being put in place of a full one (see [`Journal::clear`]).
+const NEXT: &str = "journal.next";
 
 const HEADER: usize = 12;
 const REMOVED: u32 = u32::MAX;
@@ -201,24 +203,52 @@ impl Journal {
         self.cut(self.len - record.bytes.len() as u64);
     }
 
-    /// Empties the journal once fjall durably holds everything in it. A failure leaves
-    /// the journal longer than needed but consistent: replay covers more.
+    /// Empties the journal once fjall durably holds everything in it, by putting an
+    /// empty file in its place: cutting tens of MiB from the file in place took the
+    /// writer 20–60 ms at full load, and freeing the old file's blocks is left to a
+    /// thread of its own. A failure before the swap leaves the journal longer than
+    /// needed but consistent: replay covers more. One after it (the directory cannot be
+    /// synced, so a power loss could bring the old file back and lose what is appended to
+    /// the new one) stops all appends.
     pub fn clear(&mut self) -> io::Result<()> {
-        self.file.set_len(0)?;
+        let dir = self.path.parent().expect("the journal is in the store's directory");
+        let next = dir.join(NEXT);
+        let fresh = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&next)?;
+        std::fs::rename(&next, &self.path)?;
+        let old = std::mem::replace(&mut self.file, fresh);
         self.len = 0;
-        self.file.sync_all()
+        // The old file's blocks are freed when it is closed.
+        let _ = std::thread::Builder::new()
+            .name("chinwag-journal-drop".into())
+            .spawn(move || drop(old));
+        let synced = File::open(dir).and_then(|d| d.sync_all());
+        if let Err(e) = &synced {
+            self.stop(format!(
+                "cannot sync the directory after emptying the journal ({e}); restart the node"
+            ));
+        }
+        synced
     }
 
     /// Cuts the file back to `to`; if that cannot be done durably, stops all appends.
     fn cut(&mut self, to: u64) {
         let cut = self.file.set_len(to).and_then(|()| self.file.sync_all());
-        if let Err(e) = cut {
-            let why = format!("cannot cut the journal back after a failed commit ({e}); restart the node");
-            tracing::error!(path = %self.path.display(), "{why}");
-            self.broken = Some(why);
-        } else {
-            self.len = to;
+        match cut {
+            Ok(()) => self.len = to,
+            Err(e) => self.stop(format!(
+                "cannot cut the journal back after a failed commit ({e}); restart the node"
+            )),
         }
+    }
+
+    fn stop(&mut self, why: String) {
+        tracing::error!(path = %self.path.display(), "{why}");
+        self.broken = Some(why);
     }
 
     pub fn path(&self) -> &Path {

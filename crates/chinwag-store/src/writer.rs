@@ -351,14 +351,16 @@ impl Writer {
             tracing::error!(error = %e, held = held.len(), "checkpoint failed; the journal keeps growing until one succeeds");
             return false;
         }
+        let synced_micros = started.elapsed().as_micros();
         // Only the writer changes the held messages, so these are exactly the ones written.
         self.shared.held.write().expect("held lock").clear();
         if let Err(e) = self.journal.clear() {
-            // Harmless but for the replay at the next open, which now covers more.
+            // Before the swap, harmless but for a longer replay at the next open; after
+            // it, the journal has stopped taking commits (see `Journal::clear`).
             tracing::error!(error = %e, path = %self.journal.path().display(), "cannot empty the journal");
         }
         let micros = started.elapsed().as_micros();
-        tracing::debug!(held = held.len(), journal_bytes, micros, "checkpoint");
+        tracing::debug!(held = held.len(), journal_bytes, synced_micros, micros, "checkpoint");
         true
     }
 
