@@ -463,6 +463,17 @@ impl EmbeddedStore {
         }
     }
 
+    /// Waits until every operation queued before this call is committed and the writer
+    /// is done with what follows a commit (a checkpoint among it): then, until the next
+    /// write, the files do not change but for fjall's background work. For tests that
+    /// copy the files as a crash would leave them.
+    pub async fn settle(&self) {
+        let (done, settled) = oneshot::channel();
+        if self.ops.send(Op::Settle(done)).await.is_ok() {
+            let _ = settled.await;
+        }
+    }
+
     /// Finishes every queued write and stops the writer. Later writes fail with
     /// [`StoreError::Closed`].
     pub async fn close(&self) {

@@ -143,6 +143,7 @@ async fn run(steps: Vec<Step>) {
                 store = open(dir.path(), &receipts);
             }
             Step::Crash => {
+                store.settle().await;
                 let copy = crate::tests::crash_copy(dir.path());
                 store.close().await;
                 drop(store);

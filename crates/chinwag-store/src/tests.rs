@@ -813,7 +813,8 @@ async fn damaged_table_files_are_reported_never_silently_lost() {
 }
 
 /// A copy of the store as a crash would leave it now: every file as the kernel holds it,
-/// nothing of what the process has not written yet. The store must be idle.
+/// nothing of what the process has not written yet. The store must be idle: settled
+/// (`EmbeddedStore::settle`), with nothing for fjall's background threads to do.
 pub(crate) fn crash_copy(dir: &Path) -> tempfile::TempDir {
     let copy = tempfile::tempdir().unwrap();
     for file in walk(dir) {
@@ -838,6 +839,9 @@ async fn crashed_with_held_messages() -> tempfile::TempDir {
     let first = store.scan(user("bob"), 0, 1).await.unwrap()[0].seq;
     store.ack(user("bob"), vec![first]).await.unwrap();
     assert_eq!(store.tables.mailbox.iter().count(), 0, "the messages reached fjall");
+    // Idle already: six held messages and recipients, and a journal of about 1 KiB, call
+    // for no checkpoint. (Settling would add a record of its own, which is not what the
+    // cuts below must hit.)
     crash_copy(dir.path())
 }
 

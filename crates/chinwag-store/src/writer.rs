@@ -53,6 +53,9 @@ pub enum Op {
     MergeSnapshot(VersionVector, Vec<Vec<u8>>, Reply<VersionVector>),
     /// Finish everything queued before this, answer, then stop.
     Shutdown(oneshot::Sender<()>),
+    /// Answered once everything queued before it is committed and the writer's work
+    /// after that commit (sealing memtables, a checkpoint) is done.
+    Settle(oneshot::Sender<()>),
 }
 
 /// Receives what one commit did, for metrics.
@@ -138,6 +141,7 @@ struct Pending {
     logged: u64,
     answers: Vec<Answer>,
     stop: Option<oneshot::Sender<()>>,
+    settled: Vec<oneshot::Sender<()>>,
     /// The batch must reach the disk before anyone is answered.
     durable: bool,
 }
@@ -258,6 +262,9 @@ impl Writer {
                 // A full journal fails every commit until a checkpoint empties it.
                 self.checkpoint_if_due();
             }
+        }
+        for done in pending.settled {
+            let _ = done.send(());
         }
         pending.stop
     }
@@ -405,6 +412,7 @@ impl Writer {
                 pending.answers.push(Answer::Merged(reply, merged));
             }
             Op::Shutdown(done) => pending.stop = Some(done),
+            Op::Settle(done) => pending.settled.push(done),
         }
         Ok(())
     }
