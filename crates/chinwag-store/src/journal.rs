@@ -3,7 +3,7 @@
 //! Each commit group is appended as one record of physical operations (put or remove a
 //! key in a keyspace) and the file is synced before anyone is answered; fjall receives
 //! the same group without a sync of its own. Messages are the exception: a new message
-//! is written only here and kept in memory (`Shared::hot`), because most are acknowledged
+//! is written only here and kept in memory (`crate::held`), because most are acknowledged
 //! within milliseconds and then never need to reach fjall at all. A checkpoint
 //! (`Writer::checkpoint`) writes the messages still held in memory to fjall, syncs fjall
 //! and empties this file.
@@ -18,6 +18,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -45,7 +46,7 @@ pub enum Ks {
 }
 
 impl Ks {
-    const ALL: [Ks; 9] = [
+    pub(crate) const ALL: [Ks; 9] = [
         Ks::Mailbox,
         Ks::Dedup,
         Ks::Depth,
@@ -90,9 +91,7 @@ impl Record {
 
     /// Like [`Record::push`], with the value encoded in place.
     pub fn push_encoded(&mut self, keyspace: Ks, key: &[u8], value: &impl serde::Serialize) {
-        self.bytes.push(keyspace as u8);
-        self.bytes.extend_from_slice(&length(key).to_le_bytes());
-        self.bytes.extend_from_slice(key);
+        self.push_key(keyspace, key);
         let at = self.bytes.len();
         self.bytes.extend_from_slice(&[0; 4]);
         self.bytes = postcard::to_extend(value, std::mem::take(&mut self.bytes)).expect("records always encode");
@@ -101,9 +100,7 @@ impl Record {
     }
 
     pub fn push(&mut self, keyspace: Ks, key: &[u8], value: Option<&[u8]>) {
-        self.bytes.push(keyspace as u8);
-        self.bytes.extend_from_slice(&length(key).to_le_bytes());
-        self.bytes.extend_from_slice(key);
+        self.push_key(keyspace, key);
         match value {
             Some(value) => {
                 self.bytes.extend_from_slice(&length(value).to_le_bytes());
@@ -111,6 +108,12 @@ impl Record {
             }
             None => self.bytes.extend_from_slice(&REMOVED.to_le_bytes()),
         }
+    }
+
+    fn push_key(&mut self, keyspace: Ks, key: &[u8]) {
+        self.bytes.push(keyspace as u8);
+        self.bytes.extend_from_slice(&length(key).to_le_bytes());
+        self.bytes.extend_from_slice(key);
     }
 
     /// The record with its header, ready to append; refused past 4 GiB (a snapshot merge
@@ -136,28 +139,27 @@ pub struct Journal {
     path: PathBuf,
     /// Bytes of whole records; the next record goes here.
     len: u64,
+    /// Appends are refused at this length: checkpoints are failing (the log says why),
+    /// and the journal must not grow without bound.
+    max_len: u64,
     /// Why the file may no longer match `len` (a failed write could not be cut back):
     /// appending is refused from then on, until a restart reads the file again.
     broken: Option<String>,
 }
 
 impl Journal {
-    /// Opens the journal in `dir` and returns it with the payloads of its records up to
-    /// the first that is incomplete or fails its checksum. That one is most likely a
+    /// Opens the journal in `dir`, to hold at most `max_len` bytes, and returns it with
+    /// what it holds: its records up to the first that is incomplete or fails its
+    /// checksum. That one is most likely a
     /// write a crash cut short (and then no one was answered for it or anything after);
     /// if it was damaged later instead, the caller sees that fjall holds commits the
     /// journal now lacks (`replay` in `lib.rs`), or the watermark does.
-    pub fn open(dir: &Path) -> io::Result<(Journal, Vec<Vec<u8>>)> {
+    pub fn open(dir: &Path, max_len: u64) -> io::Result<(Journal, Contents)> {
         let path = dir.join(FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
+        let file = open_file(&path, false)?;
         let mut bytes = Vec::new();
         io::Read::read_to_end(&mut &file, &mut bytes)?;
-        let (payloads, len) = split(&bytes);
+        let (records, len) = split(&bytes);
         if len < bytes.len() {
             tracing::warn!(path = %path.display(), at = len, dropped_bytes = bytes.len() - len, "the journal ends in an incomplete or damaged record; dropping it and everything after it");
         }
@@ -165,9 +167,10 @@ impl Journal {
             file,
             path,
             len: len as u64,
+            max_len,
             broken: None,
         };
-        Ok((journal, payloads))
+        Ok((journal, Contents { bytes, records }))
     }
 
     pub fn len(&self) -> u64 {
@@ -179,6 +182,11 @@ impl Journal {
     pub fn append(&mut self, record: &mut Record, sync: bool) -> io::Result<()> {
         if let Some(why) = &self.broken {
             return Err(io::Error::other(why.clone()));
+        }
+        if self.len >= self.max_len {
+            return Err(io::Error::other(
+                "the journal is full because checkpoints fail; see the log",
+            ));
         }
         let bytes = record.seal()?;
         let written = self
@@ -213,12 +221,7 @@ impl Journal {
     pub fn clear(&mut self) -> io::Result<()> {
         let dir = self.path.parent().expect("the journal is in the store's directory");
         let next = dir.join(NEXT);
-        let fresh = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&next)?;
+        let fresh = open_file(&next, true)?;
         std::fs::rename(&next, &self.path)?;
         let old = std::mem::replace(&mut self.file, fresh);
         self.len = 0;
@@ -256,9 +259,36 @@ impl Journal {
     }
 }
 
-/// The payloads of the whole, intact records at the start of `bytes`, and how many bytes
-/// they take.
-fn split(bytes: &[u8]) -> (Vec<Vec<u8>>, usize) {
+fn open_file(path: &Path, truncate: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(truncate)
+        .open(path)
+}
+
+/// What a journal held when it was opened.
+pub struct Contents {
+    bytes: Vec<u8>,
+    records: Vec<Range<usize>>,
+}
+
+impl Contents {
+    /// The payloads of its whole, intact records, in order.
+    pub fn records(&self) -> impl Iterator<Item = &[u8]> {
+        self.records.iter().map(|r| &self.bytes[r.clone()])
+    }
+
+    /// Whether the file was empty: not even a damaged record to drop.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+/// Where the payloads of the whole, intact records at the start of `bytes` are, and how
+/// many bytes those records take.
+fn split(bytes: &[u8]) -> (Vec<Range<usize>>, usize) {
     let mut payloads = Vec::new();
     let mut at = 0;
     while bytes.len() - at >= HEADER {
@@ -266,7 +296,7 @@ fn split(bytes: &[u8]) -> (Vec<Vec<u8>>, usize) {
         let hash = u64::from_le_bytes(bytes[at + 4..at + HEADER].try_into().expect("8 bytes"));
         let end = at + HEADER + len;
         match bytes.get(at + HEADER..end) {
-            Some(payload) if xxh3_64(payload) == hash => payloads.push(payload.to_vec()),
+            Some(payload) if xxh3_64(payload) == hash => payloads.push(at + HEADER..end),
             _ => break,
         }
         at = end;
@@ -323,9 +353,9 @@ mod tests {
     }
 
     fn reopen(dir: &Path) -> io::Result<Vec<Read>> {
-        let (_, payloads) = Journal::open(dir)?;
-        Ok(payloads
-            .iter()
+        let (_, contents) = Journal::open(dir, u64::MAX)?;
+        Ok(contents
+            .records()
             .map(|p| {
                 changes(p)
                     .unwrap()
@@ -339,7 +369,7 @@ mod tests {
     #[test]
     fn records_read_back_in_order_with_removals() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        let (mut j, _) = Journal::open(dir.path(), u64::MAX).unwrap();
         j.append(
             &mut record(&[(Ks::Mailbox, b"k1", Some(b"v1")), (Ks::Gone, b"", None)]),
             true,
@@ -360,15 +390,15 @@ mod tests {
     #[test]
     fn a_torn_last_record_is_dropped_and_overwritten() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        let (mut j, _) = Journal::open(dir.path(), u64::MAX).unwrap();
         j.append(&mut record(&[(Ks::Dedup, b"a", Some(b"1"))]), true).unwrap();
         let whole = j.len();
         j.append(&mut record(&[(Ks::Dedup, b"b", Some(b"2"))]), true).unwrap();
         drop(j);
         let file = OpenOptions::new().write(true).open(dir.path().join(FILE)).unwrap();
         file.set_len(whole + 5).unwrap();
-        let (mut j, payloads) = Journal::open(dir.path()).unwrap();
-        assert_eq!(payloads.len(), 1);
+        let (mut j, contents) = Journal::open(dir.path(), u64::MAX).unwrap();
+        assert_eq!(contents.records().count(), 1);
         assert_eq!(j.len(), whole);
         j.append(&mut record(&[(Ks::Dedup, b"c", Some(b"3"))]), true).unwrap();
         drop(j);
@@ -383,7 +413,7 @@ mod tests {
     #[test]
     fn a_damaged_record_ends_the_journal() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        let (mut j, _) = Journal::open(dir.path(), u64::MAX).unwrap();
         for key in [b"a", b"b"] {
             j.append(&mut record(&[(Ks::Log, key, Some(b"x"))]), true).unwrap();
         }
@@ -396,7 +426,7 @@ mod tests {
     #[test]
     fn take_back_and_clear_shorten_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        let (mut j, _) = Journal::open(dir.path(), u64::MAX).unwrap();
         j.append(&mut record(&[(Ks::Ids, b"a", None)]), true).unwrap();
         let mut second = record(&[(Ks::Ids, b"b", None)]);
         j.append(&mut second, true).unwrap();
@@ -422,9 +452,9 @@ mod tests {
                 r.push(*ks, key, value.as_deref());
             }
             let sealed = r.seal().unwrap().to_vec();
-            let (payloads, len) = split(&sealed);
+            let (records, len) = split(&sealed);
             prop_assert_eq!(len, sealed.len());
-            let read: Vec<_> = changes(&payloads[0]).unwrap().into_iter()
+            let read: Vec<_> = changes(&sealed[records[0].clone()]).unwrap().into_iter()
                 .map(|c| (c.keyspace, c.key.to_vec(), c.value.map(<[u8]>::to_vec)))
                 .collect();
             prop_assert_eq!(read, ops);
@@ -434,10 +464,10 @@ mod tests {
         /// accepts is a prefix of the file.
         #[test]
         fn any_bytes_are_read_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let (payloads, len) = split(&bytes);
+            let (records, len) = split(&bytes);
             prop_assert!(len <= bytes.len());
-            for payload in &payloads {
-                let _ = changes(payload);
+            for record in records {
+                let _ = changes(&bytes[record]);
             }
             let _ = changes(&bytes);
         }

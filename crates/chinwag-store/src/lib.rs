@@ -4,7 +4,7 @@
 //! Writes are made durable by group commit on a dedicated thread (see [`writer`]) that
 //! syncs the journal, not fjall; new messages stay in memory and the journal until a
 //! checkpoint finds them still unacknowledged (see [`journal`]). Reads are snapshot reads
-//! that wait at most for one commit to reach fjall's memory. Coordinates are kept
+//! that never wait for a commit. Coordinates are kept
 //! durably and mirrored in memory, because every delivery looks them up.
 //!
 //! Why fjall: see ARCHITECTURE.md ("The embedded store") and
@@ -72,7 +72,8 @@ pub struct StoreOptions {
 ///
 /// New messages are held in memory (and the journal) until a checkpoint, which runs once
 /// the journal reaches `checkpoint_bytes` or one held message or recipient per KiB of it
-/// is held: at most about a quarter of `checkpoint_bytes` of RSS. The same size bounds
+/// is held: by the sizes of a message and a map entry, at most about a quarter of
+/// `checkpoint_bytes` of RSS (an estimate; RSS while messages are held was not isolated). The same size bounds
 /// the journal replayed at a restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreMemory {
@@ -87,6 +88,12 @@ impl StoreMemory {
         usize::try_from(self.checkpoint_bytes / 1024)
             .unwrap_or(usize::MAX)
             .max(1)
+    }
+
+    /// Journal size at which commits fail: checkpoints are failing, and neither the
+    /// journal nor the held messages may grow without bound.
+    fn journal_max(&self) -> u64 {
+        self.checkpoint_bytes.saturating_mul(4)
     }
 }
 
@@ -135,8 +142,8 @@ pub struct Shared {
     coordinates: RwLock<CoordinateMap>,
     mailbox_depth: AtomicU64,
     replicated_in: AtomicU64,
-    /// New messages not yet written to fjall, by mailbox key (see [`journal`]). Changed
-    /// only by the writer, always together with a fjall commit.
+    /// New messages not yet written to fjall (see [`journal`]). Changed only by the
+    /// writer, just after each commit reaches fjall.
     held: RwLock<held::Held>,
     journal_bytes: AtomicU64,
     /// The error of the last commit, if it failed; cleared by the next one that succeeds.
@@ -279,17 +286,7 @@ impl Tables {
     }
 
     fn all(&self) -> [&Keyspace; 9] {
-        [
-            &self.mailbox,
-            &self.dedup,
-            &self.depth,
-            &self.coords,
-            &self.meta,
-            &self.log,
-            &self.streams,
-            &self.ids,
-            &self.gone,
-        ]
+        journal::Ks::ALL.map(|keyspace| self.get(keyspace))
     }
 
     /// Seals every memtable that has reached its limit (`sealing`), to be written out.
@@ -358,7 +355,7 @@ impl EmbeddedStore {
             .open()
             .map_err(fail)?;
         let tables = Tables::open(db).map_err(fail)?;
-        let journal = replay(&path, &tables)?;
+        let journal = replay(&path, &tables, options.memory.journal_max())?;
         let recovered = recover(&tables, &options).map_err(|e| match e {
             Recovery::Storage(e) => fail(e),
             Recovery::Damaged(detail) => OpenError::Corrupt {
@@ -725,7 +722,8 @@ fn classify(path: &Path, e: fjall::Error) -> OpenError {
 /// Applies what the journal holds to fjall (see [`journal`]), syncs fjall and empties
 /// the journal. Refuses a journal that ends before a commit fjall has seen: fjall only
 /// sees a durable commit once the journal holds it, so it was truncated or damaged.
-fn replay(path: &Path, tables: &Tables) -> Result<journal::Journal, OpenError> {
+/// With nothing in the journal and its start already recorded, there is nothing to do.
+fn replay(path: &Path, tables: &Tables, max_len: u64) -> Result<journal::Journal, OpenError> {
     let journal_path = path.join(journal::FILE);
     let io = |e: std::io::Error| OpenError::Io {
         path: journal_path.clone(),
@@ -735,7 +733,7 @@ fn replay(path: &Path, tables: &Tables) -> Result<journal::Journal, OpenError> {
         path: journal_path.clone(),
         detail,
     };
-    let (mut journal, records) = journal::Journal::open(path).map_err(io)?;
+    let (mut journal, contents) = journal::Journal::open(path, max_len).map_err(io)?;
     let counter = |key| {
         read_u64(&tables.meta, key).map_err(|e| match e {
             Recovery::Storage(e) => classify(path, e),
@@ -744,9 +742,14 @@ fn replay(path: &Path, tables: &Tables) -> Result<journal::Journal, OpenError> {
     };
     let seen = counter(schema::COMMITS)?.unwrap_or(0);
     let checkpoint = counter(schema::CHECKPOINT_COMMITS)?;
+    if contents.is_empty() && checkpoint == Some(seen) {
+        return Ok(journal);
+    }
     let mut batch = tables.db.batch().durability(Some(PersistMode::SyncAll));
     let mut commits = checkpoint.unwrap_or(seen);
-    for (n, payload) in records.iter().enumerate() {
+    let mut records = 0;
+    for (n, payload) in contents.records().enumerate() {
+        records += 1;
         let changes = journal::changes(payload).ok_or_else(|| corrupt(format!("record {n} is malformed")))?;
         for change in changes {
             let keyspace = tables.get(change.keyspace);
@@ -769,8 +772,8 @@ fn replay(path: &Path, tables: &Tables) -> Result<journal::Journal, OpenError> {
     batch.insert(&tables.meta, schema::CHECKPOINT_COMMITS, schema::encode_u64(commits));
     batch.commit().map_err(|e| classify(path, e))?;
     journal.clear().map_err(io)?;
-    if !records.is_empty() {
-        tracing::info!(records = records.len(), "replayed the journal");
+    if records > 0 {
+        tracing::info!(records, "replayed the journal");
     }
     Ok(journal)
 }

@@ -51,31 +51,19 @@ pub fn build(
     let mut items = Vec::new();
     for entry in snap.iter(&t.mailbox) {
         let (key, value) = entry.into_inner()?;
-        let (Some(to), Ok(record)) = (schema::split_user(&key), postcard::from_bytes::<MessageRecord>(&value)) else {
-            continue;
-        };
-        let (Ok(origin), Ok(from), Ok(client_id)) = (
-            chinwag_core::DcName::parse(record.origin),
-            chinwag_core::UserId::parse(record.from),
-            chinwag_core::ClientMsgId::parse(record.client_id),
+        let (Some(to), Some(seq), Ok(record)) = (
+            schema::split_user(&key),
+            schema::key_seq(&key),
+            postcard::from_bytes::<MessageRecord>(&value),
         ) else {
             continue;
         };
-        // A checkpoint may be moving it to fjall.
-        held.remove(&to, schema::key_seq(&key).unwrap_or(0));
-        let item = SnapshotItem::Message {
-            to,
-            id: IdRecord {
-                origin,
-                epoch: record.epoch,
-                seq: record.origin_seq,
-            },
-            from,
-            client_id,
-            text: record.text.to_owned(),
-            at_ms: record.at_ms,
+        let Ok(msg) = record.into_message(&to, seq, &own.dc) else {
+            continue;
         };
-        items.push(postcard::to_stdvec(&item).expect("encodes"));
+        // A checkpoint may be moving it to fjall.
+        held.remove(&to, seq);
+        items.push(message_item(&msg));
     }
     items.extend(held.iter().map(|msg| message_item(msg)));
     for entry in snap.iter(&t.coords) {

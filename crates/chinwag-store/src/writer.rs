@@ -102,11 +102,6 @@ pub struct Writer {
 /// little to sync.
 const FJALL_SYNC_EVERY: Duration = Duration::from_millis(100);
 
-/// Past this many times `checkpoint_bytes`, commits fail until a checkpoint succeeds:
-/// checkpoints are failing (the log says why), and the journal and the held messages
-/// must not grow without bound.
-const JOURNAL_STRETCH: u64 = 4;
-
 /// Log entries a commit drops for `Op::Truncate`, besides twice what it adds to the logs.
 pub(crate) const TRUNCATE_MAX: u64 = if cfg!(test) { 100 } else { 4_096 };
 
@@ -128,8 +123,6 @@ struct Pending {
     /// Messages this batch puts into (`Some`) or deletes from (`None`) the ones held in
     /// memory (see [`crate::journal`]).
     held: HashMap<(UserId, u64), Option<SharedMessage>>,
-    /// Mailbox keys written in this batch, with their message ids.
-    inserted: HashMap<Vec<u8>, MessageId>,
     /// Message id index entries written (`Some`) or removed (`None`) in this batch.
     ids: HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// Tombstones written (`true`) or consumed (`false`) in this batch.
@@ -288,17 +281,8 @@ impl Writer {
     /// (`EmbeddedStore::consistent_view`).
     fn write(&mut self, batch: Batch, p: &mut Pending, durable: bool) -> Fallible<()> {
         let Batch { fjall, mut record, .. } = batch;
-        let journal_max = JOURNAL_STRETCH.saturating_mul(self.options.memory.checkpoint_bytes);
-        let appended = if self.journal.len() >= journal_max {
-            Err(std::io::Error::other(
-                "the journal is full because checkpoints fail; see the log",
-            ))
-        } else {
-            self.journal.append(&mut record, durable)
-        };
-        let appended = appended.map_err(fjall::Error::from);
-        let commits = self.commits + u64::from(durable);
-        let committed = appended.and_then(|()| self.commit_to_fjall(fjall, &record, p, commits));
+        let appended = self.journal.append(&mut record, durable).map_err(fjall::Error::from);
+        let committed = appended.and_then(|()| self.commit_to_fjall(fjall, &record, p, durable));
         self.buffer = record.into_buffer();
         committed
     }
@@ -309,9 +293,9 @@ impl Writer {
         fjall: fjall::OwnedWriteBatch,
         record: &Record,
         p: &mut Pending,
-        commits: u64,
+        durable: bool,
     ) -> Fallible<()> {
-        let sync = commits > self.commits && self.fjall_synced_at.elapsed() >= FJALL_SYNC_EVERY;
+        let sync = durable && self.fjall_synced_at.elapsed() >= FJALL_SYNC_EVERY;
         let mode = if sync {
             PersistMode::SyncData
         } else {
@@ -326,7 +310,7 @@ impl Writer {
             self.fjall_synced_at = Instant::now();
         }
         let mut held = self.shared.held.write().expect("held lock");
-        held.set_commits(commits);
+        held.set_commits(self.commits + u64::from(durable));
         for ((user, seq), msg) in p.held.drain() {
             match msg {
                 Some(msg) => held.insert(msg),
@@ -346,16 +330,20 @@ impl Writer {
     fn checkpoint(&mut self) -> bool {
         let started = Instant::now();
         let journal_bytes = self.journal.len();
-        let held: Vec<SharedMessage> = self.shared.held.read().expect("held lock").iter().cloned().collect();
         let mut batch = self.tables.db.batch().durability(Some(PersistMode::SyncAll));
-        for msg in &held {
-            let key = schema::mailbox_key(&msg.to, msg.seq);
-            batch.insert(&self.tables.mailbox, key, MessageRecord::of(msg).encode());
-        }
+        let held = {
+            // Only this thread changes the held messages, so reading them is enough.
+            let held = self.shared.held.read().expect("held lock");
+            for msg in held.iter() {
+                let key = schema::mailbox_key(&msg.to, msg.seq);
+                batch.insert(&self.tables.mailbox, key, MessageRecord::of(msg).encode());
+            }
+            held.len()
+        };
         let meta = &self.tables.meta;
         batch.insert(meta, schema::CHECKPOINT_COMMITS, schema::encode_u64(self.commits));
         if let Err(e) = batch.commit() {
-            tracing::error!(error = %e, held = held.len(), "checkpoint failed; the journal keeps growing until one succeeds");
+            tracing::error!(error = %e, held, "checkpoint failed; the journal keeps growing until one succeeds");
             return false;
         }
         let synced_micros = started.elapsed().as_micros();
@@ -367,7 +355,7 @@ impl Writer {
             tracing::error!(error = %e, path = %self.journal.path().display(), "cannot empty the journal");
         }
         let micros = started.elapsed().as_micros();
-        tracing::debug!(held = held.len(), journal_bytes, synced_micros, micros, "checkpoint");
+        tracing::debug!(held, journal_bytes, synced_micros, micros, "checkpoint");
         true
     }
 
@@ -545,10 +533,6 @@ impl Writer {
         self.next_seq += 1;
         let mailbox_key = schema::mailbox_key(&msg.to, msg.seq);
         batch.insert_held(&mailbox_key, &MessageRecord::of(&msg));
-        if self.options.replicate {
-            // Only replicated entries can delete a message in the batch that stored it.
-            p.inserted.insert(mailbox_key.clone(), msg.id.clone());
-        }
         let dedup = DedupRecord {
             id: IdRecord::from(&msg.id),
             at_ms: msg.at_ms,
@@ -603,15 +587,18 @@ impl Writer {
             return Ok(None);
         }
         let seq = schema::key_seq(&mailbox_key).unwrap_or(0);
+        // Only replicated entries can delete a message in the batch that stored it; its
+        // sender gets no receipt for that.
+        let stored_here = self.options.replicate && matches!(p.held.get(&(user.clone(), seq)), Some(Some(_)));
         let held = self.held(user, seq, p);
         // Most acknowledged messages are still held, and then the mailbox table is not read.
-        let id = match (p.inserted.get(&mailbox_key), held.as_deref()) {
-            (Some(id), _) => Some(id.clone()),
-            (None, Some(Message { from, id, .. })) => {
+        let id = match (stored_here, held.as_deref()) {
+            (true, held) => held.map(|msg| msg.id.clone()),
+            (false, Some(Message { from, id, .. })) => {
                 p.receipts.entry(from.clone()).or_default().push(id.clone());
                 Some(id.clone())
             }
-            (None, None) => {
+            (false, None) => {
                 let Some(record) = self.tables.mailbox.get(&mailbox_key)? else {
                     return Ok(None);
                 };
