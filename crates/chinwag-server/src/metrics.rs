@@ -319,7 +319,7 @@ fn encode_engine(encoder: &mut DescriptorEncoder, engine: &EngineStats) -> Resul
     encode_series(encoder, &keyspaces, &engine.keyspaces, |k| KeyspaceLabel {
         keyspace: k.name.clone(),
     })?;
-    let totals: [Series<EngineStats>; 8] = [
+    let totals: [Series<EngineStats>; 9] = [
         (
             "store_journals",
             "fjall's journal files; all but the newest wait for memtables to be written out",
@@ -337,6 +337,12 @@ fn encode_engine(encoder: &mut DescriptorEncoder, engine: &EngineStats) -> Resul
             "New messages held in memory and the journal only, written to fjall at a checkpoint if still unacknowledged",
             G,
             |e| e.held_messages,
+        ),
+        (
+            "store_held_receipts",
+            "Idempotency records held in memory and the journal only, written to fjall in bulk",
+            G,
+            |e| e.held_receipts,
         ),
         (
             "store_flushes_queued",

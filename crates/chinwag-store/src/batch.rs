@@ -35,6 +35,11 @@ impl Batch {
         self.fjall.remove(self.tables.get(keyspace), key);
     }
 
+    /// A write fjall receives later, in bulk (see [`crate::deferred`]).
+    pub fn journal_only(&mut self, keyspace: Ks, key: &[u8], value: Option<&[u8]>) {
+        self.record.push(keyspace, key, value);
+    }
+
     /// A new message, journaled but kept out of fjall until a checkpoint finds it still
     /// unacknowledged (the writer keeps it in memory meanwhile).
     pub fn insert_held(&mut self, mailbox_key: &[u8], record: &MessageRecord) {

@@ -47,6 +47,8 @@ pub struct EngineStats {
     pub journal_bytes: u64,
     /// New messages held in memory, not yet written to fjall.
     pub held_messages: u64,
+    /// Idempotency records held in memory, not yet written to fjall.
+    pub held_receipts: u64,
     /// Sealed memtables queued for the engine's flush workers, over all keyspaces.
     pub flushes_queued: u64,
     pub compactions_running: u64,

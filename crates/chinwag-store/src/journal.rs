@@ -2,11 +2,11 @@
 //!
 //! Each commit group is appended as one record of physical operations (put or remove a
 //! key in a keyspace) and the file is synced before anyone is answered; fjall receives
-//! the same group without a sync of its own. Messages are the exception: a new message
-//! is written only here and kept in memory (`crate::held`), because most are acknowledged
-//! within milliseconds and then never need to reach fjall at all. A checkpoint
-//! (`Writer::checkpoint`) writes the messages still held in memory to fjall, syncs fjall
-//! and empties this file.
+//! the same group without a sync of its own. There are exceptions, written only here and
+//! kept in memory: a new message (`crate::held`), because most are acknowledged within
+//! milliseconds and then never need to reach fjall at all; and idempotency records and
+//! mailbox depths (`crate::deferred`), which reach fjall later and in bulk. A checkpoint
+//! (`Writer::checkpoint`) writes all of that to fjall, syncs fjall and empties this file.
 //!
 //! At open, whatever the file holds is applied to fjall, in order, and synced: each key
 //! ends as the last record left it, whether or not fjall had kept some of those writes,

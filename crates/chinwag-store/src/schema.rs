@@ -4,7 +4,7 @@
 //! form one contiguous range that no other user's keys can fall into, and a mailbox can be
 //! read with a single range scan in seq order (seqs are big-endian).
 
-use chinwag_core::{ClientMsgId, Coordinate, DcName, Epoch, Message, MessageId, UserId};
+use chinwag_core::{ClientMsgId, Coordinate, DcName, Epoch, Message, MessageId, Receipt, UserId};
 use chinwag_replication::StreamId;
 use serde::{Deserialize, Serialize};
 
@@ -238,6 +238,19 @@ impl<'a> MessageRecord<'a> {
 pub struct DedupRecord {
     pub id: IdRecord,
     pub at_ms: u64,
+}
+
+impl DedupRecord {
+    pub fn of(receipt: &Receipt) -> Self {
+        Self {
+            id: IdRecord::from(&receipt.id),
+            at_ms: receipt.at_ms,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("encodes")
+    }
 }
 
 /// A message id inside a record.

@@ -29,6 +29,7 @@ use fjall::PersistMode;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::batch::Batch;
+use crate::deferred::Deferred;
 use crate::expiry;
 use crate::journal::{Journal, Ks, Record};
 use crate::schema::{self, DedupRecord, Entry, IdRecord, MessageRecord, SnapshotItem, StreamState};
@@ -54,7 +55,8 @@ pub enum Op {
     /// Finish everything queued before this, answer, then stop.
     Shutdown(oneshot::Sender<()>),
     /// Answered once everything queued before it is committed and the writer's work
-    /// after that commit (sealing memtables, a checkpoint) is done.
+    /// after that commit (sealing memtables, a checkpoint, writing idempotency records) is
+    /// done.
     Settle(oneshot::Sender<()>),
 }
 
@@ -85,6 +87,8 @@ pub struct Writer {
     pub journal: Journal,
     /// The last journal record's buffer, for the next one.
     pub buffer: Vec<u8>,
+    /// Idempotency records and depth changes not yet written to fjall.
+    pub deferred: Deferred,
     /// When to try again after a failed checkpoint.
     pub retry_checkpoint_at: Option<Instant>,
     /// When fjall's own journal was last synced (see [`FJALL_SYNC_EVERY`]).
@@ -221,6 +225,7 @@ impl Writer {
                 }
                 (self.observer)(started.elapsed(), count);
                 self.shared.set_failure(None);
+                self.deferred.add(pending.dedup.drain(), pending.depths.keys());
                 self.publish(&mut pending);
                 self.dropped_logs();
                 for answer in pending.answers {
@@ -256,21 +261,36 @@ impl Writer {
                 self.checkpoint_if_due();
             }
         }
+        if !pending.settled.is_empty() {
+            self.deferred.settle();
+        }
         for done in pending.settled {
             let _ = done.send(());
         }
         pending.stop
     }
 
-    /// Checkpoints once the journal or the held messages reach their limit; after a
-    /// failed checkpoint, not again for a second.
+    /// Checkpoints once the journal or what is held in memory reaches its limit, or hands
+    /// the idempotency records alone to be written once they reach theirs; after a
+    /// failure, tries neither again for a second.
     fn checkpoint_if_due(&mut self) {
+        if let Some(Err(e)) = self.deferred.poll() {
+            tracing::error!(error = %e, "cannot write idempotency records; they stay in memory until this succeeds");
+            self.retry_checkpoint_at = Some(Instant::now() + Duration::from_secs(1));
+        }
         let memory = self.options.memory;
-        let due = self.journal.len() >= memory.checkpoint_bytes || self.held_count() >= memory.held_max();
-        if due && self.retry_checkpoint_at.is_none_or(|at| Instant::now() >= at) {
-            self.retry_checkpoint_at = (!self.checkpoint()).then(|| Instant::now() + Duration::from_secs(1));
+        let held = self.held_count() + self.deferred.depths();
+        let checkpoint = self.journal.len() >= memory.checkpoint_bytes || held >= memory.held_max();
+        if self.retry_checkpoint_at.is_none_or(|at| Instant::now() >= at) {
+            if checkpoint {
+                self.retry_checkpoint_at = (!self.checkpoint()).then(|| Instant::now() + Duration::from_secs(1));
+            } else if self.deferred.receipts() >= memory.held_max() {
+                self.deferred.start_spill();
+            }
         }
         (self.shared.journal_bytes).store(self.journal.len(), std::sync::atomic::Ordering::Relaxed);
+        let receipts = self.deferred.receipts_held();
+        (self.shared.held_receipts).store(receipts, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Makes the batch durable in the journal (synced, unless nothing in it needs to be:
@@ -324,12 +344,17 @@ impl Writer {
         self.shared.held.read().expect("held lock").footprint()
     }
 
-    /// Writes the messages still held in memory to fjall, syncs fjall (which makes every
-    /// batch it took unsynced durable too) and empties the journal. A failure leaves
+    /// Writes what is held in memory to fjall (messages, idempotency records, changed
+    /// depths), syncs fjall (which makes every batch it took unsynced durable too) and
+    /// empties the journal. A failure leaves
     /// everything as it was, to be tried again; returns whether it succeeded.
     fn checkpoint(&mut self) -> bool {
         let started = Instant::now();
         let journal_bytes = self.journal.len();
+        if let Err(e) = self.deferred.finish_spill() {
+            tracing::error!(error = %e, "checkpoint failed: cannot write idempotency records; the journal keeps growing until one succeeds");
+            return false;
+        }
         let mut batch = self.tables.db.batch().durability(Some(PersistMode::SyncAll));
         let held = {
             // Only this thread changes the held messages, so reading them is enough.
@@ -340,6 +365,8 @@ impl Writer {
             }
             held.len()
         };
+        let depths = self.deferred.depths();
+        (self.deferred).write_depths(&mut batch, &self.tables.depth, &self.depths);
         let meta = &self.tables.meta;
         batch.insert(meta, schema::CHECKPOINT_COMMITS, schema::encode_u64(self.commits));
         if let Err(e) = batch.commit() {
@@ -349,13 +376,14 @@ impl Writer {
         let synced_micros = started.elapsed().as_micros();
         // Only the writer changes the held messages, so these are exactly the ones written.
         self.shared.held.write().expect("held lock").clear();
+        self.deferred.depths_written();
         if let Err(e) = self.journal.clear() {
             // Before the swap, harmless but for a longer replay at the next open; after
             // it, the journal has stopped taking commits (see `Journal::clear`).
             tracing::error!(error = %e, path = %self.journal.path().display(), "cannot empty the journal");
         }
         let micros = started.elapsed().as_micros();
-        tracing::debug!(held, journal_bytes, synced_micros, micros, "checkpoint");
+        tracing::debug!(held, depths, journal_bytes, synced_micros, micros, "checkpoint");
         true
     }
 
@@ -533,15 +561,6 @@ impl Writer {
         self.next_seq += 1;
         let mailbox_key = schema::mailbox_key(&msg.to, msg.seq);
         batch.insert_held(&mailbox_key, &MessageRecord::of(&msg));
-        let dedup = DedupRecord {
-            id: IdRecord::from(&msg.id),
-            at_ms: msg.at_ms,
-        };
-        batch.insert(
-            Ks::Dedup,
-            dedup_key.clone(),
-            postcard::to_stdvec(&dedup).expect("encodes"),
-        );
         if self.options.replicate {
             let id_key = schema::id_key(&msg.id);
             batch.insert(Ks::Ids, id_key.clone(), mailbox_key.clone());
@@ -549,14 +568,13 @@ impl Writer {
         }
         let depth = self.depth(&msg.to, p) + 1;
         p.depths.insert(msg.to.clone(), depth);
-        p.dedup.insert(
-            dedup_key,
-            Receipt {
-                id: msg.id.clone(),
-                at_ms: msg.at_ms,
-                duplicate: false,
-            },
-        );
+        let receipt = Receipt {
+            id: msg.id.clone(),
+            at_ms: msg.at_ms,
+            duplicate: false,
+        };
+        batch.journal_only(Ks::Dedup, &dedup_key, Some(&DedupRecord::of(&receipt).encode()));
+        p.dedup.insert(dedup_key, receipt);
         let msg = Arc::new(msg);
         p.held.insert((msg.to.clone(), msg.seq), Some(msg.clone()));
         p.committed.push(msg);
@@ -567,11 +585,8 @@ impl Writer {
     fn write_depths(&self, batch: &mut Batch, p: &Pending) {
         for (user, &depth) in &p.depths {
             let key = user.as_str().as_bytes();
-            if depth == 0 {
-                batch.remove(Ks::Depth, key);
-            } else {
-                batch.insert(Ks::Depth, key, schema::encode_u64(depth));
-            }
+            let value = (depth > 0).then(|| schema::encode_u64(depth));
+            batch.journal_only(Ks::Depth, key, value.as_ref().map(|v| v.as_slice()));
         }
     }
 
@@ -665,7 +680,7 @@ impl Writer {
     /// and every other DC's twin check both ask this, judged by the messages' own times,
     /// so all DCs decide alike.
     fn earlier(&self, dedup_key: &[u8], at_ms: u64, p: &Pending) -> Fallible<Option<Result<Receipt, postcard::Error>>> {
-        let found = match p.dedup.get(dedup_key) {
+        let found = match p.dedup.get(dedup_key).or_else(|| self.deferred.receipt(dedup_key)) {
             Some(receipt) => Ok(receipt.clone()),
             None => match self.tables.dedup.get(dedup_key)? {
                 Some(record) => postcard::from_bytes::<DedupRecord>(&record).map(|r| Receipt {

@@ -1,0 +1,212 @@
+//! Idempotency records and mailbox depths: journaled with every commit, written to fjall
+//! only in bulk.
+//!
+//! Each new message adds one idempotency record and changes its recipient's depth twice
+//! (stored, then acknowledged). Put into fjall's memtables one by one, those writes were
+//! most of what fjall still cost a message once messages themselves were held out of it:
+//! inserting into the skiplists, then walking them again to write each memtable out, on
+//! the core the messages need (docs/performance.md, "Idempotency records written in
+//! bulk"). The writer keeps them here instead:
+//!
+//! - idempotency records until enough have gathered, then hands them to a thread of their
+//!   own that writes them as sorted tables (fjall's ingestion, which bypasses the memtable
+//!   and is synced before it returns). Writing 65,536 took the writer 50–190 ms, a pause
+//!   every few seconds for every message behind it; on its own thread that time is shared
+//!   out with the rest of the node. Until they are written they are still answered from
+//!   here;
+//! - which mailboxes' depths changed, until the next checkpoint writes each once.
+//!
+//! Both are in the journal, so a crash loses neither: replay puts them into fjall.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+
+use chinwag_core::{Receipt, UserId};
+use fjall::{Keyspace, OwnedWriteBatch};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+
+use crate::schema::{self, DedupRecord};
+
+type Receipts = HashMap<Vec<u8>, Receipt>;
+
+pub struct Deferred {
+    /// Receipts of messages stored since the last spill, by idempotency key.
+    receipts: Receipts,
+    /// Receipts the spill thread is writing.
+    spilling: Option<Arc<Receipts>>,
+    jobs: SyncSender<Arc<Receipts>>,
+    done: Receiver<Result<usize, fjall::Error>>,
+    /// Mailboxes whose depth changed since the last checkpoint.
+    depths: HashSet<UserId>,
+}
+
+/// The spill thread's name (the kernel keeps 15 bytes).
+const SPILL_THREAD: &str = "chinwag-spill";
+
+impl Deferred {
+    /// Starts the thread that writes receipts into `dedup`; it ends when this is dropped.
+    pub fn new(dedup: Keyspace) -> std::io::Result<Self> {
+        let (jobs, jobs_rx) = sync_channel::<Arc<Receipts>>(1);
+        let (done_tx, done) = sync_channel(1);
+        std::thread::Builder::new().name(SPILL_THREAD.into()).spawn(move || {
+            for receipts in jobs_rx {
+                let started = std::time::Instant::now();
+                let result = write(&dedup, &receipts);
+                let micros = started.elapsed().as_micros();
+                tracing::debug!(
+                    records = receipts.len(),
+                    micros,
+                    ok = result.is_ok(),
+                    "idempotency records written"
+                );
+                if done_tx.send(result).is_err() {
+                    return;
+                }
+                // Most often the last reference: the map is freed here, not in the writer.
+                drop(receipts);
+            }
+        })?;
+        Ok(Self {
+            receipts: Receipts::default(),
+            spilling: None,
+            jobs,
+            done,
+            depths: HashSet::default(),
+        })
+    }
+
+    pub fn receipt(&self, dedup_key: &[u8]) -> Option<&Receipt> {
+        self.receipts
+            .get(dedup_key)
+            .or_else(|| self.spilling.as_ref()?.get(dedup_key))
+    }
+
+    /// Takes what one durable commit wrote to the journal alone.
+    pub fn add<'a>(
+        &mut self,
+        receipts: impl IntoIterator<Item = (Vec<u8>, Receipt)>,
+        depths: impl IntoIterator<Item = &'a UserId>,
+    ) {
+        self.receipts.extend(receipts);
+        for user in depths {
+            if !self.depths.contains(user) {
+                self.depths.insert(user.clone());
+            }
+        }
+    }
+
+    /// Receipts not yet handed to the spill thread.
+    pub fn receipts(&self) -> usize {
+        self.receipts.len()
+    }
+
+    /// Receipts held in memory, the spill thread's included.
+    pub fn receipts_held(&self) -> usize {
+        self.receipts.len() + self.spilling.as_ref().map_or(0, |r| r.len())
+    }
+
+    pub fn depths(&self) -> usize {
+        self.depths.len()
+    }
+
+    /// Hands the receipts to the spill thread, unless it is still busy with the last.
+    pub fn start_spill(&mut self) {
+        if self.spilling.is_some() || self.receipts.is_empty() {
+            return;
+        }
+        let receipts = Arc::new(std::mem::take(&mut self.receipts));
+        if self.jobs.send(receipts.clone()).is_ok() {
+            self.spilling = Some(receipts);
+        } else {
+            // The thread is gone; `finish_spill` reports it.
+            self.receipts = Arc::unwrap_or_clone(receipts);
+        }
+    }
+
+    /// The outcome of the spill in progress, if it has ended.
+    pub fn poll(&mut self) -> Option<Result<usize, fjall::Error>> {
+        self.spilling.as_ref()?;
+        let result = self.done.try_recv().ok()?;
+        Some(self.spilled(result))
+    }
+
+    /// Waits for the spill in progress, if any, to end (see `Op::Settle`).
+    pub fn settle(&mut self) {
+        if self.spilling.is_some() {
+            let result = self.done.recv().unwrap_or_else(|_| Err(stopped()));
+            if let Err(e) = self.spilled(result) {
+                tracing::error!(error = %e, "cannot write idempotency records; they stay in memory until this succeeds");
+            }
+        }
+    }
+
+    /// Writes every receipt held, waiting for the spill thread; returns how many it wrote
+    /// since the last call to `poll`.
+    pub fn finish_spill(&mut self) -> Result<usize, fjall::Error> {
+        let mut written = 0;
+        for _ in 0..2 {
+            if self.spilling.is_none() {
+                self.start_spill();
+            }
+            if self.spilling.is_none() {
+                break;
+            }
+            let result = self.done.recv().unwrap_or_else(|_| Err(stopped()));
+            written += self.spilled(result)?;
+        }
+        if self.receipts.is_empty() {
+            Ok(written)
+        } else {
+            Err(stopped())
+        }
+    }
+
+    /// Forgets the receipts just written, or takes them back if writing them failed.
+    fn spilled(&mut self, result: Result<usize, fjall::Error>) -> Result<usize, fjall::Error> {
+        let spilled = self.spilling.take().expect("a spill was in progress");
+        if result.is_err() {
+            // Receipts gathered since are newer; keep those.
+            for (key, receipt) in spilled.iter() {
+                self.receipts.entry(key.clone()).or_insert_with(|| receipt.clone());
+            }
+        }
+        result
+    }
+
+    /// Adds the depth of every mailbox changed since the last checkpoint to `batch`, as
+    /// `depths` (the writer's, where an empty mailbox has no entry) has it now.
+    pub fn write_depths(&self, batch: &mut OwnedWriteBatch, keyspace: &Keyspace, depths: &HashMap<UserId, u64>) {
+        for user in &self.depths {
+            let key = user.as_str().as_bytes();
+            match depths.get(user) {
+                Some(&depth) => batch.insert(keyspace, key, schema::encode_u64(depth)),
+                None => batch.remove(keyspace, key),
+            }
+        }
+    }
+
+    /// The checkpoint that wrote the depths is durable.
+    pub fn depths_written(&mut self) {
+        self.depths.clear();
+    }
+}
+
+fn stopped() -> fjall::Error {
+    fjall::Error::from(std::io::Error::other(
+        "the thread writing idempotency records has stopped",
+    ))
+}
+
+/// Writes `receipts` into `dedup` as new tables, synced when this returns.
+fn write(dedup: &Keyspace, receipts: &Receipts) -> Result<usize, fjall::Error> {
+    let mut sorted: Vec<_> = receipts.iter().collect();
+    // Ingestion takes keys strictly ascending (it panics otherwise); the map's keys are
+    // distinct, so sorting is enough.
+    sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut ingestion = dedup.start_ingestion()?;
+    for (key, receipt) in sorted {
+        ingestion.write(key.as_slice(), DedupRecord::of(receipt).encode())?;
+    }
+    ingestion.finish()?;
+    Ok(receipts.len())
+}
