@@ -25,7 +25,7 @@ use chinwag_core::{Receipt, UserId};
 use fjall::{Keyspace, OwnedWriteBatch};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
-use crate::schema::{self, DedupRecord};
+use crate::schema;
 
 type Receipts = HashMap<Vec<u8>, Receipt>;
 
@@ -49,6 +49,9 @@ impl Deferred {
         let (jobs, jobs_rx) = sync_channel::<Arc<Receipts>>(1);
         let (done_tx, done) = sync_channel(1);
         std::thread::Builder::new().name(SPILL_THREAD.into()).spawn(move || {
+            if let Err(e) = crate::sched::background() {
+                tracing::warn!(error = %e, "could not lower the priority of the thread writing idempotency records");
+            }
             for receipts in jobs_rx {
                 let started = std::time::Instant::now();
                 let result = write(&dedup, &receipts);
@@ -205,7 +208,7 @@ fn write(dedup: &Keyspace, receipts: &Receipts) -> Result<usize, fjall::Error> {
     sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
     let mut ingestion = dedup.start_ingestion()?;
     for (key, receipt) in sorted {
-        ingestion.write(key.as_slice(), DedupRecord::of(receipt).encode())?;
+        ingestion.write(key.as_slice(), schema::encode_dedup(receipt))?;
     }
     ingestion.finish()?;
     Ok(receipts.len())

@@ -1,4 +1,4 @@
-//! How the writer thread is scheduled.
+//! How the store's threads are scheduled.
 //!
 //! Every operation a connection hands to the store wakes the writer if it is waiting.
 //! Under Linux's default policy a thread that has slept is favoured when it wakes, so on a
@@ -24,5 +24,26 @@ pub fn yield_on_wake() -> std::io::Result<()> {
 
 #[cfg(not(target_os = "linux"))]
 pub fn yield_on_wake() -> std::io::Result<()> {
+    Ok(())
+}
+
+/// Lowers the calling thread to the lowest priority (nice 19), for work that can wait:
+/// on a busy core it then runs in the time the node's other threads leave, instead of
+/// taking a third of the core from them for as long as it lasts. Lowering a thread's
+/// own priority needs no privilege (Linux: `setpriority` on a thread id sets that thread
+/// alone). Elsewhere does nothing.
+#[cfg(target_os = "linux")]
+pub fn background() -> std::io::Result<()> {
+    // SAFETY: plain integer arguments; `who` 0 names the calling thread.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn background() -> std::io::Result<()> {
     Ok(())
 }

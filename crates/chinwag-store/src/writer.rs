@@ -573,7 +573,7 @@ impl Writer {
             at_ms: msg.at_ms,
             duplicate: false,
         };
-        batch.journal_only(Ks::Dedup, &dedup_key, Some(&DedupRecord::of(&receipt).encode()));
+        batch.journal_only(Ks::Dedup, &dedup_key, Some(&schema::encode_dedup(&receipt)));
         p.dedup.insert(dedup_key, receipt);
         let msg = Arc::new(msg);
         p.held.insert((msg.to.clone(), msg.seq), Some(msg.clone()));
