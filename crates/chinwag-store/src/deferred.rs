@@ -9,7 +9,7 @@
 //! bulk"). The writer keeps them here instead:
 //!
 //! - idempotency records until enough have gathered, then hands them to a thread of their
-//!   own that writes them as sorted tables (fjall's ingestion, which bypasses the memtable
+//!   own, at a lower priority, that writes them as sorted tables (fjall's ingestion, which bypasses the memtable
 //!   and is synced before it returns). Writing 65,536 took the writer 50–190 ms, a pause
 //!   every few seconds for every message behind it; on its own thread that time is shared
 //!   out with the rest of the node. Until they are written they are still answered from

@@ -27,15 +27,17 @@ pub fn yield_on_wake() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Lowers the calling thread to the lowest priority (nice 19), for work that can wait:
-/// on a busy core it then runs in the time the node's other threads leave, instead of
-/// taking a third of the core from them for as long as it lasts. Lowering a thread's
-/// own priority needs no privilege (Linux: `setpriority` on a thread id sets that thread
-/// alone). Elsewhere does nothing.
+/// Lowers the calling thread's priority (nice 5), for work that can wait a little: on a
+/// busy core it then takes about a seventh of the core from the node's two busy threads
+/// instead of a third, so it stretches out rather than stalling them. Not lower: at nice
+/// 19 the thread writing idempotency records got so little of a saturated core that one
+/// batch took 2.5–2.8 s, and checkpoints, which wait for it, stopped the writer for
+/// 350–640 ms (docs/performance.md). Lowering a thread's own priority needs no privilege
+/// (Linux: `setpriority` on a thread id sets that thread alone). Elsewhere does nothing.
 #[cfg(target_os = "linux")]
 pub fn background() -> std::io::Result<()> {
     // SAFETY: plain integer arguments; `who` 0 names the calling thread.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 5) };
     if rc == 0 {
         Ok(())
     } else {
