@@ -213,3 +213,86 @@ fn write(dedup: &Keyspace, receipts: &Receipts) -> Result<usize, fjall::Error> {
     ingestion.finish()?;
     Ok(receipts.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use chinwag_core::{DcName, Epoch, MessageId};
+
+    use super::*;
+
+    fn receipt(seq: u64) -> Receipt {
+        Receipt {
+            id: MessageId {
+                origin: DcName::parse("local").unwrap(),
+                epoch: Epoch(1),
+                seq,
+            },
+            at_ms: 1_000 + seq,
+            duplicate: false,
+        }
+    }
+
+    fn dedup_keyspace(dir: &std::path::Path) -> Keyspace {
+        let db = fjall::Database::builder(dir).open().unwrap();
+        db.keyspace("dedup", fjall::KeyspaceCreateOptions::default).unwrap()
+    }
+
+    #[test]
+    fn written_receipts_are_in_fjall_and_no_longer_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let dedup = dedup_keyspace(dir.path());
+        let mut deferred = Deferred::new(dedup.clone()).unwrap();
+        // Inserted out of order: ingestion needs them sorted.
+        let keys: Vec<Vec<u8>> = [b"c".as_slice(), b"a", b"b"].map(<[u8]>::to_vec).into();
+        deferred.add(keys.iter().cloned().zip((1..).map(receipt)), []);
+        deferred.start_spill();
+        assert_eq!(
+            deferred.receipt(b"a"),
+            Some(&receipt(2)),
+            "answered while being written"
+        );
+        assert_eq!(deferred.finish_spill().unwrap(), 3);
+        assert_eq!((deferred.receipts_held(), deferred.receipt(b"a")), (0, None));
+        for (key, seq) in keys.iter().zip(1..) {
+            let stored = dedup.get(key).unwrap().expect("written");
+            assert_eq!(stored.as_ref(), schema::encode_dedup(&receipt(seq)));
+        }
+    }
+
+    #[test]
+    fn a_failed_write_keeps_its_receipts_but_not_over_newer_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut deferred = Deferred::new(dedup_keyspace(dir.path())).unwrap();
+        let failed: Receipts = [(b"a".to_vec(), receipt(1)), (b"b".to_vec(), receipt(2))]
+            .into_iter()
+            .collect();
+        deferred.spilling = Some(Arc::new(failed));
+        // A retry window later, the same key was used again while the write was failing.
+        deferred.add([(b"a".to_vec(), receipt(3))], []);
+        assert!(deferred.spilled(Err(stopped())).is_err());
+        assert!(deferred.spilling.is_none());
+        assert_eq!(deferred.receipt(b"a"), Some(&receipt(3)));
+        assert_eq!(deferred.receipt(b"b"), Some(&receipt(2)));
+        assert_eq!(deferred.receipts(), 2);
+    }
+
+    #[test]
+    fn each_changed_depth_is_written_once_as_it_is_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = fjall::Database::builder(dir.path()).open().unwrap();
+        let depth = db.keyspace("depth", fjall::KeyspaceCreateOptions::default).unwrap();
+        depth.insert("gone", schema::encode_u64(4)).unwrap();
+        let mut deferred = Deferred::new(db.keyspace("dedup", fjall::KeyspaceCreateOptions::default).unwrap()).unwrap();
+        let (kept, gone) = (UserId::parse("kept").unwrap(), UserId::parse("gone").unwrap());
+        deferred.add([], [&kept, &gone, &kept]);
+        assert_eq!(deferred.depths(), 2);
+        let now: HashMap<UserId, u64> = [(kept.clone(), 7)].into_iter().collect();
+        let mut batch = db.batch();
+        deferred.write_depths(&mut batch, &depth, &now);
+        batch.commit().unwrap();
+        deferred.depths_written();
+        assert_eq!(depth.get("kept").unwrap().unwrap().as_ref(), schema::encode_u64(7));
+        assert!(depth.get("gone").unwrap().is_none(), "an emptied mailbox has no depth");
+        assert_eq!(deferred.depths(), 0);
+    }
+}
