@@ -135,33 +135,29 @@ impl Deferred {
 
     /// Waits for the spill in progress, if any, to end (see `Op::Settle`).
     pub fn settle(&mut self) {
-        if self.spilling.is_some() {
-            let result = self.done.recv().unwrap_or_else(|_| Err(stopped()));
-            if let Err(e) = self.spilled(result) {
-                tracing::error!(error = %e, "cannot write idempotency records; they stay in memory until this succeeds");
-            }
+        if let Some(Err(e)) = self.wait() {
+            tracing::error!(error = %e, "cannot write idempotency records; they stay in memory until this succeeds");
         }
     }
 
-    /// Writes every receipt held, waiting for the spill thread; returns how many it wrote
-    /// since the last call to `poll`.
+    /// Writes every receipt held, waiting for the spill thread (a checkpoint must not
+    /// empty the journal of one fjall lacks); returns how many it waited for.
     pub fn finish_spill(&mut self) -> Result<usize, fjall::Error> {
-        let mut written = 0;
-        for _ in 0..2 {
-            if self.spilling.is_none() {
-                self.start_spill();
-            }
-            if self.spilling.is_none() {
-                break;
-            }
-            let result = self.done.recv().unwrap_or_else(|_| Err(stopped()));
-            written += self.spilled(result)?;
-        }
+        let in_progress = self.wait().transpose()?.unwrap_or(0);
+        self.start_spill();
+        let rest = self.wait().transpose()?.unwrap_or(0);
         if self.receipts.is_empty() {
-            Ok(written)
+            Ok(in_progress + rest)
         } else {
             Err(stopped())
         }
+    }
+
+    /// The outcome of the spill in progress, waiting for it; `None` if there is none.
+    fn wait(&mut self) -> Option<Result<usize, fjall::Error>> {
+        self.spilling.as_ref()?;
+        let result = self.done.recv().unwrap_or_else(|_| Err(stopped()));
+        Some(self.spilled(result))
     }
 
     /// Forgets the receipts just written, or takes them back if writing them failed.
