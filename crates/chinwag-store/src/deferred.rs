@@ -177,8 +177,8 @@ impl Deferred {
     pub fn write_depths(&self, batch: &mut OwnedWriteBatch, keyspace: &Keyspace, depths: &HashMap<UserId, u64>) {
         for user in &self.depths {
             let key = user.as_str().as_bytes();
-            match depths.get(user) {
-                Some(&depth) => batch.insert(keyspace, key, schema::encode_u64(depth)),
+            match schema::depth_value(depths.get(user).copied().unwrap_or(0)) {
+                Some(value) => batch.insert(keyspace, key, value),
                 None => batch.remove(keyspace, key),
             }
         }

@@ -11,29 +11,12 @@ use std::time::Duration;
 
 use fjall::compaction::filter::{CompactionFilter, CompactionFilterResult, Context, Factory, ItemAccessor, Verdict};
 
-use serde::Deserialize;
-
-/// What expiry reads of a [`crate::schema::DedupRecord`], laid out as it is encoded but
-/// borrowing the origin's name: compaction reads every record it rewrites, and decoding
-/// whole records allocated and checked that name each time.
-#[derive(Deserialize)]
-struct RecordTime<'a> {
-    #[serde(borrow)]
-    _id: IdView<'a>,
-    at_ms: u64,
-}
-
-#[derive(Deserialize)]
-struct IdView<'a> {
-    _origin: &'a str,
-    _epoch: u32,
-    _seq: u64,
-}
+use crate::schema::DedupView;
 
 /// Whether a dedup record was made before `horizon_ms`. An unreadable one is kept: it
 /// is answered as a duplicate (see the writer), which is the safe side.
 fn expired(record: &[u8], horizon_ms: u64) -> bool {
-    postcard::from_bytes::<RecordTime>(record).is_ok_and(|r| r.at_ms < horizon_ms)
+    postcard::from_bytes::<DedupView>(record).is_ok_and(|r| r.at_ms < horizon_ms)
 }
 
 /// The oldest creation time still inside a window of `window` ending at `at_ms`.

@@ -14,12 +14,7 @@ pub fn yield_on_wake() -> std::io::Result<()> {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: pid 0 names the calling thread, and `param` is a valid, initialised
     // `sched_param` that the call only reads.
-    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    os_result(unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) })
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -28,8 +23,8 @@ pub fn yield_on_wake() -> std::io::Result<()> {
 }
 
 /// Lowers the calling thread's priority (nice 5), for work that can wait a little: on a
-/// busy core it then takes about a seventh of the core from the node's two busy threads
-/// instead of a third, so it stretches out rather than stalling them. Not lower: at nice
+/// busy core the scheduler's weights then give it about a seventh of the core against
+/// the node's two busy threads instead of a third, so it stretches out rather than stalling them. Not lower: at nice
 /// 19 the thread writing idempotency records got so little of a saturated core that one
 /// batch took 2.5–2.8 s, and checkpoints, which wait for it, stopped the writer for
 /// 350–640 ms (docs/performance.md). Lowering a thread's own priority needs no privilege
@@ -37,7 +32,12 @@ pub fn yield_on_wake() -> std::io::Result<()> {
 #[cfg(target_os = "linux")]
 pub fn background() -> std::io::Result<()> {
     // SAFETY: plain integer arguments; `who` 0 names the calling thread.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 5) };
+    os_result(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 5) })
+}
+
+/// A libc call's return code as a result: 0 is success, anything else sets `errno`.
+#[cfg(target_os = "linux")]
+fn os_result(rc: libc::c_int) -> std::io::Result<()> {
     if rc == 0 {
         Ok(())
     } else {

@@ -240,30 +240,42 @@ pub struct DedupRecord {
     pub at_ms: u64,
 }
 
-/// The [`DedupRecord`] of a receipt, encoded without copying the origin's name (as
-/// encoding a `DedupRecord` would: a `DcName` is serialised through a new `String`).
+/// A [`DedupRecord`] that borrows the origin's name, with the same encoding. Encoding a
+/// `DedupRecord` copies the name into a new `String` (`DcName` is serialised through
+/// one), and decoding allocates and checks it; the writer encodes one per message and
+/// compaction's expiry decodes every record it rewrites.
+#[derive(Serialize, Deserialize)]
+pub struct DedupView<'a> {
+    #[serde(borrow)]
+    pub id: IdView<'a>,
+    pub at_ms: u64,
+}
+
+/// [`IdRecord`], borrowing the origin's name.
+#[derive(Serialize, Deserialize)]
+pub struct IdView<'a> {
+    pub origin: &'a str,
+    pub epoch: u32,
+    pub seq: u64,
+}
+
+/// The encoded [`DedupRecord`] of a receipt.
 pub fn encode_dedup(receipt: &Receipt) -> Vec<u8> {
-    #[derive(Serialize)]
-    struct Id<'a> {
-        origin: &'a str,
-        epoch: u32,
-        seq: u64,
-    }
-    #[derive(Serialize)]
-    struct Record<'a> {
-        id: Id<'a>,
-        at_ms: u64,
-    }
     let id = &receipt.id;
-    let record = Record {
-        id: Id {
+    let view = DedupView {
+        id: IdView {
             origin: id.origin.as_str(),
             epoch: id.epoch.0,
             seq: id.seq,
         },
         at_ms: receipt.at_ms,
     };
-    postcard::to_stdvec(&record).expect("encodes")
+    postcard::to_stdvec(&view).expect("encodes")
+}
+
+/// A mailbox depth as the `depth` keyspace stores it; an empty mailbox has no entry.
+pub fn depth_value(depth: u64) -> Option<[u8; 8]> {
+    (depth > 0).then(|| encode_u64(depth))
 }
 
 /// A message id inside a record.

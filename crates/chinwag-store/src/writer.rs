@@ -585,7 +585,7 @@ impl Writer {
     fn write_depths(&self, batch: &mut Batch, p: &Pending) {
         for (user, &depth) in &p.depths {
             let key = user.as_str().as_bytes();
-            let value = (depth > 0).then(|| schema::encode_u64(depth));
+            let value = schema::depth_value(depth);
             batch.journal_only(Ks::Depth, key, value.as_ref().map(|v| v.as_slice()));
         }
     }
