@@ -200,6 +200,8 @@ pub struct StoreConfig {
     pub cache_mib: u64,
     /// Journal size at which held messages are written to the tables, in MiB.
     pub checkpoint_mib: u64,
+    /// Directory of the store's journal; empty means beside the tables, in `<data>/store`.
+    pub journal_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -272,6 +274,7 @@ impl Default for StoreConfig {
             memtable_mib: StoreMemory::default().memtable_bytes / MIB,
             cache_mib: StoreMemory::default().cache_bytes / MIB,
             checkpoint_mib: StoreMemory::default().checkpoint_bytes / MIB,
+            journal_dir: None,
         }
     }
 }

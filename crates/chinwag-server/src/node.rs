@@ -247,5 +247,6 @@ fn store_options(config: &Config) -> StoreOptions {
             cache_bytes: config.store.cache_mib * crate::config::MIB,
             checkpoint_bytes: config.store.checkpoint_mib * crate::config::MIB,
         },
+        journal_dir: config.store.journal_dir.clone(),
     }
 }

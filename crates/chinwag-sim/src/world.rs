@@ -319,6 +319,7 @@ impl World {
             dedup_window: Duration::from_secs(3600),
             replicate: true,
             memory: chinwag_store::StoreMemory::default(),
+            journal_dir: None,
         };
         let listener = Arc::new(Delivery::new(SimRouter(d.pushes.clone())));
         let store = EmbeddedStore::open(d.dir.path(), options, listener, Box::new(|_, _| {}))?;

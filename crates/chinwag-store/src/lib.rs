@@ -18,6 +18,7 @@ mod engine;
 mod expiry;
 mod held;
 mod journal;
+mod place;
 mod sched;
 mod schema;
 mod snapshot;
@@ -63,6 +64,9 @@ pub struct StoreOptions {
     /// Keep this DC's stream of changes and apply other DCs' streams (multi-DC mode).
     pub replicate: bool,
     pub memory: StoreMemory,
+    /// The journal's directory; `None` keeps it beside the tables. Best on a device of
+    /// its own (see [`place`]).
+    pub journal_dir: Option<PathBuf>,
 }
 
 /// What the store may hold in memory. Writes gather in one in-memory table per keyspace
@@ -130,6 +134,10 @@ pub enum OpenError {
     Format { path: PathBuf, found: u64, expected: u64 },
     #[error("cannot open {path}: {detail}")]
     Io { path: PathBuf, detail: String },
+    #[error(
+        "the journal of the last run, {previous}, still holds commits, but the journal is now configured in {configured}; start once with the journal where it was (it is replayed and emptied at open, and at every clean stop), then move it"
+    )]
+    JournalElsewhere { previous: PathBuf, configured: PathBuf },
 }
 
 /// Counts for metrics.
@@ -366,7 +374,9 @@ impl EmbeddedStore {
             .open()
             .map_err(fail)?;
         let tables = Tables::open(db).map_err(fail)?;
-        let journal = replay(&path, &tables, options.memory.journal_max())?;
+        let place = place::Place::choose(&path, options.journal_dir.as_deref(), &tables.meta)?;
+        let journal = replay(&path, &place.dir, &tables, options.memory.journal_max())?;
+        place.record(&path, &tables)?;
         let recovered = recover(&tables, &options).map_err(|e| match e {
             Recovery::Storage(e) => fail(e),
             Recovery::Damaged(detail) => OpenError::Corrupt {
@@ -410,6 +420,7 @@ impl EmbeddedStore {
             sealing: Sealing::for_store(options.memory.memtable_bytes, recovered.own_rotation),
             truncating: Default::default(),
             journal,
+            _journal_lock: place.lock,
             buffer: Vec::new(),
             retry_checkpoint_at: None,
             deferred: Deferred::new(tables.dedup.clone()).map_err(|e| OpenError::Io {
@@ -740,8 +751,8 @@ fn classify(path: &Path, e: fjall::Error) -> OpenError {
 /// the journal. Refuses a journal that ends before a commit fjall has seen: fjall only
 /// sees a durable commit once the journal holds it, so it was truncated or damaged.
 /// With nothing in the journal and its start already recorded, there is nothing to do.
-fn replay(path: &Path, tables: &Tables, max_len: u64) -> Result<journal::Journal, OpenError> {
-    let journal_path = path.join(journal::FILE);
+fn replay(path: &Path, dir: &Path, tables: &Tables, max_len: u64) -> Result<journal::Journal, OpenError> {
+    let journal_path = dir.join(journal::FILE);
     let io = |e: std::io::Error| OpenError::Io {
         path: journal_path.clone(),
         detail: e.to_string(),
@@ -750,7 +761,7 @@ fn replay(path: &Path, tables: &Tables, max_len: u64) -> Result<journal::Journal
         path: journal_path.clone(),
         detail,
     };
-    let (mut journal, contents) = journal::Journal::open(path, max_len).map_err(io)?;
+    let (mut journal, contents) = journal::Journal::open(dir, max_len).map_err(io)?;
     let counter = |key| {
         read_u64(&tables.meta, key).map_err(|e| match e {
             Recovery::Storage(e) => classify(path, e),

@@ -55,6 +55,7 @@ fn options() -> StoreOptions {
         dedup_window: Duration::from_secs(3600),
         replicate: false,
         memory: crate::tests::SMALL_CHECKPOINTS,
+        journal_dir: None,
     }
 }
 

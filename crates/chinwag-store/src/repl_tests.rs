@@ -39,6 +39,7 @@ fn dc(name: &str) -> Dc {
         dedup_window: Duration::from_secs(3600),
         replicate: true,
         memory: crate::StoreMemory::default(),
+        journal_dir: None,
     };
     let store = EmbeddedStore::open(dir.path(), options, seen.clone(), Box::new(|_, _| {})).unwrap();
     Dc { _dir: dir, store, seen }
@@ -149,6 +150,7 @@ async fn coordinates_replicate_and_restarts_retract_them() {
         dedup_window: Duration::from_secs(60),
         replicate: true,
         memory: crate::StoreMemory::default(),
+        journal_dir: None,
     };
     let open = || {
         EmbeddedStore::open(

@@ -44,6 +44,8 @@ pub const FORMAT: &str = "format";
 /// Present (1) in the format-2 stores that briefly were created with fjall's own
 /// memtable rotation off; format 3 always has it off (see `Tables::seal_full`).
 pub const OWN_ROTATION: &str = "own_rotation";
+/// The journal's directory, when it is not beside the tables (`crate::place`).
+pub const JOURNAL_DIR: &str = "journal_dir";
 /// Bumped whenever the layout changes incompatibly. 4: new messages may be only in the
 /// store's own journal, so a build that does not replay it must refuse the store (3:
 /// fjall's own memtable rotation is off, so a build that does not seal memtables itself

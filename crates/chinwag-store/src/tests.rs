@@ -20,7 +20,7 @@ impl Recorder {
     }
 }
 
-fn options(mailbox_max_messages: u64) -> StoreOptions {
+pub(crate) fn options(mailbox_max_messages: u64) -> StoreOptions {
     options_with_window(mailbox_max_messages, Duration::from_secs(3600))
 }
 
@@ -34,6 +34,7 @@ fn options_with_window(mailbox_max_messages: u64, dedup_window: Duration) -> Sto
         dedup_window,
         replicate: false,
         memory: SMALL_CHECKPOINTS,
+        journal_dir: None,
     }
 }
 
@@ -51,15 +52,15 @@ fn open(dir: &Path, max: u64) -> (EmbeddedStore, Arc<Recorder>) {
     (store, recorder)
 }
 
-fn try_open(dir: &Path, options: StoreOptions) -> Result<EmbeddedStore, OpenError> {
+pub(crate) fn try_open(dir: &Path, options: StoreOptions) -> Result<EmbeddedStore, OpenError> {
     EmbeddedStore::open(dir, options, Arc::new(Recorder::default()), Box::new(|_, _| {}))
 }
 
-fn user(s: &str) -> UserId {
+pub(crate) fn user(s: &str) -> UserId {
     UserId::parse(s).unwrap()
 }
 
-fn new(from: &str, to: &str, client_id: &str, text: &str) -> NewMessage {
+pub(crate) fn new(from: &str, to: &str, client_id: &str, text: &str) -> NewMessage {
     NewMessage {
         from: user(from),
         to: user(to),

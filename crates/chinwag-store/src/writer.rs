@@ -85,6 +85,8 @@ pub struct Writer {
     pub sealing: Sealing,
     /// Makes each commit durable; see [`crate::journal`].
     pub journal: Journal,
+    /// The journal directory's lock (`crate::place`), released when the writer ends.
+    pub _journal_lock: std::fs::File,
     /// The last journal record's buffer, for the next one.
     pub buffer: Vec<u8>,
     /// Idempotency records and depth changes not yet written to fjall.
@@ -679,7 +681,12 @@ impl Writer {
     /// else from the table, where a record can be unreadable (`Err`). The origin's append
     /// and every other DC's twin check both ask this, judged by the messages' own times,
     /// so all DCs decide alike.
-    fn earlier(&self, dedup_key: &[u8], at_ms: u64, p: &Pending) -> Fallible<Option<Result<Receipt, postcard::Error>>> {
+    fn earlier(
+        &mut self,
+        dedup_key: &[u8],
+        at_ms: u64,
+        p: &Pending,
+    ) -> Fallible<Option<Result<Receipt, postcard::Error>>> {
         let found = match p.dedup.get(dedup_key).or_else(|| self.deferred.receipt(dedup_key)) {
             Some(receipt) => Ok(receipt.clone()),
             None => match self.tables.dedup.get(dedup_key)? {

@@ -20,6 +20,10 @@ pub struct Args {
     /// Data directory (overrides `data`).
     #[arg(long, env = "CHINWAG_DATA")]
     data: Option<PathBuf>,
+    /// Directory of the store's journal, best on a device of its own (overrides
+    /// `store.journal_dir`).
+    #[arg(long, env = "CHINWAG_JOURNAL_DIR")]
+    journal_dir: Option<PathBuf>,
     /// Development only: let anyone sign in as any user (sets `dev.sign_in`).
     #[arg(long, env = "CHINWAG_DEV_SIGN_IN")]
     dev_sign_in: bool,
@@ -35,6 +39,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     if let Some(data) = args.data {
         config.data = data;
+    }
+    if let Some(dir) = args.journal_dir {
+        config.store.journal_dir = Some(dir);
     }
     if args.dev_sign_in {
         config.dev.sign_in = true;

@@ -11,8 +11,26 @@ use common::*;
 #[tokio::test]
 async fn an_offline_message_survives_sigkill_and_is_delivered_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let mut node = Node::start_in(dir.path(), "");
-    let data = dir.path().join("data");
+    let journal = dir.path().join("data/store/journal");
+    offline_message_survives_sigkill(dir.path(), "", &journal).await;
+}
+
+/// The same with the journal in a directory of its own (`store.journal_dir`): that is
+/// where the message is until a checkpoint, and where the restart finds it.
+#[tokio::test]
+async fn with_the_journal_in_its_own_directory_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("journal");
+    let config = format!("[store]\njournal_dir = {:?}\n", journal.to_str().unwrap());
+    offline_message_survives_sigkill(dir.path(), &config, &journal.join("journal")).await;
+    assert!(!dir.path().join("data/store/journal").exists());
+}
+
+/// Sends a message to an offline user, checks that it is in `journal` (held there until a
+/// checkpoint), kills the node and restarts it: the message is delivered once.
+async fn offline_message_survives_sigkill(dir: &std::path::Path, config: &str, journal: &std::path::Path) {
+    let mut node = Node::start_in(dir, config);
+    let data = dir.join("data");
     let data = data.to_str().unwrap();
     let server = node.addr.to_string();
     let (code, alice) = run_cli(&["token", "--data", data, "--user", "alice"]).await;
@@ -21,6 +39,7 @@ async fn an_offline_message_survives_sigkill_and_is_delivered_exactly_once() {
     let (code, ack) = cli_send(&server, alice.trim(), "carol", "survive this", None).await;
     assert_eq!(code, 0, "{ack}");
     let ack: serde_json::Value = serde_json::from_str(ack.trim()).unwrap();
+    assert!(std::fs::metadata(journal).unwrap().len() > 0, "nothing in {}", journal.display());
 
     node.kill9();
     node.restart();

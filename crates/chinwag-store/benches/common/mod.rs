@@ -17,5 +17,6 @@ pub fn options(dedup_window: Duration) -> StoreOptions {
         dedup_window,
         replicate: false,
         memory: chinwag_store::StoreMemory::default(),
+        journal_dir: None,
     }
 }
