@@ -253,10 +253,16 @@ function onError(f) {
 
 // ---- sending ------------------------------------------------------------------------
 
+// Time-ordered: the milliseconds first, so that this device's ids increase (the server
+// checks an id above the sender's highest without a lookup), then randomness, so that
+// two devices of one user never pick the same id.
+let lastIdTime = 0;
 function newClientId() {
-  const bytes = new Uint8Array(12);
+  lastIdTime = Math.max(Date.now(), lastIdTime + 1);
+  const bytes = new Uint8Array(8);
   crypto.getRandomValues(bytes);
-  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  const random = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  return lastIdTime.toString(16).padStart(12, "0") + random;
 }
 
 function compose(peer, text) {

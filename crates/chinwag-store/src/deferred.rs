@@ -38,14 +38,19 @@ pub struct Deferred {
     done: Receiver<Result<usize, fjall::Error>>,
     /// Mailboxes whose depth changed since the last checkpoint.
     depths: HashSet<UserId>,
+    /// Receipts gathered before a spill: each new map is made this large at once, since
+    /// growing one to it rehashed every receipt about twice (3.5 % of the writer's time
+    /// at saturation).
+    capacity: usize,
 }
 
 /// The spill thread's name (the kernel keeps 15 bytes).
 const SPILL_THREAD: &str = "chinwag-spill";
 
 impl Deferred {
-    /// Starts the thread that writes receipts into `dedup`; it ends when this is dropped.
-    pub fn new(dedup: Keyspace) -> std::io::Result<Self> {
+    /// Starts the thread that writes receipts into `dedup`, in batches of about
+    /// `capacity`; it ends when this is dropped.
+    pub fn new(dedup: Keyspace, capacity: usize) -> std::io::Result<Self> {
         let (jobs, jobs_rx) = sync_channel::<Arc<Receipts>>(1);
         let (done_tx, done) = sync_channel(1);
         std::thread::Builder::new().name(SPILL_THREAD.into()).spawn(move || {
@@ -70,11 +75,12 @@ impl Deferred {
             }
         })?;
         Ok(Self {
-            receipts: Receipts::default(),
+            receipts: Receipts::with_capacity_and_hasher(capacity, Default::default()),
             spilling: None,
             jobs,
             done,
             depths: HashSet::default(),
+            capacity,
         })
     }
 
@@ -117,7 +123,8 @@ impl Deferred {
         if self.spilling.is_some() || self.receipts.is_empty() {
             return;
         }
-        let receipts = Arc::new(std::mem::take(&mut self.receipts));
+        let empty = Receipts::with_capacity_and_hasher(self.capacity, Default::default());
+        let receipts = Arc::new(std::mem::replace(&mut self.receipts, empty));
         if self.jobs.send(receipts.clone()).is_ok() {
             self.spilling = Some(receipts);
         } else {
@@ -237,7 +244,7 @@ mod tests {
     fn written_receipts_are_in_fjall_and_no_longer_held() {
         let dir = tempfile::tempdir().unwrap();
         let dedup = dedup_keyspace(dir.path());
-        let mut deferred = Deferred::new(dedup.clone()).unwrap();
+        let mut deferred = Deferred::new(dedup.clone(), 16).unwrap();
         // Inserted out of order: ingestion needs them sorted.
         let keys: Vec<Vec<u8>> = [b"c".as_slice(), b"a", b"b"].map(<[u8]>::to_vec).into();
         deferred.add(keys.iter().cloned().zip((1..).map(receipt)), []);
@@ -258,7 +265,7 @@ mod tests {
     #[test]
     fn a_failed_write_keeps_its_receipts_but_not_over_newer_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let mut deferred = Deferred::new(dedup_keyspace(dir.path())).unwrap();
+        let mut deferred = Deferred::new(dedup_keyspace(dir.path()), 16).unwrap();
         let failed: Receipts = [(b"a".to_vec(), receipt(1)), (b"b".to_vec(), receipt(2))]
             .into_iter()
             .collect();
@@ -278,7 +285,8 @@ mod tests {
         let db = fjall::Database::builder(dir.path()).open().unwrap();
         let depth = db.keyspace("depth", fjall::KeyspaceCreateOptions::default).unwrap();
         depth.insert("gone", schema::encode_u64(4)).unwrap();
-        let mut deferred = Deferred::new(db.keyspace("dedup", fjall::KeyspaceCreateOptions::default).unwrap()).unwrap();
+        let mut deferred =
+            Deferred::new(db.keyspace("dedup", fjall::KeyspaceCreateOptions::default).unwrap(), 16).unwrap();
         let (kept, gone) = (UserId::parse("kept").unwrap(), UserId::parse("gone").unwrap());
         deferred.add([], [&kept, &gone, &kept]);
         assert_eq!(deferred.depths(), 2);

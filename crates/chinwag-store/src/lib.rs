@@ -17,6 +17,7 @@ use deferred::Deferred;
 mod engine;
 mod expiry;
 mod held;
+mod highest;
 mod journal;
 mod place;
 mod sched;
@@ -423,7 +424,8 @@ impl EmbeddedStore {
             _journal_lock: place.lock,
             buffer: Vec::new(),
             retry_checkpoint_at: None,
-            deferred: Deferred::new(tables.dedup.clone()).map_err(|e| OpenError::Io {
+            highest: highest::Highest::new(highest::MAX_SENDERS),
+            deferred: Deferred::new(tables.dedup.clone(), options.memory.held_max()).map_err(|e| OpenError::Io {
                 path: path.clone(),
                 detail: format!("cannot start the thread writing idempotency records: {e}"),
             })?,

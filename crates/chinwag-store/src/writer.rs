@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::batch::Batch;
 use crate::deferred::Deferred;
 use crate::expiry;
+use crate::highest::Highest;
 use crate::journal::{Journal, Ks, Record};
 use crate::schema::{self, DedupRecord, Entry, IdRecord, MessageRecord, SnapshotItem, StreamState};
 use crate::watermark::Watermark;
@@ -91,6 +92,8 @@ pub struct Writer {
     pub buffer: Vec<u8>,
     /// Idempotency records and depth changes not yet written to fjall.
     pub deferred: Deferred,
+    /// Each sender's highest idempotency key, to skip the tables' lookup above it.
+    pub highest: Highest,
     /// When to try again after a failed checkpoint.
     pub retry_checkpoint_at: Option<Instant>,
     /// When fjall's own journal was last synced (see [`FJALL_SYNC_EVERY`]).
@@ -438,24 +441,28 @@ impl Writer {
     /// Appends `entry` to this DC's own stream, if replicating. Stream entries are always
     /// made durable: peers receive them as soon as they commit, and a seq lost in a crash
     /// would be reused for something else.
-    fn log_own(&mut self, batch: &mut Batch, entry: &Entry, p: &mut Pending) {
+    /// `entry` is only built when there is a stream to log it to: in a single DC, the
+    /// copies of a message's fields it takes were 2.4 % of the writer's time at saturation.
+    fn log_own(&mut self, batch: &mut Batch, entry: impl FnOnce() -> Entry, p: &mut Pending) {
         if self.options.replicate {
             p.durable = true;
             self.log_seq += 1;
             p.logged += 1;
-            batch.insert(Ks::Log, schema::entry_key(&self.stream, self.log_seq), entry.encode());
+            batch.insert(Ks::Log, schema::entry_key(&self.stream, self.log_seq), entry().encode());
         }
     }
 
     /// A connection of this DC logged in or closed: store it and tell the other DCs.
     fn local_coordinate(&mut self, batch: &mut Batch, user: UserId, at: Coordinate, added: bool, p: &mut Pending) {
-        let (u, a) = (user.clone(), at.clone());
-        let entry = if added {
-            Entry::Online { user: u, at: a }
-        } else {
-            Entry::Offline { user: u, at: a }
+        let entry = || {
+            let (user, at) = (user.clone(), at.clone());
+            if added {
+                Entry::Online { user, at }
+            } else {
+                Entry::Offline { user, at }
+            }
         };
-        self.log_own(batch, &entry, p);
+        self.log_own(batch, entry, p);
         self.set_coordinate(batch, user, at, added, p);
     }
 
@@ -493,7 +500,7 @@ impl Writer {
                 limit: self.options.mailbox_max_messages,
             }));
         }
-        let entry = Entry::Put {
+        let entry = || Entry::Put {
             to: new.to.clone(),
             from: new.from.clone(),
             client_id: new.client_id.clone(),
@@ -505,7 +512,7 @@ impl Writer {
             // replication is turned on later.
             self.log_seq += 1;
         }
-        self.log_own(batch, &entry, p);
+        self.log_own(batch, entry, p);
         let id = MessageId {
             origin: self.options.dc.clone(),
             epoch: self.stream.epoch(),
@@ -576,6 +583,7 @@ impl Writer {
             duplicate: false,
         };
         batch.journal_only(Ks::Dedup, &dedup_key, Some(&schema::encode_dedup(&receipt)));
+        self.highest.note(&dedup_key);
         p.dedup.insert(dedup_key, receipt);
         let msg = Arc::new(msg);
         p.held.insert((msg.to.clone(), msg.seq), Some(msg.clone()));
@@ -671,7 +679,7 @@ impl Writer {
             }
         }
         if !ids.is_empty() {
-            self.log_own(batch, &Entry::Acked { user, ids }, p);
+            self.log_own(batch, || Entry::Acked { user, ids }, p);
         }
         Ok(())
     }
@@ -687,6 +695,9 @@ impl Writer {
         at_ms: u64,
         p: &Pending,
     ) -> Fallible<Option<Result<Receipt, postcard::Error>>> {
+        if self.highest.above(dedup_key, &self.tables.dedup)? {
+            return Ok(None);
+        }
         let found = match p.dedup.get(dedup_key).or_else(|| self.deferred.receipt(dedup_key)) {
             Some(receipt) => Ok(receipt.clone()),
             None => match self.tables.dedup.get(dedup_key)? {

@@ -288,7 +288,9 @@ struct Run {
     ledger: Mutex<Ledger>,
     body: String,
     /// Prefix of this run's client ids: runs must not collide with the server's memory of
-    /// earlier runs' idempotency keys.
+    /// earlier runs' idempotency keys. Each sender's count follows in fixed width, so that
+    /// its ids increase as our clients' do, and stay about as short as before they did
+    /// (fjall compares keys of up to 20 bytes inline).
     nonce: String,
 }
 
@@ -388,7 +390,10 @@ impl Run {
     }
 
     async fn on_accepted(&self, from: usize, client_id: &str) {
-        let Some(Ok(seq)) = client_id.rsplit_once('-').map(|(_, seq)| seq.parse::<usize>()) else {
+        let Some(Ok(seq)) = client_id
+            .rsplit_once('-')
+            .map(|(_, seq)| usize::from_str_radix(seq, 16))
+        else {
             return;
         };
         let mut ledger = self.ledger.lock().await;
@@ -471,7 +476,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         counters: Counters::default(),
         ledger: Mutex::new(Ledger::new(senders.max(1))),
         body: "x".repeat(args.size),
-        nonce: crate::clients::random_client_id()[..8].to_owned(),
+        nonce: crate::clients::random_hex(4),
         args,
     });
     let whole_run_cpu = run.args.pid.map(CpuWindow::start);
@@ -734,7 +739,7 @@ impl Pace {
 fn send_frame(run: &Run, me: usize, to: &str, seq: u64, sent_ns: u64) -> WsMessage {
     let frame = ClientFrame::Send {
         to: to.to_owned(),
-        client_id: format!("{}-{seq}", run.nonce),
+        client_id: format!("{}-{seq:06x}", run.nonce),
         text: run.text(sent_ns, me, seq),
     };
     WsMessage::text(chinwag_proto::encode_client(&frame))

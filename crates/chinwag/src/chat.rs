@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::Instant;
 
 use crate::ServerArgs;
-use crate::clients::random_client_id;
+use crate::clients::new_client_id;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -165,7 +165,7 @@ impl Chat {
         match parse_line(line, self.to.as_deref()) {
             Ok(Line::Send { to, text }) => {
                 let out = Outgoing {
-                    client_id: random_client_id(),
+                    client_id: new_client_id(),
                     to: to.clone(),
                     text,
                 };

@@ -3,7 +3,8 @@
 use std::collections::{HashSet, VecDeque};
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chinwag_client::{ClientError, Connection};
 use chinwag_proto::{ClientFrame, ErrorCode, ServerFrame};
@@ -44,10 +45,25 @@ pub struct ListenArgs {
     timeout: Option<Duration>,
 }
 
-pub fn random_client_id() -> String {
-    let mut bytes = [0u8; 12];
-    getrandom::fill(&mut bytes).expect("the OS provides randomness");
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// A new idempotency key: time-ordered, so that one process's keys increase (the server
+/// checks a key above the sender's highest without a lookup), then random, so that two
+/// devices of one user never pick the same key.
+pub fn new_client_id() -> String {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let at = LAST
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| Some(now.max(last + 1)))
+        .map_or(now, |last| now.max(last + 1));
+    format!("{at:012x}{}", random_hex(8))
+}
+
+/// `bytes` random bytes, in hex.
+pub fn random_hex(bytes: usize) -> String {
+    let mut random = vec![0u8; bytes];
+    getrandom::fill(&mut random).expect("the OS provides randomness");
+    random.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Errors worth retrying on a new connection with the same idempotency key.
@@ -69,7 +85,7 @@ async fn backoff(attempt: u32) {
 }
 
 pub async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
-    let client_id = args.client_id.unwrap_or_else(random_client_id);
+    let client_id = args.client_id.unwrap_or_else(new_client_id);
     let deadline = Instant::now() + args.timeout;
     let mut attempt = 0;
     loop {
@@ -254,5 +270,21 @@ pub async fn until<T>(deadline: Option<Instant>, fut: impl std::future::Future<O
     match deadline {
         Some(at) => tokio::time::timeout_at(at, fut).await.ok(),
         None => Some(fut.await),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_client_ids_increase_are_valid_and_never_repeat() {
+        let ids: Vec<String> = (0..1000).map(|_| new_client_id()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids must increase within a process");
+        for id in &ids {
+            chinwag_core::ClientMsgId::parse(id).unwrap();
+        }
+        let random: HashSet<&str> = ids.iter().map(|id| &id[12..]).collect();
+        assert_eq!(random.len(), ids.len());
     }
 }

@@ -39,7 +39,11 @@ async fn offline_message_survives_sigkill(dir: &std::path::Path, config: &str, j
     let (code, ack) = cli_send(&server, alice.trim(), "carol", "survive this", None).await;
     assert_eq!(code, 0, "{ack}");
     let ack: serde_json::Value = serde_json::from_str(ack.trim()).unwrap();
-    assert!(std::fs::metadata(journal).unwrap().len() > 0, "nothing in {}", journal.display());
+    assert!(
+        std::fs::metadata(journal).unwrap().len() > 0,
+        "nothing in {}",
+        journal.display()
+    );
 
     node.kill9();
     node.restart();
