@@ -280,7 +280,10 @@ mod tests {
     #[test]
     fn new_client_ids_increase_are_valid_and_never_repeat() {
         let ids: Vec<String> = (0..1000).map(|_| new_client_id()).collect();
-        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids must increase within a process");
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "ids must increase within a process"
+        );
         for id in &ids {
             chinwag_core::ClientMsgId::parse(id).unwrap();
         }
