@@ -1,8 +1,9 @@
 //! Where the journal lives: beside the tables by default, or in a directory of its own
 //! (`StoreOptions::journal_dir`). Every durable commit waits for the journal's
-//! `fdatasync`; on the tables' device that sync also waits for compaction's writes, which
-//! is what set the worst seconds under sustained load (docs/performance.md). On a device
-//! of its own it waits for nothing but the journal.
+//! `fdatasync`; on the tables' device that sync can also wait for compaction's writes.
+//! On a device of its own it waits for nothing but the journal. (On our one-disk test
+//! machine, with the tables moved to a RAM disk, the tail did not change: there it is
+//! set by the one core and the disk's own flush; docs/performance.md.)
 //!
 //! A separate directory is recorded in the tables. A journal is only empty after a clean
 //! stop or a replay, so a store whose previous journal still holds records is not opened
