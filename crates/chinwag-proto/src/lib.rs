@@ -6,6 +6,8 @@
 //! fuzzers all share one definition. `docs/protocol.md` documents every frame and error code
 //! listed here, and a test keeps the two in step.
 
+use std::fmt::Write;
+
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this crate speaks; sent to the client in `welcome`.
@@ -303,8 +305,8 @@ impl MessageFrame<'_> {
         push_json_str(&mut out, self.to);
         out.push_str(r#","text":"#);
         push_json_str(&mut out, self.text);
-        out.push_str(r#","at":"#);
-        out.push_str(&self.at.to_string());
+        // Writing to a String cannot fail.
+        let _ = write!(out, r#","at":{}"#, self.at);
         out.push_str(r#","client_id":"#);
         push_json_str(&mut out, self.client_id);
         out.push('}');

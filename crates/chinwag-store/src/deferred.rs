@@ -39,8 +39,8 @@ pub struct Deferred {
     /// Mailboxes whose depth changed since the last checkpoint.
     depths: HashSet<UserId>,
     /// Receipts gathered before a spill: each new map is made this large at once, since
-    /// growing one to it rehashed every receipt about twice (3.5 % of the writer's time
-    /// at saturation).
+    /// growing one from empty moved every receipt about once more (most of the 3.5 % of
+    /// the writer's time at saturation that rehashing receipt maps took).
     capacity: usize,
 }
 

@@ -377,7 +377,7 @@ impl EmbeddedStore {
         let tables = Tables::open(db).map_err(fail)?;
         let place = place::Place::choose(&path, options.journal_dir.as_deref(), &tables.meta)?;
         let journal = replay(&path, &place.dir, &tables, options.memory.journal_max())?;
-        place.record(&path, &tables)?;
+        place.record(&tables)?;
         let recovered = recover(&tables, &options).map_err(|e| match e {
             Recovery::Storage(e) => fail(e),
             Recovery::Damaged(detail) => OpenError::Corrupt {

@@ -29,25 +29,26 @@ pub struct Place {
     pub dir: PathBuf,
     /// Open on [`LOCK`], locked; the kernel releases the lock when it is closed.
     pub lock: File,
-    /// Whether the tables must be told of a move once the journal is replayed.
-    moved: bool,
+    /// The separate directory the tables record, if any.
+    recorded: Option<PathBuf>,
+    /// The tables' directory, canonical.
+    store: PathBuf,
 }
 
 impl Place {
     pub fn choose(store: &Path, configured: Option<&Path>, meta: &Keyspace) -> Result<Place, OpenError> {
+        let canonical_store = canonical(store)?;
         let dir = match configured {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
                 canonical(dir)?
             }
-            None => canonical(store)?,
+            None => canonical_store.clone(),
         };
         let recorded = meta.get(schema::JOURNAL_DIR).map_err(|e| crate::classify(store, e))?;
-        let previous = match &recorded {
-            Some(bytes) => PathBuf::from(OsStr::from_bytes(bytes)),
-            None => canonical(store)?,
-        };
-        if previous != dir {
+        let recorded = recorded.map(|bytes| PathBuf::from(OsStr::from_bytes(&bytes)));
+        let previous = recorded.as_ref().unwrap_or(&canonical_store);
+        if *previous != dir {
             let file = previous.join(journal::FILE);
             if holds_records(&file)? {
                 return Err(OpenError::JournalElsewhere {
@@ -56,28 +57,28 @@ impl Place {
                 });
             }
         }
-        let moved = match recorded {
-            Some(bytes) => bytes.as_ref() != dir.as_os_str().as_bytes(),
-            None => configured.is_some(),
-        };
         let lock = lock(&dir)?;
-        Ok(Place { dir, lock, moved })
+        Ok(Place {
+            dir,
+            lock,
+            recorded,
+            store: canonical_store,
+        })
     }
 
     /// Records the journal's directory once its predecessor's records are applied: only
     /// a separate one, so that a data directory copied elsewhere keeps its own journal.
-    pub fn record(&self, store: &Path, tables: &Tables) -> Result<(), OpenError> {
-        if !self.moved {
+    pub fn record(&self, tables: &Tables) -> Result<(), OpenError> {
+        let separate = (self.dir != self.store).then_some(&self.dir);
+        if separate == self.recorded.as_ref() {
             return Ok(());
         }
-        let key = schema::JOURNAL_DIR;
         let mut batch = tables.db.batch().durability(Some(PersistMode::SyncAll));
-        if canonical(store)? == self.dir {
-            batch.remove(&tables.meta, key);
-        } else {
-            batch.insert(&tables.meta, key, self.dir.as_os_str().as_bytes());
+        match separate {
+            Some(dir) => batch.insert(&tables.meta, schema::JOURNAL_DIR, dir.as_os_str().as_bytes()),
+            None => batch.remove(&tables.meta, schema::JOURNAL_DIR),
         }
-        batch.commit().map_err(|e| crate::classify(store, e))
+        batch.commit().map_err(|e| crate::classify(&self.store, e))
     }
 }
 
@@ -120,11 +121,10 @@ fn io_error(path: &Path, e: io::Error) -> OpenError {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
-    use std::time::Duration;
 
     use chinwag_core::Store;
 
-    use crate::tests::{new, options, try_open, user};
+    use crate::tests::{new, open_when_free, options, try_open, user};
     use crate::{EmbeddedStore, OpenError, STORE_DIR, journal};
 
     fn with_journal(dir: Option<&Path>) -> crate::StoreOptions {
@@ -134,15 +134,8 @@ mod tests {
         }
     }
 
-    /// Opens, waiting for a store just dropped to let go of its locks.
     async fn reopen(data: &Path, journal: Option<&Path>) -> Result<EmbeddedStore, OpenError> {
-        for _ in 0..100 {
-            match try_open(data, with_journal(journal)) {
-                Err(OpenError::Locked { .. }) => tokio::time::sleep(Duration::from_millis(20)).await,
-                other => return other,
-            }
-        }
-        panic!("store stayed locked")
+        open_when_free(|| try_open(data, with_journal(journal))).await
     }
 
     fn len(file: &Path) -> Option<u64> {

@@ -179,13 +179,7 @@ async fn coordinates_replicate_and_restarts_retract_them() {
     assert_eq!(west.store.coordinates(&user("bob")), vec![at.clone()]);
     // A crash and restart of east: its new incarnation retracts the old coordinate.
     drop(east);
-    let east = loop {
-        match open() {
-            Ok(s) => break s,
-            Err(OpenError::Locked { .. }) => tokio::time::sleep(Duration::from_millis(20)).await,
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let east = crate::tests::open_when_free(open).await.unwrap();
     let (next, entries) = ship(&east);
     west.store.ingest(stream.clone(), next, entries).await.unwrap();
     assert!(west.store.coordinates(&user("bob")).is_empty());

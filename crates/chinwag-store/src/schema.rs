@@ -95,6 +95,12 @@ pub fn dedup_key(sender: &UserId, client_id: &ClientMsgId) -> Vec<u8> {
     key
 }
 
+/// A dedup key's sender prefix (as [`user_prefix`] makes it) and client id.
+pub fn split_dedup_key(key: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = 1 + usize::from(*key.first()?);
+    (key.len() >= len).then(|| key.split_at(len))
+}
+
 /// `len ++ dc ++ epoch`: the prefix of every log key and message id key of one stream.
 pub fn stream_key(stream: &StreamId) -> Vec<u8> {
     let dc = stream.dc.as_str().as_bytes();

@@ -651,12 +651,21 @@ async fn reopening_keeps_messages_and_drops_old_coordinates() {
 }
 
 async fn reopen(dir: &Path) -> (EmbeddedStore, Arc<Recorder>) {
+    let recorder = Arc::new(Recorder::default());
+    let open = || EmbeddedStore::open(dir, options(100), recorder.clone(), Box::new(|_, _| {}));
+    let store = open_when_free(open).await.unwrap_or_else(|e| panic!("{e}"));
+    (store, recorder)
+}
+
+/// Opens as soon as a store dropped a moment ago has let go of its locks (its threads
+/// end shortly after the drop); any other outcome is returned.
+pub(crate) async fn open_when_free(
+    open: impl Fn() -> Result<EmbeddedStore, OpenError>,
+) -> Result<EmbeddedStore, OpenError> {
     for _ in 0..100 {
-        let recorder = Arc::new(Recorder::default());
-        match EmbeddedStore::open(dir, options(100), recorder.clone(), Box::new(|_, _| {})) {
-            Ok(store) => return (store, recorder),
+        match open() {
             Err(OpenError::Locked { .. }) => tokio::time::sleep(Duration::from_millis(20)).await,
-            Err(e) => panic!("{e}"),
+            other => return other,
         }
     }
     panic!("store stayed locked")

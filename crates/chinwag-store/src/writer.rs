@@ -583,7 +583,7 @@ impl Writer {
             duplicate: false,
         };
         batch.journal_only(Ks::Dedup, &dedup_key, Some(&schema::encode_dedup(&receipt)));
-        self.highest.note(&dedup_key);
+        debug_assert!(self.highest.covers(&dedup_key), "stored without being checked first");
         p.dedup.insert(dedup_key, receipt);
         let msg = Arc::new(msg);
         p.held.insert((msg.to.clone(), msg.seq), Some(msg.clone()));

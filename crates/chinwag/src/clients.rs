@@ -4,7 +4,7 @@ use std::collections::{HashSet, VecDeque};
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use chinwag_client::{ClientError, Connection};
 use chinwag_proto::{ClientFrame, ErrorCode, ServerFrame};
@@ -50,13 +50,13 @@ pub struct ListenArgs {
 /// devices of one user never pick the same key.
 pub fn new_client_id() -> String {
     static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let at = LAST
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| Some(now.max(last + 1)))
-        .map_or(now, |last| now.max(last + 1));
-    format!("{at:012x}{}", random_hex(8))
+    let now = chinwag_server::now_ms();
+    let next = |last: u64| now.max(last + 1);
+    // The closure always yields a value, so `fetch_update` returns the previous one.
+    let last = LAST
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| Some(next(last)))
+        .unwrap_or_else(|last| last);
+    format!("{:012x}{}", next(last), random_hex(8))
 }
 
 /// `bytes` random bytes, in hex.
