@@ -16,7 +16,9 @@
 //!   here;
 //! - which mailboxes' depths changed, until the next checkpoint writes each once.
 //!
-//! Both are in the journal, so a crash loses neither: replay puts them into fjall.
+//! Both are in the journal, so a crash loses neither: replay puts them into fjall. A
+//! checkpoint, which empties the journal, carries the records still held into the new
+//! one ([`Deferred::carry`]) rather than waiting for the spill thread.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
@@ -25,6 +27,7 @@ use chinwag_core::{Receipt, UserId};
 use fjall::{Keyspace, OwnedWriteBatch};
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
+use crate::journal::{Ks, Record};
 use crate::schema;
 
 type Receipts = HashMap<Vec<u8>, Receipt>;
@@ -158,6 +161,21 @@ impl Deferred {
         } else {
             Err(stopped())
         }
+    }
+
+    /// Adds every receipt held, the spill thread's first, to `record`; returns how many.
+    /// A checkpoint carries them into the next journal instead of waiting for them to be
+    /// written: the spill thread's may still fail and be taken back, and the rest are
+    /// written at the next spill, which need not be early.
+    pub fn carry(&self, record: &mut Record) -> usize {
+        let spilling = self.spilling.iter().flat_map(|r| r.iter());
+        let mut carried = 0;
+        // A key in both holds the newer receipt in `receipts`; it comes last and wins.
+        for (key, receipt) in spilling.chain(&self.receipts) {
+            record.push(Ks::Dedup, key, Some(&schema::encode_dedup(receipt)));
+            carried += 1;
+        }
+        carried
     }
 
     /// The outcome of the spill in progress, waiting for it; `None` if there is none.

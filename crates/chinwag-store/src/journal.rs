@@ -6,7 +6,9 @@
 //! kept in memory: a new message (`crate::held`), because most are acknowledged within
 //! milliseconds and then never need to reach fjall at all; and idempotency records and
 //! mailbox depths (`crate::deferred`), which reach fjall later and in bulk. A checkpoint
-//! (`Writer::checkpoint`) writes all of that to fjall, syncs fjall and empties this file.
+//! (`Writer::checkpoint`) writes the held messages and depths to fjall, syncs fjall and
+//! empties this file, carrying into the new one the idempotency records fjall does not
+//! hold yet.
 //!
 //! At open, whatever the file holds is applied to fjall, in order, and synced: each key
 //! ends as the last record left it, whether or not fjall had kept some of those writes,
@@ -219,17 +221,22 @@ impl Journal {
     /// synced, so a power loss could bring the old file back and lose what is appended to
     /// the new one) stops all appends.
     pub fn clear(&mut self) -> io::Result<()> {
-        let dir = self.path.parent().expect("the journal is in the store's directory");
-        let next = dir.join(NEXT);
-        let fresh = open_file(&next, true)?;
-        std::fs::rename(&next, &self.path)?;
+        let next = Next::prepare(self.dir(), None)?;
+        self.replace(next)
+    }
+
+    /// Puts `next` in this journal's place (see [`Journal::clear`]).
+    pub fn replace(&mut self, next: Next) -> io::Result<()> {
+        let dir = self.dir().to_owned();
+        std::fs::rename(dir.join(NEXT), &self.path)?;
+        let Next { file: fresh, len } = next;
         let old = std::mem::replace(&mut self.file, fresh);
-        self.len = 0;
+        self.len = len;
         // The old file's blocks are freed when it is closed.
         let _ = std::thread::Builder::new()
             .name("chinwag-journal-drop".into())
             .spawn(move || drop(old));
-        let synced = File::open(dir).and_then(|d| d.sync_all());
+        let synced = File::open(&dir).and_then(|d| d.sync_all());
         if let Err(e) = &synced {
             self.stop(format!(
                 "cannot sync the directory after emptying the journal ({e}); restart the node"
@@ -256,6 +263,34 @@ impl Journal {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.path.parent().expect("the journal is in the store's directory")
+    }
+}
+
+/// The file that will take the journal's place, written and synced beside it.
+pub struct Next {
+    file: File,
+    len: u64,
+}
+
+impl Next {
+    /// Creates it in `dir` holding `carried`, if any, synced: a checkpoint does this
+    /// while fjall syncs, then [`Journal::replace`]s the journal with it. What fjall does
+    /// not hold yet, and the old journal did, thus stays journaled.
+    pub fn prepare(dir: &Path, carried: Option<&mut Record>) -> io::Result<Next> {
+        let file = open_file(&dir.join(NEXT), true)?;
+        let len = match carried {
+            Some(record) => {
+                let bytes = record.seal()?;
+                file.write_all_at(bytes, 0).and_then(|()| file.sync_data())?;
+                bytes.len() as u64
+            }
+            None => 0,
+        };
+        Ok(Next { file, len })
     }
 }
 

@@ -293,13 +293,19 @@ async fn hold_a_compaction(store: &EmbeddedStore) -> Held {
     HOLD.store(true, Ordering::SeqCst);
     let held = Held;
     // Overlapping tables at level 0 of the dedup table start its compaction, once there
-    // are four. Each is written out before the next, so no memtable is waiting when the
-    // compaction begins; another is written only if none has begun within 2 s (writing
-    // one while a compaction is held would wait for it).
+    // are four. Eight records (two senders, far apart) are enough for the spill thread to
+    // write one table; each is written out before the next, so no memtable is waiting
+    // when the compaction begins; another is written only if none has begun within 2 s
+    // (writing one while a compaction is held would wait for it).
     for table in 0.. {
         assert!(table < 20, "no dedup compaction started");
-        for from in ["a", "z"] {
-            store.append(new(from, "bob", &format!("c{table}"), "x")).await.unwrap();
+        for i in 0..4 {
+            for from in ["a", "z"] {
+                store
+                    .append(new(from, "bob", &format!("c{table}-{i}"), "x"))
+                    .await
+                    .unwrap();
+            }
         }
         let dedup = store.tables.dedup.clone();
         tokio::task::spawn_blocking(move || dedup.rotate_memtable_and_wait())
@@ -766,16 +772,12 @@ async fn retries_are_recognised_wherever_their_records_are() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = open(dir.path(), 1_000);
     let mut first = Vec::new();
-    // 40 records: several bulk writes of 8, and checkpoints every few messages (8 KiB).
-    for i in 0..40 {
-        let receipt = store
-            .append(new("alice", "bob", &format!("c{i}"), &"x".repeat(500)))
-            .await
-            .unwrap();
-        first.push(receipt.id);
-        if i % 7 == 0 {
-            store.settle().await;
-        }
+    // 40 records: several bulk writes of 8, and checkpoints every few messages (8 KiB),
+    // the store settled now and then.
+    let text = "x".repeat(500);
+    for chunk in [0..1, 1..8, 8..15, 15..22, 22..29, 29..36, 36..40] {
+        first.extend(alice_to_bob(&store, chunk, &text).await);
+        store.settle().await;
     }
     let in_fjall = store.tables.dedup.prefix(schema::user_prefix(&user("alice"))).count();
     assert!(in_fjall >= 8, "{in_fjall} records written to fjall");
@@ -785,6 +787,48 @@ async fn retries_are_recognised_wherever_their_records_are() {
     let (reopened, _) = open(copy.path(), 1_000);
     retries_recognised(&reopened, &first).await;
     assert_eq!(reopened.scan(user("bob"), 0, 100).await.unwrap().len(), 40);
+}
+
+/// A checkpoint does not wait for idempotency records to reach fjall: it carries them
+/// into the emptied journal, where a crash right after it finds them.
+#[tokio::test]
+async fn records_a_checkpoint_carries_are_recognised_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), 1_000);
+    // Six held messages, their recipient and its depth reach the checkpoint limit of 8;
+    // six records stay below the 8 that are written out at once.
+    let first = alice_to_bob(&store, 0..6, "x").await;
+    // The checkpoint follows the answer to the last append.
+    store.settle().await;
+    assert_eq!(
+        store.tables.mailbox.iter().count(),
+        6,
+        "no checkpoint wrote the messages"
+    );
+    assert_eq!(store.tables.dedup.iter().count(), 0, "records were written to fjall");
+    let copy = crash_copy(dir.path());
+    let (reopened, _) = open(copy.path(), 1_000);
+    retries_recognised(&reopened, &first).await;
+    assert_eq!(reopened.scan(user("bob"), 0, 100).await.unwrap().len(), 6);
+}
+
+/// Appends alice's messages `c{i}` to bob, `i` in `range`; returns their ids.
+async fn alice_to_bob(
+    store: &EmbeddedStore,
+    range: std::ops::Range<usize>,
+    text: &str,
+) -> Vec<chinwag_core::MessageId> {
+    let mut ids = Vec::new();
+    for i in range {
+        ids.push(
+            store
+                .append(new("alice", "bob", &format!("c{i}"), text))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    ids
 }
 
 /// Retries alice's messages `c0`, `c1`, … to bob, which were first stored as `first`.
