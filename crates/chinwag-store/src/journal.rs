@@ -28,7 +28,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 pub const FILE: &str = "journal";
 /// The empty journal being put in place of a full one (see [`Journal::clear`]).
-const NEXT: &str = "journal.next";
+pub(crate) const NEXT: &str = "journal.next";
 
 const HEADER: usize = 12;
 const REMOVED: u32 = u32::MAX;

@@ -991,6 +991,53 @@ async fn a_store_journal_cut_short_or_damaged_is_reported_never_silently_lost() 
     }
 }
 
+/// A checkpoint that cannot put a new journal in place (here `journal.next` is a
+/// directory, so the file cannot be created) fails as a whole: the journal keeps every
+/// commit, and once it reaches its limit commits are refused with a clear error rather
+/// than let it grow without bound. Once the obstacle is gone a checkpoint succeeds and
+/// sends are taken again; no acknowledged message is lost, before or after a crash.
+#[tokio::test]
+async fn a_checkpoint_that_cannot_replace_the_journal_fails_safely() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), 100_000);
+    let obstacle = dir.path().join(STORE_DIR).join(journal::NEXT);
+    std::fs::create_dir(&obstacle).unwrap();
+    let text = "x".repeat(200);
+    let mut acknowledged = 0;
+    let refusal = loop {
+        assert!(acknowledged < 2_000, "the journal grew without bound");
+        match store
+            .append(new("alice", "bob", &format!("c{acknowledged}"), &text))
+            .await
+        {
+            Ok(_) => acknowledged += 1,
+            Err(e) => break e,
+        }
+    };
+    assert!(refusal.to_string().contains("checkpoints fail"), "{refusal}");
+    std::fs::remove_dir(&obstacle).unwrap();
+    // A failed checkpoint is tried again a second later, at the next commit.
+    let mut taken = false;
+    for i in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if store
+            .append(new("alice", "bob", &format!("after{i}"), "x"))
+            .await
+            .is_ok()
+        {
+            acknowledged += 1;
+            taken = true;
+            break;
+        }
+    }
+    assert!(taken, "sends still refused 5 s after the obstacle was removed");
+    assert_eq!(store.scan(user("bob"), 0, 10_000).await.unwrap().len(), acknowledged);
+    store.settle().await;
+    let copy = crash_copy(dir.path());
+    let (reopened, _) = open(copy.path(), 100_000);
+    assert_eq!(reopened.scan(user("bob"), 0, 10_000).await.unwrap().len(), acknowledged);
+}
+
 #[tokio::test]
 async fn a_clean_close_leaves_the_journal_empty_and_the_messages_in_fjall() {
     let dir = tempfile::tempdir().unwrap();

@@ -401,8 +401,11 @@ impl Writer {
         self.deferred.depths_written();
         if let Err(e) = next.and_then(|next| self.journal.replace(next)) {
             // Before the swap, harmless but for a longer replay at the next open; after
-            // it, the journal has stopped taking commits (see `Journal::clear`).
-            tracing::error!(error = %e, path = %self.journal.path().display(), "cannot empty the journal");
+            // it, the journal has stopped taking commits (see `Journal::clear`). Either
+            // way it is still full, so this is tried again like any failed checkpoint,
+            // not at every commit.
+            tracing::error!(error = %e, path = %self.journal.path().display(), "cannot empty the journal; the journal keeps growing until a checkpoint succeeds");
+            return false;
         }
         let micros = started.elapsed().as_micros();
         tracing::debug!(
