@@ -61,6 +61,8 @@ impl Deferred {
                 tracing::warn!(error = %e, "could not lower the priority of the thread writing idempotency records");
             }
             for receipts in jobs_rx {
+                #[cfg(test)]
+                hold::wait_while_held(capacity);
                 let started = std::time::Instant::now();
                 let result = write(&dedup, &receipts);
                 let micros = started.elapsed().as_micros();
@@ -212,6 +214,25 @@ impl Deferred {
     /// The checkpoint that wrote the depths is durable.
     pub fn depths_written(&mut self) {
         self.depths.clear();
+    }
+}
+
+/// A test's way to stall the spill thread, as fjall slowing its writes would: while
+/// `HOLD` is set, the spill thread of a store whose records are written [`CAPACITY`] at a
+/// time (no other test uses that) waits before each write, at most a minute.
+#[cfg(test)]
+pub mod hold {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    pub const CAPACITY: usize = 9;
+    pub static HOLD: AtomicBool = AtomicBool::new(false);
+
+    pub fn wait_while_held(capacity: usize) {
+        let until = Instant::now() + Duration::from_secs(60);
+        while capacity == CAPACITY && HOLD.load(Ordering::SeqCst) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 

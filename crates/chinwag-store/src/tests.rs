@@ -812,6 +812,36 @@ async fn records_a_checkpoint_carries_are_recognised_after_a_crash() {
     assert_eq!(reopened.scan(user("bob"), 0, 100).await.unwrap().len(), 6);
 }
 
+/// When the spill thread falls behind (here it is stalled), a checkpoint waits for it
+/// rather than carry ever more records into each new journal, until the carried records
+/// alone would fill it and sends were refused.
+#[tokio::test]
+async fn a_checkpoint_waits_for_a_spill_thread_that_fell_behind() {
+    use crate::deferred::hold;
+    let dir = tempfile::tempdir().unwrap();
+    let memory = StoreMemory {
+        checkpoint_bytes: hold::CAPACITY as u64 * 1024,
+        ..SMALL_CHECKPOINTS
+    };
+    let store = try_open(
+        dir.path(),
+        StoreOptions {
+            memory,
+            ..options(100_000)
+        },
+    )
+    .unwrap();
+    hold::HOLD.store(true, Ordering::SeqCst);
+    let release = tokio::spawn(async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        hold::HOLD.store(false, Ordering::SeqCst);
+    });
+    // About 45 bytes each, 1,500 records are twice what the journal holds (36 KiB).
+    let first = alice_to_bob(&store, 0..1_500, "x").await;
+    release.await.unwrap();
+    assert_eq!(store.scan(user("bob"), 0, 2_000).await.unwrap().len(), first.len());
+}
+
 /// Appends alice's messages `c{i}` to bob, `i` in `range`; returns their ids.
 async fn alice_to_bob(
     store: &EmbeddedStore,

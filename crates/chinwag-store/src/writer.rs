@@ -360,14 +360,18 @@ impl Writer {
     /// Writes what is held in memory to fjall (messages and changed depths), syncs fjall
     /// (which makes every batch it took unsynced durable too) and empties the journal. The
     /// idempotency records fjall lacks are carried into the new journal rather than
-    /// waited for: waiting for the spill thread was about 200 of a checkpoint's 350 ms at
-    /// full load, and every message stalls behind one. A clean stop writes them instead, so it
+    /// waited for, unless the spill thread has fallen behind: waiting for it was about 200
+    /// of a checkpoint's 350 ms at full load, and every message stalls behind one. A clean stop writes them instead, so it
     /// leaves nothing to replay. A failure leaves everything as it was, to be tried
     /// again; returns whether it succeeded.
     fn checkpoint(&mut self, ending: Ending) -> bool {
         let started = Instant::now();
         let journal_bytes = self.journal.len();
-        if ending == Ending::Clean
+        // More records than two spills take means the spill thread is behind (fjall is
+        // slow or holding writes): waiting for it then keeps what the new journal carries
+        // within a tenth to a fifth of `checkpoint_bytes`, by the keys' length.
+        let behind = self.deferred.receipts_held() > 2 * self.options.memory.held_max();
+        if (ending == Ending::Clean || behind)
             && let Err(e) = self.deferred.finish_spill()
         {
             tracing::error!(error = %e, "checkpoint failed: cannot write idempotency records; the journal keeps growing until one succeeds");
