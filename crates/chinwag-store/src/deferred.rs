@@ -174,7 +174,7 @@ impl Deferred {
         let mut carried = 0;
         // A key in both holds the newer receipt in `receipts`; it comes last and wins.
         for (key, receipt) in spilling.chain(&self.receipts) {
-            record.push(Ks::Dedup, key, Some(&schema::encode_dedup(receipt)));
+            record.push_encoded(Ks::Dedup, key, &schema::dedup_view(receipt));
             carried += 1;
         }
         carried
@@ -223,16 +223,12 @@ impl Deferred {
 #[cfg(test)]
 pub mod hold {
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::{Duration, Instant};
 
     pub const CAPACITY: usize = 9;
     pub static HOLD: AtomicBool = AtomicBool::new(false);
 
     pub fn wait_while_held(capacity: usize) {
-        let until = Instant::now() + Duration::from_secs(60);
-        while capacity == CAPACITY && HOLD.load(Ordering::SeqCst) && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        crate::expiry::hold::wait_while(|| capacity == CAPACITY && HOLD.load(Ordering::SeqCst));
     }
 }
 

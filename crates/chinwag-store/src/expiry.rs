@@ -63,12 +63,21 @@ pub mod hold {
     pub static HELD: AtomicBool = AtomicBool::new(false);
 
     pub fn wait_while_held() {
+        wait_while(|| {
+            let holding = HOLD.load(Ordering::SeqCst);
+            HELD.store(holding, Ordering::SeqCst);
+            holding
+        });
+        HELD.store(false, Ordering::SeqCst);
+    }
+
+    /// Waits while `holding` says so, at most a minute: the one stall of the store's
+    /// test holds (this one and the spill thread's).
+    pub fn wait_while(mut holding: impl FnMut() -> bool) {
         let until = Instant::now() + Duration::from_secs(60);
-        while HOLD.load(Ordering::SeqCst) && Instant::now() < until {
-            HELD.store(true, Ordering::SeqCst);
+        while Instant::now() < until && holding() {
             std::thread::sleep(Duration::from_millis(5));
         }
-        HELD.store(false, Ordering::SeqCst);
     }
 }
 

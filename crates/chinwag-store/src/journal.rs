@@ -227,16 +227,15 @@ impl Journal {
 
     /// Puts `next` in this journal's place (see [`Journal::clear`]).
     pub fn replace(&mut self, next: Next) -> io::Result<()> {
-        let dir = self.dir().to_owned();
-        std::fs::rename(dir.join(NEXT), &self.path)?;
-        let Next { file: fresh, len } = next;
+        let Next { file: fresh, path, len } = next;
+        std::fs::rename(&path, &self.path)?;
         let old = std::mem::replace(&mut self.file, fresh);
         self.len = len;
         // The old file's blocks are freed when it is closed.
         let _ = std::thread::Builder::new()
             .name("chinwag-journal-drop".into())
             .spawn(move || drop(old));
-        let synced = File::open(&dir).and_then(|d| d.sync_all());
+        let synced = File::open(self.dir()).and_then(|d| d.sync_all());
         if let Err(e) = &synced {
             self.stop(format!(
                 "cannot sync the directory after emptying the journal ({e}); restart the node"
@@ -273,6 +272,7 @@ impl Journal {
 /// The file that will take the journal's place, written and synced beside it.
 pub struct Next {
     file: File,
+    path: PathBuf,
     len: u64,
 }
 
@@ -281,7 +281,8 @@ impl Next {
     /// while fjall syncs, then [`Journal::replace`]s the journal with it. What fjall does
     /// not hold yet, and the old journal did, thus stays journaled.
     pub fn prepare(dir: &Path, carried: Option<&mut Record>) -> io::Result<Next> {
-        let file = open_file(&dir.join(NEXT), true)?;
+        let path = dir.join(NEXT);
+        let file = open_file(&path, true)?;
         let len = match carried {
             Some(record) => {
                 let bytes = record.seal()?;
@@ -290,7 +291,7 @@ impl Next {
             }
             None => 0,
         };
-        Ok(Next { file, len })
+        Ok(Next { file, path, len })
     }
 }
 

@@ -267,18 +267,22 @@ pub struct IdView<'a> {
     pub seq: u64,
 }
 
-/// The encoded [`DedupRecord`] of a receipt.
-pub fn encode_dedup(receipt: &Receipt) -> Vec<u8> {
+/// The [`DedupRecord`] of a receipt, ready to encode.
+pub fn dedup_view(receipt: &Receipt) -> DedupView<'_> {
     let id = &receipt.id;
-    let view = DedupView {
+    DedupView {
         id: IdView {
             origin: id.origin.as_str(),
             epoch: id.epoch.0,
             seq: id.seq,
         },
         at_ms: receipt.at_ms,
-    };
-    postcard::to_stdvec(&view).expect("encodes")
+    }
+}
+
+/// The encoded [`DedupRecord`] of a receipt.
+pub fn encode_dedup(receipt: &Receipt) -> Vec<u8> {
+    postcard::to_stdvec(&dedup_view(receipt)).expect("encodes")
 }
 
 /// A mailbox depth as the `depth` keyspace stores it; an empty mailbox has no entry.
