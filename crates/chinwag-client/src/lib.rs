@@ -114,6 +114,9 @@ pub struct ConnectOptions {
     pub origin: Option<String>,
     /// Ask for `delivered` receipts for what this connection's user sends.
     pub receipts: bool,
+    /// Name the device at login, so that sends can be numbered
+    /// ([`Connection::send_numbered`]).
+    pub device: Option<String>,
 }
 
 impl Connection {
@@ -161,6 +164,7 @@ impl Connection {
         conn.send(&ClientFrame::Login {
             token: token.into(),
             receipts: options.receipts,
+            device: options.device.clone(),
         })
         .await?;
         loop {
@@ -225,10 +229,33 @@ impl Connection {
     /// Sends a message and waits for the server to accept or refuse it. Frames that arrive
     /// meanwhile are kept for [`Connection::recv`].
     pub async fn send_message(&mut self, to: &str, client_id: &str, text: &str) -> Result<Sent, ClientError> {
+        self.send_and_wait(to, client_id, text, None).await
+    }
+
+    /// [`Connection::send_message`] numbered `seq` of the device named at login: a retry
+    /// is recognised by the number.
+    pub async fn send_numbered(
+        &mut self,
+        to: &str,
+        client_id: &str,
+        seq: u64,
+        text: &str,
+    ) -> Result<Sent, ClientError> {
+        self.send_and_wait(to, client_id, text, Some(seq)).await
+    }
+
+    async fn send_and_wait(
+        &mut self,
+        to: &str,
+        client_id: &str,
+        text: &str,
+        seq: Option<u64>,
+    ) -> Result<Sent, ClientError> {
         let frame = ClientFrame::Send {
             to: to.into(),
             client_id: client_id.into(),
             text: text.into(),
+            seq,
         };
         self.send(&frame).await?;
         let mut held = Vec::new();

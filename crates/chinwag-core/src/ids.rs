@@ -118,6 +118,12 @@ name_type!(
     client_id_char,
     "printable ASCII without spaces"
 );
+name_type!(
+    /// One of a user's devices, named by the device at login: its sends are numbered.
+    DeviceId,
+    client_id_char,
+    "printable ASCII without spaces"
+);
 
 /// A message's identity, the same in every DC: the DC that accepted it, the epoch of that
 /// DC's store (its creation time, so a DC rebuilt from nothing never reuses an id) and the

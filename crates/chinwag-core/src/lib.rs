@@ -14,8 +14,8 @@ pub mod session;
 pub mod store;
 
 pub use auth::{AuthError, Authenticate};
-pub use ids::{ClientMsgId, Coordinate, DcName, Epoch, IdError, MessageId, NodeName, UserId};
-pub use message::{Message, NewMessage, Receipt, SharedMessage};
+pub use ids::{ClientMsgId, Coordinate, DcName, DeviceId, Epoch, IdError, MessageId, NodeName, UserId};
+pub use message::{DeviceSeq, Message, NewMessage, Receipt, SharedMessage};
 pub use router::{Delivery, DeliveryStats, PushOutcome, Router};
 pub use session::{Output, Session, SessionLimits};
 pub use store::{CommitListener, Store, StoreError};

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::ids::{ClientMsgId, MessageId, UserId};
+use crate::ids::{ClientMsgId, DeviceId, MessageId, UserId};
 
 /// A message a client asked to send; the store turns it into a [`Message`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,6 +13,16 @@ pub struct NewMessage {
     pub text: String,
     /// Unix milliseconds when the session accepted the frame.
     pub at_ms: u64,
+    /// The sending device's number for this send; when present it, not `client_id`, is
+    /// what makes a retry recognisable.
+    pub seq: Option<DeviceSeq>,
+}
+
+/// A send numbered by its device: the `seq`-th of `device`'s sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSeq {
+    pub device: DeviceId,
+    pub seq: u64,
 }
 
 /// A message held in a recipient's mailbox.

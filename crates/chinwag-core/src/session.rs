@@ -25,8 +25,8 @@ use std::sync::Arc;
 use chinwag_proto::{ClientFrame, ErrorCode, Limits, PROTOCOL_VERSION, ServerFrame};
 
 use crate::auth::{AuthError, Authenticate};
-use crate::ids::{ClientMsgId, Coordinate, MessageId, UserId};
-use crate::message::{NewMessage, Receipt, SharedMessage};
+use crate::ids::{ClientMsgId, Coordinate, DeviceId, MessageId, UserId};
+use crate::message::{DeviceSeq, NewMessage, Receipt, SharedMessage};
 use crate::ratelimit::{TokenBucket, UserBuckets};
 use crate::store::StoreError;
 
@@ -142,6 +142,8 @@ struct Open {
     held_overflowed: bool,
     /// The client asked for `delivered` receipts at login.
     receipts: bool,
+    /// The device named at login, whose sends may be numbered.
+    device: Option<DeviceId>,
 }
 
 /// One client connection's protocol state.
@@ -302,9 +304,18 @@ impl Session {
             return;
         }
         match frame {
-            ClientFrame::Login { token, receipts } => self.login(&token, receipts, now_ms),
+            ClientFrame::Login {
+                token,
+                receipts,
+                device,
+            } => self.login(&token, receipts, device, now_ms),
             ClientFrame::Ping { nonce } => self.out.push_back(Output::Frame(ServerFrame::Pong { nonce })),
-            ClientFrame::Send { to, client_id, text } => self.send(to, client_id, text, now_ms),
+            ClientFrame::Send {
+                to,
+                client_id,
+                text,
+                seq,
+            } => self.send(to, client_id, text, seq, now_ms),
             ClientFrame::Ack { ids } => self.ack(ids),
         }
     }
@@ -320,10 +331,16 @@ impl Session {
         self.fail(ErrorCode::FrameTooLarge, format!("frames are limited to {limit} bytes"));
     }
 
-    fn login(&mut self, token: &str, receipts: bool, now_ms: u64) {
+    fn login(&mut self, token: &str, receipts: bool, device: Option<String>, now_ms: u64) {
         if !matches!(self.state, State::AwaitingLogin { .. }) {
             return self.error(ErrorCode::AlreadyAuthenticated, "already logged in".into(), None);
         }
+        // Checked before the token, so a bad name costs no signature check; the
+        // connection may log in again.
+        let device = match device.as_deref().map(DeviceId::parse).transpose() {
+            Ok(device) => device,
+            Err(e) => return self.error(ErrorCode::BadDevice, format!("device {e}"), None),
+        };
         let user = match self.auth.authenticate(token, now_ms) {
             Ok(user) => user,
             Err(AuthError::Expired) => {
@@ -343,6 +360,7 @@ impl Session {
             held: Vec::new(),
             held_overflowed: false,
             receipts,
+            device,
         }));
     }
 
@@ -368,11 +386,23 @@ impl Session {
         self.request_page();
     }
 
-    fn send(&mut self, to: String, client_id: String, text: String, now_ms: u64) {
+    fn send(&mut self, to: String, client_id: String, text: String, seq: Option<u64>, now_ms: u64) {
         let State::Open(open) = &self.state else {
             return self.error(ErrorCode::Unauthenticated, "log in first".into(), Some(client_id));
         };
         let from = open.user.clone();
+        let seq = match (seq, &open.device) {
+            (None, _) => None,
+            (Some(0), _) => return self.error(ErrorCode::BadSeq, "seq starts at 1".into(), Some(client_id)),
+            (Some(_), None) => {
+                let detail = "a numbered send needs a device named at login".into();
+                return self.error(ErrorCode::BadSeq, detail, Some(client_id));
+            }
+            (Some(seq), Some(device)) => Some(DeviceSeq {
+                device: device.clone(),
+                seq,
+            }),
+        };
         let client_msg_id = match ClientMsgId::parse(&client_id) {
             Ok(id) => id,
             Err(e) => {
@@ -416,6 +446,7 @@ impl Session {
             client_id: client_msg_id,
             text,
             at_ms: now_ms,
+            seq,
         }));
     }
 
@@ -435,6 +466,7 @@ impl Session {
             Err(e) => {
                 let code = match e {
                     StoreError::MailboxFull { .. } => ErrorCode::MailboxFull,
+                    StoreError::SeqTooOld { .. } => ErrorCode::SeqTooOld,
                     StoreError::Unavailable(_) | StoreError::Closed => ErrorCode::Unavailable,
                 };
                 ServerFrame::Error {

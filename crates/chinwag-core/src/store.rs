@@ -23,14 +23,21 @@ pub enum StoreError {
     /// The store has been shut down.
     #[error("store is closed")]
     Closed,
+    /// A numbered send too far below the highest its device has sent for the store to
+    /// tell whether it was accepted (see [`crate::DeviceSeq`]).
+    #[error(
+        "seq {seq} is {window} or more below {highest}, the highest this device sent; the store no longer knows whether it was accepted"
+    )]
+    SeqTooOld { seq: u64, highest: u64, window: u64 },
 }
 
 /// Storage of mailboxes and coordinates.
 ///
 /// # Contract
 /// - `append` returns only once the message is durable. It assigns the message a mailbox
-///   `seq` greater than any seq assigned before, and is idempotent on `(from, client_id)`:
-///   a repeat returns the first receipt with `duplicate = true` and stores nothing.
+///   `seq` greater than any seq assigned before, and is idempotent on `(from, client_id)`,
+///   or for a numbered send on `(from, device, seq)`: a repeat returns the first receipt
+///   with `duplicate = true` and stores nothing.
 /// - An append takes its place in the commit order when `append` is *called*, not when
 ///   its future is first polled: appends called one after another commit in that order.
 ///   This is what keeps one sender's pipelined messages in order.

@@ -21,18 +21,25 @@ pub const PROTOCOL_VERSION: u32 = 1;
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientFrame {
     /// Authenticate the connection; must be the first frame. With `receipts`, the
-    /// connection also gets `delivered` receipts for what its user sends.
+    /// connection also gets `delivered` receipts for what its user sends. `device` names
+    /// the sending device, so that its sends can be numbered (`seq` in `send`).
     Login {
         token: String,
         #[serde(default, skip_serializing_if = "is_false")]
         receipts: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device: Option<String>,
     },
-    /// Send `text` to user `to`. `client_id` is the idempotency key: a retry with the same
-    /// `client_id` gets the same `sent` answer and is delivered at most once.
+    /// Send `text` to user `to`. Without `seq`, `client_id` is the idempotency key: a
+    /// retry with the same `client_id` gets the same `sent` answer and is delivered at most
+    /// once. With `seq` (on a connection that named its `device`), the key is the device
+    /// and `seq` instead, and `client_id` is only echoed and shown.
     Send {
         to: String,
         client_id: String,
         text: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
     },
     /// Acknowledge receipt of pushed messages; acknowledged messages leave the mailbox.
     Ack { ids: Vec<String> },
@@ -134,11 +141,14 @@ pub enum ErrorCode {
     TooManyConnections,
     OriginNotAllowed,
     IdleTimeout,
+    BadDevice,
+    BadSeq,
+    SeqTooOld,
 }
 
 impl ErrorCode {
     /// All codes, for documentation checks and exhaustive tests.
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 24] = [
         ErrorCode::BadJson,
         ErrorCode::UnknownType,
         ErrorCode::BadFrame,
@@ -160,6 +170,9 @@ impl ErrorCode {
         ErrorCode::TooManyConnections,
         ErrorCode::OriginNotAllowed,
         ErrorCode::IdleTimeout,
+        ErrorCode::BadDevice,
+        ErrorCode::BadSeq,
+        ErrorCode::SeqTooOld,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -185,6 +198,9 @@ impl ErrorCode {
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::OriginNotAllowed => "origin_not_allowed",
             ErrorCode::IdleTimeout => "idle_timeout",
+            ErrorCode::BadDevice => "bad_device",
+            ErrorCode::BadSeq => "bad_seq",
+            ErrorCode::SeqTooOld => "seq_too_old",
         }
     }
 
@@ -355,7 +371,25 @@ mod tests {
             Ok(ClientFrame::Send {
                 to: "bob".into(),
                 client_id: "c1".into(),
-                text: "hi".into()
+                text: "hi".into(),
+                seq: None,
+            })
+        );
+        assert_eq!(
+            decode_client(r#"{"type":"send","to":"bob","client_id":"c1","text":"hi","seq":7}"#),
+            Ok(ClientFrame::Send {
+                to: "bob".into(),
+                client_id: "c1".into(),
+                text: "hi".into(),
+                seq: Some(7),
+            })
+        );
+        assert_eq!(
+            decode_client(r#"{"type":"login","token":"t","device":"phone"}"#),
+            Ok(ClientFrame::Login {
+                token: "t".into(),
+                receipts: false,
+                device: Some("phone".into()),
             })
         );
         assert_eq!(
@@ -446,8 +480,13 @@ mod tests {
         }
 
         #[test]
-        fn send_frames_round_trip(to in "[a-z]{1,10}", client_id in ".{0,20}", text in ".{0,100}") {
-            let frame = ClientFrame::Send { to, client_id, text };
+        fn send_frames_round_trip(
+            to in "[a-z]{1,10}",
+            client_id in ".{0,20}",
+            text in ".{0,100}",
+            seq in proptest::option::of(any::<u64>()),
+        ) {
+            let frame = ClientFrame::Send { to, client_id, text, seq };
             prop_assert_eq!(decode_client(&encode_client(&frame)), Ok(frame));
         }
     }

@@ -102,13 +102,11 @@ enum Event {
         device: usize,
         to: usize,
     },
-    /// The device sends an earlier message again with the same client id, as a client
-    /// does when it never saw the answer (a lost acknowledgement).
+    /// The device sends an earlier message again with the same client id (and number), as
+    /// a client does when it never saw the answer (a lost acknowledgement).
     Retry {
         device: usize,
-        client_id: String,
-        to: usize,
-        text: String,
+        send: Outgoing,
     },
     Crash(usize),
     Restart(usize),
@@ -178,7 +176,19 @@ struct Device {
     user: usize,
     conn: Option<(usize, u64)>,
     /// Sent, not yet accepted: retried with the same client id on the next connection.
-    pending: Vec<(String, usize, String)>,
+    pending: Vec<Outgoing>,
+    /// Whether the device names itself at login and numbers its sends; if so, how many
+    /// it has numbered.
+    numbered: Option<u64>,
+}
+
+/// One send as the device keeps it until it is accepted.
+#[derive(Debug, Clone)]
+struct Outgoing {
+    client_id: String,
+    to: usize,
+    text: String,
+    seq: Option<u64>,
 }
 
 pub struct World {
@@ -232,13 +242,16 @@ impl World {
         let users: Vec<UserId> = (0..sc.users)
             .map(|i| UserId::parse(&format!("u{i}")).expect("valid"))
             .collect();
-        // Every user has a phone; every third also a laptop.
+        // Every user has a phone; every third also a laptop. Every other device numbers its
+        // sends.
         let devices = (0..sc.users)
             .flat_map(|u| std::iter::repeat_n(u, if u % 3 == 0 { 2 } else { 1 }))
-            .map(|user| Device {
+            .enumerate()
+            .map(|(i, user)| Device {
                 user,
                 conn: None,
                 pending: Vec::new(),
+                numbered: (i % 2 == 1).then_some(0),
             })
             .collect();
         let mut world = World {
@@ -388,12 +401,7 @@ impl World {
             Event::Login { device, dc } => self.login(device, dc),
             Event::Logout { device } => self.logout(device),
             Event::Send { device, to } => self.send(device, to),
-            Event::Retry {
-                device,
-                client_id,
-                to,
-                text,
-            } => self.submit(device, &client_id, to, &text),
+            Event::Retry { device, send } => self.submit(device, &send),
             Event::Crash(dc) => self.crash(dc),
             Event::Restart(dc) => {
                 if self.dcs[dc].store.is_none() {
@@ -589,6 +597,7 @@ impl World {
             &chinwag_proto::encode_client(&ClientFrame::Login {
                 token: format!("user:{user}"),
                 receipts: false,
+                device: self.devices[device].numbered.map(|_| format!("d{device}")),
             }),
             now,
         );
@@ -601,8 +610,8 @@ impl World {
         self.pump(dc, conn);
         // Retry what was never accepted, with the same client ids.
         let pending = self.devices[device].pending.clone();
-        for (client_id, to, text) in pending {
-            self.submit(device, &client_id, to, &text);
+        for send in &pending {
+            self.submit(device, send);
         }
     }
 
@@ -629,30 +638,34 @@ impl World {
         let text = format!("m{}", self.next_client_id);
         let from = self.devices[device].user;
         self.history.attempted(&self.users[from], &client_id, to);
-        self.devices[device].pending.push((client_id.clone(), to, text.clone()));
-        self.submit(device, &client_id, to, &text);
+        let numbered = &mut self.devices[device].numbered;
+        let seq = numbered.as_mut().map(|n| {
+            *n += 1;
+            *n
+        });
+        let send = Outgoing {
+            client_id,
+            to,
+            text,
+            seq,
+        };
+        self.devices[device].pending.push(send.clone());
+        self.submit(device, &send);
         if self.rng.chance(200) {
             let delay = self.rng.below(2_000);
-            self.at(
-                delay,
-                Event::Retry {
-                    device,
-                    client_id,
-                    to,
-                    text,
-                },
-            );
+            self.at(delay, Event::Retry { device, send });
         }
     }
 
-    fn submit(&mut self, device: usize, client_id: &str, to: usize, text: &str) {
+    fn submit(&mut self, device: usize, send: &Outgoing) {
         let Some((dc, conn)) = self.devices[device].conn else {
             return;
         };
         let frame = ClientFrame::Send {
-            to: self.users[to].to_string(),
-            client_id: client_id.to_owned(),
-            text: text.to_owned(),
+            to: self.users[send.to].to_string(),
+            client_id: send.client_id.clone(),
+            text: send.text.clone(),
+            seq: send.seq,
         };
         let now = self.wall_ms();
         if let Some(c) = self.dcs[dc].conns.get_mut(&conn) {
@@ -801,7 +814,7 @@ impl World {
         match frame {
             ServerFrame::Sent { client_id, id, .. } => {
                 let user = self.devices[device].user;
-                self.devices[device].pending.retain(|(c, _, _)| *c != client_id);
+                self.devices[device].pending.retain(|send| send.client_id != client_id);
                 self.history.sent(self.now, dc, user, &client_id, &id);
             }
             ServerFrame::Error { code, client_id, .. } => {

@@ -60,6 +60,7 @@ impl Fixture {
             client_id: ClientMsgId::parse(&format!("c{n}")).unwrap(),
             text: self.text.clone(),
             at_ms: 1_800_000_000_000,
+            seq: None,
         }
     }
 }

@@ -89,6 +89,7 @@ async fn append(store: Arc<EmbeddedStore>, users: Arc<Vec<UserId>>, next: Arc<At
             client_id: ClientMsgId::parse(&format!("m{n:x}")).unwrap(),
             text: text.clone(),
             at_ms: now_ms(),
+            seq: None,
         };
         store.append(msg).await.unwrap();
     }

@@ -45,10 +45,12 @@ pub enum Ks {
     Streams = 6,
     Ids = 7,
     Gone = 8,
+    Seqs = 9,
+    SeqReceipts = 10,
 }
 
 impl Ks {
-    pub(crate) const ALL: [Ks; 9] = [
+    pub(crate) const ALL: [Ks; 11] = [
         Ks::Mailbox,
         Ks::Dedup,
         Ks::Depth,
@@ -58,6 +60,8 @@ impl Ks {
         Ks::Streams,
         Ks::Ids,
         Ks::Gone,
+        Ks::Seqs,
+        Ks::SeqReceipts,
     ];
 
     fn from_code(code: u8) -> Option<Ks> {
@@ -474,7 +478,7 @@ mod tests {
     }
 
     fn keyspace() -> impl Strategy<Value = Ks> {
-        (0u8..9).prop_map(|code| Ks::from_code(code).unwrap())
+        (0u8..11).prop_map(|code| Ks::from_code(code).unwrap())
     }
 
     proptest! {

@@ -19,6 +19,7 @@ mod expiry;
 mod held;
 mod highest;
 mod journal;
+mod numbered;
 mod place;
 mod sched;
 mod schema;
@@ -241,6 +242,8 @@ pub struct Tables {
     streams: Keyspace,
     ids: Keyspace,
     gone: Keyspace,
+    seqs: Keyspace,
+    seq_receipts: Keyspace,
 }
 
 impl Tables {
@@ -286,6 +289,8 @@ impl Tables {
             streams: ks(schema::STREAMS)?,
             ids: ks(schema::IDS)?,
             gone: ks(schema::GONE)?,
+            seqs: ks(schema::SEQS)?,
+            seq_receipts: ks(schema::SEQ_RECEIPTS)?,
             db,
         })
     }
@@ -302,10 +307,12 @@ impl Tables {
             Ks::Streams => &self.streams,
             Ks::Ids => &self.ids,
             Ks::Gone => &self.gone,
+            Ks::Seqs => &self.seqs,
+            Ks::SeqReceipts => &self.seq_receipts,
         }
     }
 
-    fn all(&self) -> [&Keyspace; 9] {
+    fn all(&self) -> [&Keyspace; 11] {
         journal::Ks::ALL.map(|keyspace| self.get(keyspace))
     }
 
@@ -377,6 +384,13 @@ impl EmbeddedStore {
         let tables = Tables::open(db).map_err(fail)?;
         let place = place::Place::choose(&path, options.journal_dir.as_deref(), &tables.meta)?;
         let journal = replay(&path, &place.dir, &tables, options.memory.journal_max())?;
+        let folded = numbered::fold(&tables.seqs, &tables.seq_receipts, &tables.db, &options.dc).map_err(fail)?;
+        if folded > 0 {
+            tracing::info!(
+                folded,
+                "merged the journal's receipts of numbered sends into their windows"
+            );
+        }
         place.record(&tables)?;
         let recovered = recover(&tables, &options).map_err(|e| match e {
             Recovery::Storage(e) => fail(e),
@@ -425,6 +439,7 @@ impl EmbeddedStore {
             buffer: Vec::new(),
             retry_checkpoint_at: None,
             highest: highest::Highest::new(highest::MAX_SENDERS),
+            numbered: numbered::Windows::new(options.dc.clone()),
             deferred: Deferred::new(tables.dedup.clone(), options.memory.held_max()).map_err(|e| OpenError::Io {
                 path: path.clone(),
                 detail: format!("cannot start the thread writing idempotency records: {e}"),
@@ -874,7 +889,7 @@ fn recover(t: &Tables, options: &StoreOptions) -> Result<Recovered, Recovery> {
             true
         }
         Some(schema::FORMAT_VERSION) => true,
-        Some(schema::FORMAT_OWN_ROTATION) => {
+        Some(schema::FORMAT_OWN_ROTATION | schema::FORMAT_NO_SEQS) => {
             batch.insert(&t.meta, schema::FORMAT, schema::encode_u64(schema::FORMAT_VERSION));
             true
         }
@@ -984,6 +999,9 @@ fn unix_ms() -> u64 {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod numbered_tests;
 
 #[cfg(test)]
 mod repl_tests;

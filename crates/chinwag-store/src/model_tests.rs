@@ -100,6 +100,7 @@ async fn run(steps: Vec<Step>) {
                     client_id: ClientMsgId::parse(&format!("c{client}")).unwrap(),
                     text: text.clone(),
                     at_ms: unix_ms(),
+                    seq: None,
                 };
                 let receipt = store.append(new).await.unwrap();
                 let id = receipt.id.to_string();

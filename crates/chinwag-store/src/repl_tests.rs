@@ -56,6 +56,7 @@ fn msg(from: &str, to: &str, client_id: &str) -> NewMessage {
         client_id: ClientMsgId::parse(client_id).unwrap(),
         text: format!("{from}:{client_id}"),
         at_ms: unix_ms(),
+        seq: None,
     }
 }
 
@@ -347,6 +348,7 @@ async fn a_client_id_reused_after_the_window_is_a_new_message_in_every_dc() {
     let (east, west) = (dc("east"), dc("west"));
     let old = NewMessage {
         at_ms: 1_000,
+        seq: None,
         ..msg("alice", "bob", "c1")
     };
     east.store.append(old).await.unwrap();

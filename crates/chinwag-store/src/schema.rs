@@ -4,7 +4,7 @@
 //! form one contiguous range that no other user's keys can fall into, and a mailbox can be
 //! read with a single range scan in seq order (seqs are big-endian).
 
-use chinwag_core::{ClientMsgId, Coordinate, DcName, Epoch, Message, MessageId, Receipt, UserId};
+use chinwag_core::{ClientMsgId, Coordinate, DcName, DeviceId, Epoch, Message, MessageId, Receipt, UserId};
 use chinwag_replication::StreamId;
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +28,11 @@ pub const STREAMS: &str = "streams";
 pub const IDS: &str = "ids";
 /// Keyspace `message id` → nothing: acknowledged before its mailbox entry arrived here.
 pub const GONE: &str = "gone";
+/// Keyspace [`device_key`] → a device's window of receipts (`crate::numbered::Window`).
+pub const SEQS: &str = "seqs";
+/// Keyspace [`seq_receipt_key`] → [`DedupRecord`]: receipts of numbered sends, only
+/// between a replay and its fold into [`SEQS`] (`crate::numbered::fold`).
+pub const SEQ_RECEIPTS: &str = "seq_receipts";
 
 /// Mailbox position of the next message (local order).
 pub const NEXT_SEQ: &str = "next_seq";
@@ -46,11 +51,15 @@ pub const FORMAT: &str = "format";
 pub const OWN_ROTATION: &str = "own_rotation";
 /// The journal's directory, when it is not beside the tables (`crate::place`).
 pub const JOURNAL_DIR: &str = "journal_dir";
-/// Bumped whenever the layout changes incompatibly. 4: new messages may be only in the
+/// Bumped whenever the layout changes incompatibly. 5: numbered sends have no
+/// idempotency record, only their device's window in [`SEQS`], which a build without it
+/// would not consult. 4: new messages may be only in the
 /// store's own journal, so a build that does not replay it must refuse the store (3:
 /// fjall's own memtable rotation is off, so a build that does not seal memtables itself
 /// must refuse the store).
-pub const FORMAT_VERSION: u64 = 4;
+pub const FORMAT_VERSION: u64 = 5;
+/// The format before, upgraded at open: nothing to change but the number.
+pub const FORMAT_NO_SEQS: u64 = 4;
 /// The format before, upgraded at open: fjall's own memtable rotation off, no journal.
 pub const FORMAT_OWN_ROTATION: u64 = 3;
 /// The format before, still opened: fjall seals its memtables at their creation size.
@@ -93,6 +102,27 @@ pub fn dedup_key(sender: &UserId, client_id: &ClientMsgId) -> Vec<u8> {
     let mut key = user_prefix(sender);
     key.extend_from_slice(client_id.as_str().as_bytes());
     key
+}
+
+/// `sender prefix ++ device`: the key of a device's window. Like a dedup key, but in a
+/// keyspace of its own.
+pub fn device_key(sender: &UserId, device: &DeviceId) -> Vec<u8> {
+    let mut key = user_prefix(sender);
+    key.extend_from_slice(device.as_str().as_bytes());
+    key
+}
+
+/// `device key ++ seq (big-endian)`: one numbered send's receipt in the journal.
+pub fn seq_receipt_key(device_key: &[u8], seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(device_key.len() + 8);
+    key.extend_from_slice(device_key);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+pub fn split_seq_receipt_key(key: &[u8]) -> Option<(&[u8], u64)> {
+    let (device_key, seq) = key.split_at_checked(key.len().checked_sub(8)?)?;
+    Some((device_key, decode_u64(seq)?))
 }
 
 /// A dedup key's sender prefix (as [`user_prefix`] makes it) and client id.

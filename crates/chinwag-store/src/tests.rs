@@ -67,6 +67,7 @@ pub(crate) fn new(from: &str, to: &str, client_id: &str, text: &str) -> NewMessa
         client_id: ClientMsgId::parse(client_id).unwrap(),
         text: text.into(),
         at_ms: unix_ms(),
+        seq: None,
     }
 }
 
@@ -721,6 +722,7 @@ async fn dedup_entries_expire_after_the_window() {
     // record is still in the table (nothing has been compacted), but it is not a match.
     let old = NewMessage {
         at_ms: 1_000,
+        seq: None,
         ..new("alice", "bob", "old", "x")
     };
     let first = store.append(old).await.unwrap();
@@ -741,6 +743,7 @@ async fn compaction_drops_expired_dedup_entries_and_keeps_the_rest() {
     for i in 0..200 {
         let expired = NewMessage {
             at_ms: 1_000,
+            seq: None,
             ..new("old", "bob", &format!("c{i}"), "x")
         };
         store.append(expired).await.unwrap();

@@ -33,6 +33,7 @@ use crate::deferred::Deferred;
 use crate::expiry;
 use crate::highest::Highest;
 use crate::journal::{Journal, Ks, Next, Record};
+use crate::numbered::{Check, Windows};
 use crate::schema::{self, DedupRecord, Entry, IdRecord, MessageRecord, SnapshotItem, StreamState};
 use crate::watermark::Watermark;
 use crate::{Sealing, Shared, StoreOptions, Tables};
@@ -94,6 +95,8 @@ pub struct Writer {
     pub deferred: Deferred,
     /// Each sender's highest idempotency key, to skip the tables' lookup above it.
     pub highest: Highest,
+    /// The receipts of numbered sends (`crate::numbered`).
+    pub numbered: Windows,
     /// When to try again after a failed checkpoint.
     pub retry_checkpoint_at: Option<Instant>,
     /// When fjall's own journal was last synced (see [`FJALL_SYNC_EVERY`]).
@@ -123,6 +126,8 @@ struct Pending {
     depths: HashMap<UserId, u64>,
     /// Idempotency keys first used in this batch.
     dedup: HashMap<Vec<u8>, Receipt>,
+    /// Numbered sends stored by this batch, by `schema::seq_receipt_key`.
+    numbered: HashMap<Vec<u8>, Receipt>,
     /// Mailbox keys deleted in this batch, so two devices acknowledging the same message
     /// at once count it once.
     deleted: HashSet<Vec<u8>>,
@@ -238,6 +243,7 @@ impl Writer {
                 (self.observer)(started.elapsed(), count);
                 self.shared.set_failure(None);
                 self.deferred.add(pending.dedup.drain(), pending.depths.keys());
+                self.numbered.add(pending.numbered.drain(), &self.tables.seqs);
                 self.publish(&mut pending);
                 self.dropped_logs();
                 for answer in pending.answers {
@@ -291,7 +297,7 @@ impl Writer {
             self.retry_checkpoint_at = Some(Instant::now() + Duration::from_secs(1));
         }
         let memory = self.options.memory;
-        let held = self.held_count() + self.deferred.depths();
+        let held = self.held_count() + self.deferred.depths() + self.numbered.changed();
         let checkpoint = self.journal.len() >= memory.checkpoint_bytes || held >= memory.held_max();
         if self.retry_checkpoint_at.is_none_or(|at| Instant::now() >= at) {
             if checkpoint {
@@ -390,6 +396,8 @@ impl Writer {
         };
         let depths = self.deferred.depths();
         (self.deferred).write_depths(&mut batch, &self.tables.depth, &self.depths);
+        let windows = self.numbered.changed();
+        self.numbered.write_changed(&mut batch, &self.tables.seqs);
         let meta = &self.tables.meta;
         batch.insert(meta, schema::CHECKPOINT_COMMITS, schema::encode_u64(self.commits));
         let mut carried = Record::reusing(Vec::new());
@@ -404,6 +412,7 @@ impl Writer {
         // Only the writer changes the held messages, so these are exactly the ones written.
         self.shared.held.write().expect("held lock").clear();
         self.deferred.depths_written();
+        self.numbered.written();
         if let Err(e) = next.and_then(|next| self.journal.replace(next)) {
             // Before the swap, harmless but for a longer replay at the next open; after
             // it, the journal has stopped taking commits (see `Journal::clear`). Either
@@ -418,6 +427,7 @@ impl Writer {
         tracing::debug!(
             held,
             depths,
+            windows,
             receipts,
             carried_bytes,
             journal_bytes,
@@ -525,7 +535,28 @@ impl Writer {
     /// message's own refusal; `Err` a storage failure.
     fn append(&mut self, batch: &mut Batch, new: NewMessage, p: &mut Pending) -> Fallible<Result<Receipt, StoreError>> {
         let dedup_key = schema::dedup_key(&new.from, &new.client_id);
-        if let Some(earlier) = self.earlier(&dedup_key, new.at_ms, p)? {
+        let numbered = match &new.seq {
+            Some(numbered) => {
+                let key = schema::seq_receipt_key(&schema::device_key(&new.from, &numbered.device), numbered.seq);
+                match self.check_numbered(&key, numbered.seq, new.at_ms, p)? {
+                    Check::Duplicate(receipt) => return Ok(Ok(receipt)),
+                    // With peers the send is also looked for by its client id, below.
+                    Check::TooOld { highest } if !self.options.replicate => {
+                        return Ok(Err(StoreError::SeqTooOld {
+                            seq: numbered.seq,
+                            highest,
+                            window: crate::numbered::WINDOW,
+                        }));
+                    }
+                    Check::TooOld { .. } | Check::New => Some(key),
+                }
+            }
+            None => None,
+        };
+        // Twins across DCs are found by client id, so with peers every send keeps its
+        // idempotency record; a numbered one also goes into its device's window.
+        let recorded = numbered.is_none() || self.options.replicate;
+        if recorded && let Some(earlier) = self.earlier(&dedup_key, new.at_ms, p)? {
             // An unreadable record would mean a damaged store. Storing the retry again
             // could deliver it twice, so it is answered as a duplicate of an unknown message.
             return Ok(Ok(earlier.unwrap_or_else(|e| self.unknown_receipt(&e))));
@@ -568,7 +599,11 @@ impl Writer {
             text: new.text,
             at_ms: new.at_ms,
         };
-        self.insert_message(batch, msg, dedup_key, p);
+        self.insert_message(batch, msg, recorded.then_some(dedup_key), p);
+        if let Some(key) = numbered {
+            batch.journal_only(Ks::SeqReceipts, &key, Some(&schema::encode_dedup(&receipt)));
+            p.numbered.insert(key, receipt.clone());
+        }
         Ok(Ok(receipt))
     }
 
@@ -595,13 +630,14 @@ impl Writer {
             }
             _ => {}
         }
-        self.insert_message(batch, msg, dedup_key, p);
+        self.insert_message(batch, msg, Some(dedup_key), p);
         p.replicated_in += 1;
         Ok(())
     }
 
-    /// Puts a message into its recipient's mailbox at the next mailbox seq.
-    fn insert_message(&mut self, batch: &mut Batch, mut msg: Message, dedup_key: Vec<u8>, p: &mut Pending) {
+    /// Puts a message into its recipient's mailbox at the next mailbox seq, with an
+    /// idempotency record under `dedup_key` if given.
+    fn insert_message(&mut self, batch: &mut Batch, mut msg: Message, dedup_key: Option<Vec<u8>>, p: &mut Pending) {
         msg.seq = self.next_seq;
         self.next_seq += 1;
         let mailbox_key = schema::mailbox_key(&msg.to, msg.seq);
@@ -613,14 +649,16 @@ impl Writer {
         }
         let depth = self.depth(&msg.to, p) + 1;
         p.depths.insert(msg.to.clone(), depth);
-        let receipt = Receipt {
-            id: msg.id.clone(),
-            at_ms: msg.at_ms,
-            duplicate: false,
-        };
-        batch.journal_only(Ks::Dedup, &dedup_key, Some(&schema::encode_dedup(&receipt)));
-        debug_assert!(self.highest.covers(&dedup_key), "stored without being checked first");
-        p.dedup.insert(dedup_key, receipt);
+        if let Some(dedup_key) = dedup_key {
+            let receipt = Receipt {
+                id: msg.id.clone(),
+                at_ms: msg.at_ms,
+                duplicate: false,
+            };
+            batch.journal_only(Ks::Dedup, &dedup_key, Some(&schema::encode_dedup(&receipt)));
+            debug_assert!(self.highest.covers(&dedup_key), "stored without being checked first");
+            p.dedup.insert(dedup_key, receipt);
+        }
         let msg = Arc::new(msg);
         p.held.insert((msg.to.clone(), msg.seq), Some(msg.clone()));
         p.committed.push(msg);
@@ -753,6 +791,20 @@ impl Writer {
                 ..receipt
             })),
         })
+    }
+
+    /// What this batch or the device's window says of a numbered send (`key` is its
+    /// `schema::seq_receipt_key`).
+    fn check_numbered(&mut self, key: &[u8], seq: u64, at_ms: u64, p: &Pending) -> Fallible<Check> {
+        if let Some(receipt) = p.numbered.get(key) {
+            return Ok(Check::Duplicate(Receipt {
+                duplicate: true,
+                ..receipt.clone()
+            }));
+        }
+        let (device_key, _) = schema::split_seq_receipt_key(key).expect("a receipt key");
+        let horizon = expiry::horizon(at_ms, self.options.dedup_window);
+        Ok(self.numbered.get(device_key, &self.tables.seqs)?.check(seq, horizon))
     }
 
     fn unknown_receipt(&self, error: &postcard::Error) -> Receipt {

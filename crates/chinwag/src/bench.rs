@@ -62,6 +62,10 @@ pub struct Args {
     /// Outstanding sends per sender when no --rate is given.
     #[arg(long, default_value_t = 32)]
     window: u64,
+    /// Number each sender's sends (a `device` at login, `seq` on every send), as a client
+    /// that retries only its recent sends may; without it, sends carry client ids alone.
+    #[arg(long)]
+    numbered: bool,
     /// The server's process id, to report its memory and CPU.
     #[arg(long)]
     pid: Option<u32>,
@@ -331,6 +335,7 @@ impl Run {
         let login = chinwag_proto::encode_client(&ClientFrame::Login {
             token: self.token(user),
             receipts: false,
+            device: self.args.numbered.then(|| self.nonce.clone()),
         });
         ws.send(WsMessage::text(login)).await?;
         loop {
@@ -742,6 +747,8 @@ fn send_frame(run: &Run, me: usize, to: &str, seq: u64, sent_ns: u64) -> WsMessa
         to: to.to_owned(),
         client_id: format!("{}-{seq:06x}", run.nonce),
         text: run.text(sent_ns, me, seq),
+        // Protocol seqs start at 1.
+        seq: run.args.numbered.then_some(seq + 1),
     };
     WsMessage::text(chinwag_proto::encode_client(&frame))
 }

@@ -128,6 +128,7 @@ fn send_frame(out: &Outgoing) -> ClientFrame {
         to: out.to.clone(),
         client_id: out.client_id.clone(),
         text: out.text.clone(),
+        seq: None,
     }
 }
 

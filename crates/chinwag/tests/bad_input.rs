@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use chinwag_client::tungstenite::Message as WsMessage;
-use chinwag_client::{ClientError, Connection};
+use chinwag_client::{ClientError, ConnectOptions, Connection};
 use chinwag_proto::{ClientFrame, ErrorCode, ServerFrame};
 use common::*;
 
@@ -174,6 +174,7 @@ async fn garbage_and_forged_tokens_close_with_1008() {
     conn.send(&ClientFrame::Login {
         token: forged,
         receipts: false,
+        device: None,
     })
     .await
     .unwrap();
@@ -191,12 +192,69 @@ async fn expired_token_closes_with_1008() {
     conn.send(&ClientFrame::Login {
         token: expired,
         receipts: false,
+        device: None,
     })
     .await
     .unwrap();
     assert_eq!(next_error(&mut conn).await.0, ErrorCode::TokenExpired);
     assert_closed_with(&mut conn, 1008).await;
     assert_others_unaffected(&node, "expired").await;
+}
+
+/// Numbered sends: a device name must be valid, a seq needs a device and starts at 1, and
+/// one too far below the device's highest is refused rather than stored twice.
+#[tokio::test]
+async fn bad_devices_and_seqs() {
+    let (_dir, node) = node();
+    let numbered = |device: &str| ConnectOptions {
+        device: Some(device.into()),
+        ..ConnectOptions::default()
+    };
+    match Connection::login_with(&node.url(), &node.token("alice"), &numbered("a phone")).await {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::BadDevice),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    let mut plain = node.login("alice").await;
+    let refused = plain.send_numbered("bob", "n1", 1, "x").await;
+    assert!(
+        matches!(
+            refused,
+            Err(ClientError::Server {
+                code: ErrorCode::BadSeq,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert_still_usable(&mut plain).await;
+    let (mut phone, _) = Connection::login_with(&node.url(), &node.token("alice"), &numbered("phone"))
+        .await
+        .unwrap();
+    let zero = phone.send_numbered("bob", "n0", 0, "x").await;
+    assert!(
+        matches!(
+            zero,
+            Err(ClientError::Server {
+                code: ErrorCode::BadSeq,
+                ..
+            })
+        ),
+        "{zero:?}"
+    );
+    phone.send_numbered("bob", "n5000", 5_000, "x").await.unwrap();
+    let old = phone.send_numbered("bob", "n1", 1, "x").await;
+    assert!(
+        matches!(
+            old,
+            Err(ClientError::Server {
+                code: ErrorCode::SeqTooOld,
+                ..
+            })
+        ),
+        "{old:?}"
+    );
+    assert_still_usable(&mut phone).await;
+    assert_others_unaffected(&node, "seq").await;
 }
 
 #[tokio::test]
@@ -207,6 +265,7 @@ async fn sending_before_login_is_refused() {
         to: "bob".into(),
         client_id: "early".into(),
         text: "hi".into(),
+        seq: None,
     })
     .await
     .unwrap();
@@ -224,6 +283,7 @@ async fn sending_before_login_is_refused() {
     conn.send(&ClientFrame::Login {
         token: node.token("late"),
         receipts: false,
+        device: None,
     })
     .await
     .unwrap();
@@ -239,6 +299,7 @@ async fn logging_in_twice_is_refused() {
     conn.send(&ClientFrame::Login {
         token: node.token("bob"),
         receipts: false,
+        device: None,
     })
     .await
     .unwrap();
@@ -256,6 +317,7 @@ async fn a_client_over_its_rate_limit_is_throttled_alone() {
                 to: "victim".into(),
                 client_id: format!("f{i}"),
                 text: "spam".into(),
+                seq: None,
             })
             .await
             .unwrap();

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chinwag_client::Connection;
+use chinwag_client::{ConnectOptions, Connection};
 use chinwag_proto::{ClientFrame, ServerFrame};
 use common::*;
 
@@ -44,9 +44,9 @@ struct Ledger {
     refused: u64,
 }
 
-async fn connect(url: &str, token: &str, stop: &AtomicBool) -> Option<Connection> {
+async fn connect(url: &str, token: &str, options: &ConnectOptions, stop: &AtomicBool) -> Option<Connection> {
     loop {
-        if let Ok((conn, _)) = Connection::login(url, token).await {
+        if let Ok((conn, _)) = Connection::login_with(url, token, options).await {
             return Some(conn);
         }
         if stop.load(Ordering::Relaxed) {
@@ -57,12 +57,24 @@ async fn connect(url: &str, token: &str, stop: &AtomicBool) -> Option<Connection
 }
 
 /// Sends `k0`, `k1`, ... until `stop`, then until every send is acknowledged. After each
-/// reconnect it sends again, with the same client id, whatever was not acknowledged.
-async fn sender(url: String, token: String, ledger: Arc<Mutex<Ledger>>, stop: Arc<AtomicBool>, done: Arc<AtomicBool>) {
+/// reconnect it sends again, with the same client id (and seq, if `numbered`), whatever
+/// was not acknowledged.
+async fn sender(
+    url: String,
+    token: String,
+    numbered: bool,
+    ledger: Arc<Mutex<Ledger>>,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+) {
     let mut next = 0u64;
     let mut unacked: BTreeSet<u64> = BTreeSet::new();
     let started = Instant::now();
-    while let Some(mut conn) = connect(&url, &token, &done).await {
+    let options = ConnectOptions {
+        device: numbered.then(|| "phone".to_owned()),
+        ..ConnectOptions::default()
+    };
+    while let Some(mut conn) = connect(&url, &token, &options, &done).await {
         let mut in_flight: BTreeSet<u64> = BTreeSet::new();
         'conn: loop {
             let stopping = stop.load(Ordering::Relaxed);
@@ -83,6 +95,7 @@ async fn sender(url: String, token: String, ledger: Arc<Mutex<Ledger>>, stop: Ar
                     to: "sink".into(),
                     client_id: format!("k{n}"),
                     text: format!("{n}"),
+                    seq: numbered.then_some(n + 1),
                 };
                 if conn.send(&frame).await.is_err() {
                     break 'conn;
@@ -111,7 +124,7 @@ async fn sender(url: String, token: String, ledger: Arc<Mutex<Ledger>>, stop: Ar
 /// Receives and acknowledges (in batches, as a busy client would) until `done`,
 /// reconnecting whenever the node goes away.
 async fn receiver(url: String, token: String, ledger: Arc<Mutex<Ledger>>, done: Arc<AtomicBool>) {
-    while let Some(mut conn) = connect(&url, &token, &done).await {
+    while let Some(mut conn) = connect(&url, &token, &ConnectOptions::default(), &done).await {
         let mut acks = Vec::new();
         loop {
             if done.load(Ordering::Relaxed) {
@@ -151,6 +164,17 @@ impl Ledger {
 
 #[tokio::test]
 async fn kill_9_under_load_loses_and_duplicates_nothing() {
+    kill_9_under_load(false).await;
+}
+
+/// The same with a sender that numbers its sends: its retries are recognised by the
+/// windows the store rebuilds from the journal after each kill.
+#[tokio::test]
+async fn kill_9_under_load_loses_and_duplicates_no_numbered_send() {
+    kill_9_under_load(true).await;
+}
+
+async fn kill_9_under_load(numbered: bool) {
     let kills: usize = std::env::var("CHINWAG_KILLS")
         .ok()
         .and_then(|k| k.parse().ok())
@@ -166,6 +190,7 @@ async fn kill_9_under_load_loses_and_duplicates_nothing() {
     let send = tokio::spawn(sender(
         node.url(),
         node.token("source"),
+        numbered,
         ledger.clone(),
         stop.clone(),
         done.clone(),
@@ -203,7 +228,7 @@ async fn kill_9_under_load_loses_and_duplicates_nothing() {
 
     let l = ledger.lock().unwrap();
     println!(
-        "{kills} kills in {:.1?}: {} acknowledged, {} delivered, 0 lost, {} duplicated, {} reordered, {} redelivered by id, {} refused",
+        "{kills} kills (numbered: {numbered}) in {:.1?}: {} acknowledged, {} delivered, 0 lost, {} duplicated, {} reordered, {} redelivered by id, {} refused",
         started.elapsed(),
         l.acked.len(),
         l.delivered.len(),

@@ -76,6 +76,7 @@ async fn acknowledged_sends_survive_sigkill_under_load() {
                 to: recipients[next_send % 3].into(),
                 client_id: format!("k{next_send}"),
                 text: format!("{next_send}"),
+                seq: None,
             };
             if sender.send(&frame).await.is_err() {
                 break;

@@ -167,6 +167,7 @@ async fn one_address_cannot_take_more_than_its_share_of_connections() {
     let login = chinwag_proto::encode_client(&ClientFrame::Login {
         token: node.token("d"),
         receipts: false,
+        device: None,
     });
     ws.send(WsMessage::text(login)).await.unwrap();
     let reply = tokio::time::timeout(SOON, ws.next()).await.unwrap().unwrap().unwrap();
@@ -287,6 +288,7 @@ async fn a_client_that_stops_reading_is_dropped_and_loses_nothing() {
     let login = chinwag_proto::encode_client(&ClientFrame::Login {
         token: node.token("bob"),
         receipts: false,
+        device: None,
     });
     stalled.send(WsMessage::text(login)).await.unwrap();
     let welcome = tokio::time::timeout(SOON, stalled.next())

@@ -107,6 +107,37 @@ on_both!(a_retry_gets_the_same_ack_and_is_delivered_once, "", |place| {
     assert_eq!(place.metric("chinwag_messages_in_total").await, 1.0);
 });
 
+on_both!(a_numbered_retry_gets_the_same_ack_and_is_delivered_once, "", |place| {
+    let phone = chinwag_client::ConnectOptions {
+        device: Some("phone".into()),
+        ..Default::default()
+    };
+    let mut alice = place.login_with("alice", &phone).await;
+    let first = alice.send_numbered("bob", "n-1", 1, "once").await.unwrap();
+    alice.send_numbered("bob", "n-2", 2, "twice?").await.unwrap();
+    // A retry on a new connection, as after a lost ack: the number decides.
+    let mut alice2 = place.login_with("alice", &phone).await;
+    let again = alice2.send_numbered("bob", "n-1", 1, "once").await.unwrap();
+    assert_eq!(first, again);
+    // The same number from another device is another send.
+    let laptop = chinwag_client::ConnectOptions {
+        device: Some("laptop".into()),
+        ..Default::default()
+    };
+    let mut alice3 = place.login_with("alice", &laptop).await;
+    let other = alice3.send_numbered("bob", "l-1", 1, "from the laptop").await.unwrap();
+    assert_ne!(other.id, first.id);
+    let mut bob = place.login("bob").await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(next_message(&mut bob).await.2);
+    }
+    got.sort();
+    assert_eq!(got, ["from the laptop", "once", "twice?"]);
+    assert_silent(&mut bob, Duration::from_millis(300)).await;
+    assert_eq!(place.metric("chinwag_messages_in_total").await, 3.0);
+});
+
 on_both!(every_device_gets_it_live_and_one_ack_clears_it, "", |place| {
     let mut phone = place.login("bob").await;
     let mut laptop = place.login("bob").await;
@@ -144,6 +175,7 @@ on_both!(one_senders_messages_arrive_in_order, "", |place| {
                 to: "bob".into(),
                 client_id: format!("c{i}"),
                 text: format!("{i}"),
+                seq: None,
             })
             .await
             .unwrap();
@@ -184,6 +216,7 @@ on_both!(order_holds_across_offline_and_online_delivery, "", |place| {
                 to: "bob".into(),
                 client_id: format!("o{i}"),
                 text: format!("{i}"),
+                seq: None,
             })
             .await
             .unwrap();

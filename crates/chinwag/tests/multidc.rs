@@ -269,6 +269,7 @@ async fn one_senders_messages_arrive_in_order_across_dcs() {
             to: "bob".into(),
             client_id: format!("o{i}"),
             text: format!("{i}"),
+            seq: None,
         };
         alice.send(&frame).await.unwrap();
     }

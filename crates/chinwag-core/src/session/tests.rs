@@ -230,6 +230,54 @@ fn send_is_validated_then_appended_then_answered() {
     );
 }
 
+/// A device named at login numbers its sends; without one, or from 0, `seq` is refused
+/// and nothing is appended.
+#[test]
+fn numbered_sends_need_a_device_and_carry_it_to_the_store() {
+    let mut s = session_with(SessionLimits::default());
+    s.on_text(r#"{"type":"login","token":"user:bob","device":"a phone"}"#, 0);
+    assert_eq!(error_codes(&drain(&mut s)), vec![ErrorCode::BadDevice]);
+    assert!(
+        !s.is_closed(),
+        "a bad device name leaves the connection to log in again"
+    );
+    s.on_text(r#"{"type":"login","token":"user:bob","device":"phone"}"#, 0);
+    assert_eq!(drain(&mut s), vec![Output::Join { user: user("bob") }]);
+    s.on_joined(Ok(()));
+    drain(&mut s);
+    s.on_text(r#"{"type":"send","to":"carol","client_id":"c0","text":"x","seq":0}"#, 1);
+    assert_eq!(error_codes(&drain(&mut s)), vec![ErrorCode::BadSeq]);
+    s.on_text(r#"{"type":"send","to":"carol","client_id":"c1","text":"x","seq":7}"#, 1);
+    let out = drain(&mut s);
+    let [Output::Append(new)] = &out[..] else {
+        panic!("{out:?}")
+    };
+    let expected = DeviceSeq {
+        device: DeviceId::parse("phone").unwrap(),
+        seq: 7,
+    };
+    assert_eq!(new.seq, Some(expected));
+    s.on_appended(
+        &new.client_id,
+        Err(StoreError::SeqTooOld {
+            seq: 7,
+            highest: 2_000,
+            window: 1_024,
+        }),
+    );
+    assert_eq!(error_codes(&drain(&mut s)), vec![ErrorCode::SeqTooOld]);
+
+    let (mut plain, _) = logged_in(SessionLimits::default());
+    plain.on_text(r#"{"type":"send","to":"carol","client_id":"c1","text":"x","seq":7}"#, 1);
+    assert_eq!(error_codes(&drain(&mut plain)), vec![ErrorCode::BadSeq]);
+    plain.on_text(r#"{"type":"send","to":"carol","client_id":"c2","text":"x"}"#, 1);
+    let out = drain(&mut plain);
+    assert!(
+        matches!(&out[..], [Output::Append(NewMessage { seq: None, .. })]),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn full_mailbox_is_reported_against_the_send() {
     let (mut s, _) = logged_in(SessionLimits::default());

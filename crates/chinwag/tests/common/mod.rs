@@ -729,15 +729,19 @@ impl Place {
 
     /// Logs in asking for `delivered` receipts.
     pub async fn login_with_receipts(&self, user: &str) -> Connection {
-        let token = match self {
-            Place::Single(_, node) => node.token(user),
-            Place::Spread(_, c) => c.token(user),
-        };
         let options = chinwag_client::ConnectOptions {
             receipts: true,
             ..Default::default()
         };
-        let (conn, _) = Connection::login_with(&self.url(user), &token, &options)
+        self.login_with(user, &options).await
+    }
+
+    pub async fn login_with(&self, user: &str, options: &chinwag_client::ConnectOptions) -> Connection {
+        let token = match self {
+            Place::Single(_, node) => node.token(user),
+            Place::Spread(_, c) => c.token(user),
+        };
+        let (conn, _) = Connection::login_with(&self.url(user), &token, options)
             .await
             .expect("login");
         conn
