@@ -40,6 +40,12 @@ impl Batch {
         self.record.push(keyspace, key, value);
     }
 
+    /// [`Batch::journal_only`] of a value encoded straight into the record, without a
+    /// buffer of its own: one per message for its receipt.
+    pub fn journal_only_encoded(&mut self, keyspace: Ks, key: &[u8], value: &impl serde::Serialize) {
+        self.record.push_encoded(keyspace, key, value);
+    }
+
     /// A new message, journaled but kept out of fjall until a checkpoint finds it still
     /// unacknowledged (the writer keeps it in memory meanwhile).
     pub fn insert_held(&mut self, mailbox_key: &[u8], record: &MessageRecord) {

@@ -1,22 +1,25 @@
 //! The store against a model of what it promises, over random sequences of appends
-//! (with retries), acknowledgements (of present, absent and repeated messages, and of
+//! (with retries, by client id or numbered by a device), acknowledgements (of present, absent and repeated messages, and of
 //! another user's), reopenings and crashes: every mailbox reads back exactly as the model says,
 //! in order; a retry always gets the first attempt's id; the depth metric matches; each
 //! acknowledged message yields one delivery receipt for its sender.
 
 use std::collections::{BTreeMap, HashMap};
 
-use chinwag_core::{ClientMsgId, MessageId};
+use chinwag_core::{ClientMsgId, DeviceId, DeviceSeq, MessageId};
 use proptest::prelude::*;
 
 use super::*;
 
 #[derive(Debug, Clone)]
 enum Step {
+    /// With `numbered`, send number `client + 1` of `from`'s phone; otherwise the send
+    /// with client id `c{client}`.
     Append {
         from: u8,
         to: u8,
         client: u8,
+        numbered: bool,
     },
     /// Acknowledge the mailbox entries of `user` at these positions (modulo its length),
     /// plus a seq that is not there, plus perhaps one of the next user's messages (which
@@ -33,7 +36,8 @@ enum Step {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        6 => (0u8..3, 0u8..3, 0u8..6).prop_map(|(from, to, client)| Step::Append { from, to, client }),
+        6 => (0u8..3, 0u8..3, 0u8..6, any::<bool>())
+            .prop_map(|(from, to, client, numbered)| Step::Append { from, to, client, numbered }),
         3 => (0u8..3, proptest::collection::vec(any::<u8>(), 0..4), any::<Option<u8>>())
             .prop_map(|(user, picks, stray)| Step::Ack { user, picks, stray }),
         1 => Just(Step::Reopen),
@@ -79,8 +83,8 @@ fn open(dir: &Path, receipts: &Arc<Receipts>) -> EmbeddedStore {
 struct Model {
     /// Per recipient: (message id, text), oldest first.
     mailboxes: BTreeMap<u8, Vec<(String, String)>>,
-    /// (from, client) → the id of the first attempt.
-    first_ids: HashMap<(u8, u8), String>,
+    /// (from, client, numbered) → the id of the first attempt.
+    first_ids: HashMap<(u8, u8, bool), String>,
     /// Ids of acknowledged messages.
     delivered: Vec<String>,
 }
@@ -92,26 +96,35 @@ async fn run(steps: Vec<Step>) {
     let mut model = Model::default();
     for (n, step) in steps.into_iter().enumerate() {
         match step {
-            Step::Append { from, to, client } => {
+            Step::Append {
+                from,
+                to,
+                client,
+                numbered,
+            } => {
                 let text = format!("step {n}");
                 let new = NewMessage {
                     from: name(from),
                     to: name(to),
-                    client_id: ClientMsgId::parse(&format!("c{client}")).unwrap(),
+                    // A numbered send's client id is not what identifies it.
+                    client_id: ClientMsgId::parse(&format!("c{}", if numbered { n } else { client.into() })).unwrap(),
                     text: text.clone(),
                     at_ms: unix_ms(),
-                    seq: None,
+                    seq: numbered.then(|| DeviceSeq {
+                        device: DeviceId::parse("phone").unwrap(),
+                        seq: u64::from(client) + 1,
+                    }),
                 };
                 let receipt = store.append(new).await.unwrap();
                 let id = receipt.id.to_string();
-                match model.first_ids.get(&(from, client)) {
+                match model.first_ids.get(&(from, client, numbered)) {
                     Some(first) => {
                         assert!(receipt.duplicate, "a retry stored again");
                         assert_eq!(&id, first, "a retry got another id");
                     }
                     None => {
                         assert!(!receipt.duplicate);
-                        model.first_ids.insert((from, client), id.clone());
+                        model.first_ids.insert((from, client, numbered), id.clone());
                         model.mailboxes.entry(to).or_default().push((id, text));
                     }
                 }

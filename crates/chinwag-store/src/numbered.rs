@@ -96,12 +96,21 @@ impl Window {
         }
     }
 
-    /// Remembers `receipt` as `seq`'s, and forgets what falls out of the window.
+    /// Remembers `receipt` as `seq`'s, and forgets what falls out of the window. What
+    /// falls out goes first, so a window never holds (or allocates for) more than
+    /// [`WINDOW`] receipts.
     pub fn insert(&mut self, seq: u64, receipt: &Receipt) {
         if receipt.id.origin != self.origin {
             // Only after the DC was renamed: the old name's receipts cannot be told apart.
             self.entries.clear();
             self.origin = receipt.id.origin.clone();
+        }
+        let highest = self.highest().map_or(seq, |highest| highest.max(seq));
+        if highest - seq >= WINDOW {
+            return;
+        }
+        while self.entries.front().is_some_and(|e| highest - e.seq >= WINDOW) {
+            self.entries.pop_front();
         }
         let entry = Entry {
             seq,
@@ -109,14 +118,16 @@ impl Window {
             id_seq: receipt.id.seq,
             at_ms: receipt.at_ms,
         };
-        match self.find(seq) {
-            Ok(i) => self.entries[i] = entry,
-            Err(i) => self.entries.insert(i, entry),
+        // Almost always the device's next number: no search.
+        if self.entries.back().is_none_or(|last| seq > last.seq) {
+            self.entries.push_back(entry);
+        } else {
+            match self.find(seq) {
+                Ok(i) => self.entries[i] = entry,
+                Err(i) => self.entries.insert(i, entry),
+            }
         }
-        let highest = self.highest().expect("just inserted");
-        while self.entries.front().is_some_and(|e| highest - e.seq >= WINDOW) {
-            self.entries.pop_front();
-        }
+        debug_assert!(self.entries.len() as u64 <= WINDOW);
         debug_assert!(
             self.entries
                 .iter()

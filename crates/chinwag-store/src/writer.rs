@@ -534,7 +534,6 @@ impl Writer {
     /// Stores one message unless it is a retry or the mailbox is full. `Ok(Err)` is this
     /// message's own refusal; `Err` a storage failure.
     fn append(&mut self, batch: &mut Batch, new: NewMessage, p: &mut Pending) -> Fallible<Result<Receipt, StoreError>> {
-        let dedup_key = schema::dedup_key(&new.from, &new.client_id);
         let numbered = match &new.seq {
             Some(numbered) => {
                 let key = schema::seq_receipt_key(&schema::device_key(&new.from, &numbered.device), numbered.seq);
@@ -556,7 +555,10 @@ impl Writer {
         // Twins across DCs are found by client id, so with peers every send keeps its
         // idempotency record; a numbered one also goes into its device's window.
         let recorded = numbered.is_none() || self.options.replicate;
-        if recorded && let Some(earlier) = self.earlier(&dedup_key, new.at_ms, p)? {
+        let dedup_key = recorded.then(|| schema::dedup_key(&new.from, &new.client_id));
+        if let Some(key) = &dedup_key
+            && let Some(earlier) = self.earlier(key, new.at_ms, p)?
+        {
             // An unreadable record would mean a damaged store. Storing the retry again
             // could deliver it twice, so it is answered as a duplicate of an unknown message.
             return Ok(Ok(earlier.unwrap_or_else(|e| self.unknown_receipt(&e))));
@@ -599,9 +601,9 @@ impl Writer {
             text: new.text,
             at_ms: new.at_ms,
         };
-        self.insert_message(batch, msg, recorded.then_some(dedup_key), p);
+        self.insert_message(batch, msg, dedup_key, p);
         if let Some(key) = numbered {
-            batch.journal_only(Ks::SeqReceipts, &key, Some(&schema::encode_dedup(&receipt)));
+            batch.journal_only_encoded(Ks::SeqReceipts, &key, &schema::dedup_view(&receipt));
             p.numbered.insert(key, receipt.clone());
         }
         Ok(Ok(receipt))
@@ -655,7 +657,7 @@ impl Writer {
                 at_ms: msg.at_ms,
                 duplicate: false,
             };
-            batch.journal_only(Ks::Dedup, &dedup_key, Some(&schema::encode_dedup(&receipt)));
+            batch.journal_only_encoded(Ks::Dedup, &dedup_key, &schema::dedup_view(&receipt));
             debug_assert!(self.highest.covers(&dedup_key), "stored without being checked first");
             p.dedup.insert(dedup_key, receipt);
         }

@@ -3,7 +3,8 @@
 //! Lines typed are sent to the current recipient (`@name text` sends to `name` and makes
 //! it current; `/to name` only switches). Incoming messages are printed and acknowledged.
 //! If the connection drops it reconnects and resends what was not yet accepted, with the
-//! same idempotency keys, so nothing is lost or sent twice.
+//! same numbers, so nothing is lost or sent twice. Each run is a device of its own (its
+//! unaccepted sends live only as long as the process), numbering its sends from 1.
 
 use std::collections::{HashSet, VecDeque};
 use std::process::ExitCode;
@@ -15,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::Instant;
 
 use crate::ServerArgs;
-use crate::clients::new_client_id;
+use crate::clients::{new_client_id, random_hex};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,6 +32,7 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Outgoing {
     client_id: String,
+    seq: u64,
     to: String,
     text: String,
 }
@@ -38,6 +40,9 @@ struct Outgoing {
 #[derive(Default)]
 struct Chat {
     to: Option<String>,
+    /// This run's device name, and how many sends it has numbered.
+    device: String,
+    numbered: u64,
     /// Sent, not yet accepted; resent after a reconnect.
     unaccepted: VecDeque<Outgoing>,
     shown: HashSet<String>,
@@ -87,12 +92,13 @@ const HELP: &str = "@name text: send to name | text: send to the current recipie
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut chat = Chat {
         to: args.to,
+        device: format!("chat-{}", random_hex(8)),
         ..Chat::default()
     };
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut attempt = 0u32;
     loop {
-        let (mut conn, welcome) = match args.server.login().await {
+        let (mut conn, welcome) = match args.server.login(Some(&chat.device)).await {
             Ok(ok) => ok,
             Err(e @ (ClientError::Server { .. } | ClientError::Protocol(_))) => {
                 anyhow::bail!("{e}")
@@ -128,7 +134,7 @@ fn send_frame(out: &Outgoing) -> ClientFrame {
         to: out.to.clone(),
         client_id: out.client_id.clone(),
         text: out.text.clone(),
-        seq: None,
+        seq: Some(out.seq),
     }
 }
 
@@ -165,8 +171,10 @@ impl Chat {
     async fn typed(&mut self, conn: &mut Connection, line: &str) -> Result<(), ClientError> {
         match parse_line(line, self.to.as_deref()) {
             Ok(Line::Send { to, text }) => {
+                self.numbered += 1;
                 let out = Outgoing {
                     client_id: new_client_id(),
+                    seq: self.numbered,
                     to: to.clone(),
                     text,
                 };

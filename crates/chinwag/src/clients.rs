@@ -90,7 +90,7 @@ pub async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     let mut attempt = 0;
     loop {
         let try_once = async {
-            let (mut conn, _) = args.server.login().await?;
+            let (mut conn, _) = args.server.login(None).await?;
             let sent = conn.send_message(&args.to, &client_id, &args.text).await?;
             let _ = conn.close().await;
             Ok::<_, ClientError>(sent)
@@ -155,7 +155,7 @@ pub async fn listen(args: ListenArgs) -> anyhow::Result<ExitCode> {
     };
     let mut attempt = 0;
     loop {
-        let connected = until(deadline, args.server.login()).await;
+        let connected = until(deadline, args.server.login(None)).await;
         let mut conn = match connected {
             None => return Ok(listener.timed_out()),
             Some(Ok((conn, _))) => conn,

@@ -70,11 +70,14 @@ pub struct ServerArgs {
 }
 
 impl ServerArgs {
+    /// Logs in, naming the device if it numbers its sends.
     pub async fn login(
         &self,
+        device: Option<&str>,
     ) -> Result<(chinwag_client::Connection, chinwag_client::Welcome), chinwag_client::ClientError> {
         let options = chinwag_client::ConnectOptions {
             ca: self.ca.clone(),
+            device: device.map(str::to_owned),
             ..Default::default()
         };
         chinwag_client::Connection::login_with(&self.server, &self.token, &options).await
