@@ -77,6 +77,11 @@ impl Window {
         self.entries.len()
     }
 
+    /// When the device last sent a message this window remembers.
+    pub fn last_used_ms(&self) -> Option<u64> {
+        self.entries.iter().map(|e| e.at_ms).max()
+    }
+
     /// Judges `seq` sent now; receipts from before `horizon_ms` no longer count, as for
     /// idempotency records.
     pub fn check(&self, seq: u64, horizon_ms: u64) -> Check {

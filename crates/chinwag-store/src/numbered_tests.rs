@@ -88,6 +88,34 @@ async fn a_numbered_send_too_far_below_its_devices_highest_is_refused() {
     assert_eq!(store.scan(user("bob"), 0, 10).await.unwrap().len(), 2);
 }
 
+/// A device silent for a whole dedup window loses its window when fjall next compacts
+/// the `seqs` keyspace; the others keep theirs.
+#[tokio::test]
+async fn a_silent_devices_window_is_dropped_by_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = || StoreOptions {
+        dedup_window: std::time::Duration::from_secs(60),
+        ..options(1_000)
+    };
+    let store = try_open(dir.path(), options()).unwrap();
+    let silent = NewMessage {
+        at_ms: 1_000,
+        ..numbered("alice", "old-phone", 1, "a")
+    };
+    store.append(silent).await.unwrap();
+    let kept = store.append(numbered("alice", "phone", 1, "b")).await.unwrap();
+    store.close().await;
+    drop(store);
+    let store = open_when_free(|| try_open(dir.path(), options())).await.unwrap();
+    assert_eq!(store.tables.seqs.iter().count(), 2);
+    // The checkpoint wrote the windows to a memtable; only tables are compacted.
+    store.tables.seqs.rotate_memtable_and_wait().unwrap();
+    store.tables.seqs.major_compact().unwrap();
+    assert_eq!(store.tables.seqs.iter().count(), 1);
+    let again = store.append(numbered("alice", "phone", 1, "b")).await.unwrap();
+    assert_eq!((again.duplicate, again.id), (true, kept.id));
+}
+
 /// With peers, twins are found by client id, so a numbered send keeps its idempotency
 /// record too, and where the window cannot tell, the record decides.
 #[tokio::test]
