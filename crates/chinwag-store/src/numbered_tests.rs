@@ -55,12 +55,10 @@ async fn numbered_retries_are_recognised_by_device_and_seq_alone() {
             .duplicate
     );
     assert_eq!(store.scan(user("bob"), 0, 100).await.unwrap().len(), 5);
-    store.close().await;
-    drop(store);
 
     // A clean stop wrote every idempotency record and window out: one record (the plain
     // send's), one window per device.
-    let store = open_when_free(|| try_open(dir.path(), options(100_000))).await.unwrap();
+    let store = close_and_reopen(store, dir.path(), options(100_000)).await;
     assert_eq!(store.tables.dedup.iter().count(), 1);
     assert_eq!(store.tables.seqs.iter().count(), 3);
     let again = store.append(numbered("alice", "phone", 1, "c1")).await.unwrap();
@@ -104,9 +102,7 @@ async fn a_silent_devices_window_is_dropped_by_compaction() {
     };
     store.append(silent).await.unwrap();
     let kept = store.append(numbered("alice", "phone", 1, "b")).await.unwrap();
-    store.close().await;
-    drop(store);
-    let store = open_when_free(|| try_open(dir.path(), options())).await.unwrap();
+    let store = close_and_reopen(store, dir.path(), options()).await;
     assert_eq!(store.tables.seqs.iter().count(), 2);
     // The checkpoint wrote the windows to a memtable; only tables are compacted.
     store.tables.seqs.rotate_memtable_and_wait().unwrap();
@@ -157,6 +153,12 @@ async fn numbered_retries_are_recognised_after_crashes_before_and_after_checkpoi
     store.settle().await;
     assert_eq!(store.tables.seqs.iter().count(), 1, "checkpoints wrote the window");
     recognised_after_a_crash(dir.path(), &first).await;
+}
+
+async fn close_and_reopen(store: EmbeddedStore, dir: &Path, options: StoreOptions) -> EmbeddedStore {
+    store.close().await;
+    drop(store);
+    open_when_free(|| try_open(dir, options.clone())).await.unwrap()
 }
 
 /// Sends alice's numbers `seqs` from her phone to bob; returns their ids.

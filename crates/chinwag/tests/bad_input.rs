@@ -201,6 +201,13 @@ async fn expired_token_closes_with_1008() {
     assert_others_unaffected(&node, "expired").await;
 }
 
+fn assert_refused<T: std::fmt::Debug>(result: Result<T, ClientError>, expected: ErrorCode) {
+    match result {
+        Err(ClientError::Server { code, .. }) => assert_eq!(code, expected),
+        other => panic!("expected {expected}, got {other:?}"),
+    }
+}
+
 /// Numbered sends: a device name must be valid, a seq needs a device and starts at 1, and
 /// one too far below the device's highest is refused rather than stored twice.
 #[tokio::test]
@@ -210,49 +217,17 @@ async fn bad_devices_and_seqs() {
         device: Some(device.into()),
         ..ConnectOptions::default()
     };
-    match Connection::login_with(&node.url(), &node.token("alice"), &numbered("a phone")).await {
-        Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::BadDevice),
-        other => panic!("{:?}", other.map(|_| ())),
-    }
+    let bad_name = Connection::login_with(&node.url(), &node.token("alice"), &numbered("a phone")).await;
+    assert_refused(bad_name.map(|_| ()), ErrorCode::BadDevice);
     let mut plain = node.login("alice").await;
-    let refused = plain.send_numbered("bob", "n1", 1, "x").await;
-    assert!(
-        matches!(
-            refused,
-            Err(ClientError::Server {
-                code: ErrorCode::BadSeq,
-                ..
-            })
-        ),
-        "{refused:?}"
-    );
+    assert_refused(plain.send_numbered("bob", "n1", 1, "x").await, ErrorCode::BadSeq);
     assert_still_usable(&mut plain).await;
     let (mut phone, _) = Connection::login_with(&node.url(), &node.token("alice"), &numbered("phone"))
         .await
         .unwrap();
-    let zero = phone.send_numbered("bob", "n0", 0, "x").await;
-    assert!(
-        matches!(
-            zero,
-            Err(ClientError::Server {
-                code: ErrorCode::BadSeq,
-                ..
-            })
-        ),
-        "{zero:?}"
-    );
+    assert_refused(phone.send_numbered("bob", "n0", 0, "x").await, ErrorCode::BadSeq);
     phone.send_numbered("bob", "n5000", 5_000, "x").await.unwrap();
-    let old = phone.send_numbered("bob", "n1", 1, "x").await;
-    assert!(
-        matches!(
-            old,
-            Err(ClientError::Server {
-                code: ErrorCode::SeqTooOld,
-                ..
-            })
-        ),
-        "{old:?}"
-    );
+    assert_refused(phone.send_numbered("bob", "n1", 1, "x").await, ErrorCode::SeqTooOld);
     assert_still_usable(&mut phone).await;
     assert_others_unaffected(&node, "seq").await;
 }
