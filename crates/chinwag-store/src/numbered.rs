@@ -31,6 +31,10 @@ pub const WINDOW: u64 = 1024;
 /// Receipts kept in memory for all devices at most, beyond the windows changed since the
 /// last checkpoint: about 32 bytes each, so about 64 MB.
 const RESIDENT_MAX: usize = 1 << 21;
+/// Windows kept in memory at most, likewise: each costs its key, its map entry and a
+/// small allocation (about 200 bytes, estimated from the sizes, not measured) even with
+/// one receipt in it. Tests keep 4, so that windows are let go and read back often.
+const RESIDENT_WINDOWS_MAX: usize = if cfg!(test) { 4 } else { 1 << 16 };
 
 /// One device's receipts for its last [`WINDOW`] seqs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -297,10 +301,11 @@ impl Windows {
     }
 
     /// The checkpoint that wrote the changed windows is durable. Lets go of the windows
-    /// that did not change if too many receipts are in memory: they are in `seqs`.
+    /// that did not change if too many windows or receipts are in memory: they are in
+    /// `seqs`.
     pub fn written(&mut self) {
         self.changed.clear();
-        if self.entries > RESIDENT_MAX {
+        if self.entries > RESIDENT_MAX || self.resident.len() > RESIDENT_WINDOWS_MAX {
             self.resident.clear();
             self.entries = 0;
         }

@@ -135,6 +135,31 @@ async fn with_peers_a_numbered_send_also_keeps_its_idempotency_record() {
     );
 }
 
+/// Windows are let go at checkpoints once more than a few are in memory (4 in tests) and
+/// read back from the tables when their device sends again: twelve devices, checkpoints
+/// every few messages, and every retry still recognised, before and after a crash copy.
+#[tokio::test]
+async fn windows_let_go_are_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), false);
+    let mut first = Vec::new();
+    for seq in 1..=3 {
+        for device in 0..12 {
+            let device = format!("d{device}");
+            let receipt = store.append(numbered("alice", &device, seq, "c")).await.unwrap();
+            first.push((device, seq, receipt.id));
+        }
+    }
+    store.settle().await;
+    let copy = crash_copy(dir.path());
+    for store in [store, open(copy.path(), false)] {
+        for (device, seq, id) in &first {
+            let again = store.append(numbered("alice", device, *seq, "retry")).await.unwrap();
+            assert_eq!((again.duplicate, &again.id), (true, id), "{device} {seq}");
+        }
+    }
+}
+
 /// Receipts reach a device's window at checkpoints; in between they are only in the
 /// journal, and a restart after a crash merges them in. Either way a retry is answered
 /// with the first attempt's id.
