@@ -319,7 +319,7 @@ fn encode_engine(encoder: &mut DescriptorEncoder, engine: &EngineStats) -> Resul
     encode_series(encoder, &keyspaces, &engine.keyspaces, |k| KeyspaceLabel {
         keyspace: k.name.clone(),
     })?;
-    let totals: [Series<EngineStats>; 9] = [
+    let totals: [Series<EngineStats>; 11] = [
         (
             "store_journals",
             "fjall's journal files; all but the newest wait for memtables to be written out",
@@ -343,6 +343,18 @@ fn encode_engine(encoder: &mut DescriptorEncoder, engine: &EngineStats) -> Resul
             "Idempotency records held in memory and the journal only, written to fjall in bulk",
             G,
             |e| e.held_receipts,
+        ),
+        (
+            "store_device_windows",
+            "Windows of numbered sends in memory, one per device",
+            G,
+            |e| e.device_windows,
+        ),
+        (
+            "store_window_receipts",
+            "Receipts of numbered sends in the windows in memory",
+            G,
+            |e| e.window_receipts,
         ),
         (
             "store_flushes_queued",

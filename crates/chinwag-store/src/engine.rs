@@ -49,6 +49,9 @@ pub struct EngineStats {
     pub held_messages: u64,
     /// Idempotency records held in memory, not yet written to fjall.
     pub held_receipts: u64,
+    /// Devices' windows of numbered sends in memory, and the receipts in them.
+    pub device_windows: u64,
+    pub window_receipts: u64,
     /// Sealed memtables queued for the engine's flush workers, over all keyspaces.
     pub flushes_queued: u64,
     pub compactions_running: u64,

@@ -164,6 +164,9 @@ pub struct Shared {
     journal_bytes: AtomicU64,
     /// Idempotency records held in memory (see [`deferred`]).
     held_receipts: AtomicUsize,
+    /// Devices' windows in memory, and the receipts in them (see [`numbered`]).
+    windows: AtomicUsize,
+    window_receipts: AtomicUsize,
     /// The error of the last commit, if it failed; cleared by the next one that succeeds.
     failure: Mutex<Option<String>>,
 }
@@ -413,6 +416,8 @@ impl EmbeddedStore {
             held: RwLock::new(held::Held::at(recovered.commits)),
             journal_bytes: AtomicU64::new(0),
             held_receipts: AtomicUsize::new(0),
+            windows: AtomicUsize::new(0),
+            window_receipts: AtomicUsize::new(0),
             failure: Mutex::new(None),
         });
         let (ops, rx) = mpsc::channel(options.queue);
@@ -497,6 +502,8 @@ impl EmbeddedStore {
             journal_bytes: self.shared.journal_bytes.load(Ordering::Relaxed),
             held_messages: engine::count(self.shared.held.read().expect("held lock").len()),
             held_receipts: engine::count(self.shared.held_receipts.load(Ordering::Relaxed)),
+            device_windows: engine::count(self.shared.windows.load(Ordering::Relaxed)),
+            window_receipts: engine::count(self.shared.window_receipts.load(Ordering::Relaxed)),
             flushes_queued: engine::count(db.outstanding_flushes()),
             compactions_running: engine::count(db.active_compactions()),
             compactions_completed: engine::count(db.compactions_completed()),

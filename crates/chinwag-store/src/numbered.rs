@@ -293,6 +293,11 @@ impl Windows {
         self.changed.len()
     }
 
+    /// Windows in memory, and the receipts in them.
+    pub fn resident(&self) -> (usize, usize) {
+        (self.resident.len(), self.entries)
+    }
+
     /// Adds every window changed since the last checkpoint to `batch`.
     pub fn write_changed(&self, batch: &mut OwnedWriteBatch, seqs: &Keyspace) {
         for key in &self.changed {

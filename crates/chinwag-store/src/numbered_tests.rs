@@ -55,6 +55,8 @@ async fn numbered_retries_are_recognised_by_device_and_seq_alone() {
             .duplicate
     );
     assert_eq!(store.scan(user("bob"), 0, 100).await.unwrap().len(), 5);
+    let stats = store.engine_stats();
+    assert_eq!((stats.device_windows, stats.window_receipts), (3, 4));
 
     // A clean stop wrote every idempotency record and window out: one record (the plain
     // send's), one window per device.

@@ -310,6 +310,9 @@ impl Writer {
         (self.shared.journal_bytes).store(self.journal.len(), std::sync::atomic::Ordering::Relaxed);
         let receipts = self.deferred.receipts_held();
         (self.shared.held_receipts).store(receipts, std::sync::atomic::Ordering::Relaxed);
+        let (windows, window_receipts) = self.numbered.resident();
+        (self.shared.windows).store(windows, std::sync::atomic::Ordering::Relaxed);
+        (self.shared.window_receipts).store(window_receipts, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Makes the batch durable in the journal (synced, unless nothing in it needs to be:

@@ -270,6 +270,9 @@ async fn healthz_and_metrics() {
         "chinwag_store_held_messages 0",
         // Its idempotency record waits in memory (and the journal) to be written in bulk.
         "chinwag_store_held_receipts 1",
+        // Sent without a number: no device's window.
+        "chinwag_store_device_windows 0",
+        "chinwag_store_window_receipts 0",
         "chinwag_store_memtable_bytes{keyspace=\"dedup\"} 0",
     ] {
         assert!(metrics.contains(name), "missing {name} in\n{metrics}");
