@@ -59,7 +59,7 @@ pub fn filters(window: Duration) -> Arc<dyn Fn(&str) -> Option<Arc<dyn Factory>>
     let dedup: Arc<dyn Factory> = Arc::new(Expiry {
         window,
         expired,
-        name: "dedup-expiry",
+        name: DEDUP_EXPIRY,
     });
     let seqs: Arc<dyn Factory> = Arc::new(Expiry {
         window,
@@ -105,6 +105,9 @@ pub mod hold {
     }
 }
 
+/// The dedup table's filter, the one a test can hold (see [`hold`]).
+const DEDUP_EXPIRY: &str = "dedup-expiry";
+
 /// Installed on a table whose values expire: each compaction gets a filter with the
 /// horizon of the moment it starts.
 struct Expiry {
@@ -123,7 +126,7 @@ impl Factory for Expiry {
             horizon_ms: horizon(crate::unix_ms(), self.window),
             expired: self.expired,
             #[cfg(test)]
-            held: self.window == hold::WINDOW && self.name == "dedup-expiry",
+            held: self.window == hold::WINDOW && self.name == DEDUP_EXPIRY,
         })
     }
 }

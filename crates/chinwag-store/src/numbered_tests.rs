@@ -153,6 +153,8 @@ async fn windows_let_go_are_read_back() {
         }
     }
     store.settle().await;
+    let resident = store.engine_stats().device_windows;
+    assert!(resident < 12, "no window was let go: {resident} in memory");
     let copy = crash_copy(dir.path());
     for store in [store, open(copy.path(), false)] {
         for (device, seq, id) in &first {

@@ -539,8 +539,8 @@ impl Writer {
     fn append(&mut self, batch: &mut Batch, new: NewMessage, p: &mut Pending) -> Fallible<Result<Receipt, StoreError>> {
         let numbered = match &new.seq {
             Some(numbered) => {
-                let key = schema::seq_receipt_key(&schema::device_key(&new.from, &numbered.device), numbered.seq);
-                match self.check_numbered(&key, numbered.seq, new.at_ms, p)? {
+                let key = schema::seq_receipt_key(&new.from, &numbered.device, numbered.seq);
+                match self.check_numbered(&key, new.at_ms, p)? {
                     Check::Duplicate(receipt) => return Ok(Ok(receipt)),
                     // With peers the send is also looked for by its client id, below.
                     Check::TooOld { highest } if !self.options.replicate => {
@@ -800,16 +800,16 @@ impl Writer {
 
     /// What this batch or the device's window says of a numbered send (`key` is its
     /// `schema::seq_receipt_key`).
-    fn check_numbered(&mut self, key: &[u8], seq: u64, at_ms: u64, p: &Pending) -> Fallible<Check> {
+    fn check_numbered(&mut self, key: &[u8], at_ms: u64, p: &Pending) -> Fallible<Check> {
         if let Some(receipt) = p.numbered.get(key) {
             return Ok(Check::Duplicate(Receipt {
                 duplicate: true,
                 ..receipt.clone()
             }));
         }
-        let (device_key, _) = schema::split_seq_receipt_key(key).expect("a receipt key");
+        let (device_key, seq) = schema::split_seq_receipt_key(key).expect("a receipt key");
         let horizon = expiry::horizon(at_ms, self.options.dedup_window);
-        Ok(self.numbered.get(device_key, &self.tables.seqs)?.check(seq, horizon))
+        Ok(self.numbered.window(device_key, &self.tables.seqs)?.check(seq, horizon))
     }
 
     fn unknown_receipt(&self, error: &postcard::Error) -> Receipt {

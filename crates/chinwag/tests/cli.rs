@@ -152,6 +152,8 @@ async fn two_users_chat_in_the_terminal() {
     assert!(status.success());
     // Both messages were acknowledged (alice acks hers just after printing it).
     node.wait_for_metric("chinwag_mailbox_depth", 0.0).await;
+    // Each chat run is a device that numbers its sends: one window each.
+    node.wait_for_metric("chinwag_store_device_windows", 2.0).await;
 }
 
 #[tokio::test]
