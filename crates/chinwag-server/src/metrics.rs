@@ -3,12 +3,11 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use crate::edge::Refusal;
 use chinwag_core::DeliveryStats;
 use chinwag_proto::ErrorCode;
-use chinwag_store::{EngineStats, KeyspaceStats};
+use chinwag_store::{CommitStats, EngineStats, KeyspaceStats, Syncs};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::MetricType;
@@ -45,22 +44,37 @@ pub struct Metrics {
 pub struct CommitMetrics {
     seconds: Histogram,
     ops: Histogram,
+    journal_sync: Histogram,
+    fjall_sync: Histogram,
+}
+
+/// 50 µs .. ~0.8 s: fsync latency on anything from NVMe to a congested network disk.
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 15))
 }
 
 impl Default for CommitMetrics {
     fn default() -> Self {
         Self {
-            // 50 µs .. ~0.8 s: fsync latency on anything from NVMe to a congested network disk.
-            seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 15)),
+            seconds: seconds_histogram(),
             ops: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            journal_sync: seconds_histogram(),
+            fjall_sync: seconds_histogram(),
         }
     }
 }
 
 impl CommitMetrics {
-    pub fn observe(&self, took: Duration, ops: usize) {
-        self.seconds.observe(took.as_secs_f64());
-        self.ops.observe(ops as f64);
+    pub fn observe(&self, commit: &CommitStats) {
+        self.seconds.observe(commit.took.as_secs_f64());
+        self.ops.observe(commit.ops as f64);
+        let Syncs { journal, fjall } = commit.syncs;
+        if let Some(took) = journal {
+            self.journal_sync.observe(took.as_secs_f64());
+        }
+        if let Some(took) = fjall {
+            self.fjall_sync.observe(took.as_secs_f64());
+        }
     }
 }
 
@@ -124,6 +138,16 @@ impl Metrics {
             "store_commit_ops",
             "Operations made durable per commit",
             commit.ops.clone(),
+        );
+        registry.register(
+            "store_journal_sync_seconds",
+            "Time a commit waited for the store's journal to sync (part of store_commit_seconds)",
+            commit.journal_sync.clone(),
+        );
+        registry.register(
+            "store_fjall_sync_seconds",
+            "Time a commit took to hand its batch to fjall when it also synced fjall's journal, at most every 100 ms (part of store_commit_seconds)",
+            commit.fjall_sync.clone(),
         );
         let slow_clients = Counter::default();
         registry.register(

@@ -107,7 +107,7 @@ impl Node {
             &config.data,
             store_options(&config),
             delivery.clone() as Arc<dyn CommitListener>,
-            Box::new(move |took, ops| observer.observe(took, ops)),
+            Box::new(move |commit| observer.observe(commit)),
         )?);
         let incarnation = store.incarnation();
         registry.set_incarnation(incarnation);

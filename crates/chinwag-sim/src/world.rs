@@ -335,7 +335,7 @@ impl World {
             journal_dir: None,
         };
         let listener = Arc::new(Delivery::new(SimRouter(d.pushes.clone())));
-        let store = EmbeddedStore::open(d.dir.path(), options, listener, Box::new(|_, _| {}))?;
+        let store = EmbeddedStore::open(d.dir.path(), options, listener, Box::new(|_| {}))?;
         let (applied, truncated) = store.replication_state()?;
         let mut cfg = ReplConfig::wan(d.name.clone(), store.stream().clone(), names);
         cfg.tick_ms = self.sc.interval_ms;

@@ -38,7 +38,7 @@ impl Fixture {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let options = common::options(Duration::from_secs(3600));
-        let store = EmbeddedStore::open(dir.path(), options, Arc::new(Ignore), Box::new(|_, _| {})).unwrap();
+        let store = EmbeddedStore::open(dir.path(), options, Arc::new(Ignore), Box::new(|_| {})).unwrap();
         Self {
             _dir: dir,
             store: Arc::new(store),

@@ -54,7 +54,7 @@ async fn run(total: u64, window: Duration) {
     let (committed, to_ack) = mpsc::unbounded_channel();
     let options = common::options(window);
     let listener = Arc::new(Recipients(committed));
-    let store = Arc::new(EmbeddedStore::open(dir.path(), options, listener, Box::new(|_, _| {})).unwrap());
+    let store = Arc::new(EmbeddedStore::open(dir.path(), options, listener, Box::new(|_| {})).unwrap());
     let users: Arc<Vec<UserId>> = Arc::new(
         (0..USERS)
             .map(|i| UserId::parse(&format!("user{i}")).unwrap())

@@ -23,6 +23,7 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -183,9 +184,10 @@ impl Journal {
         self.len
     }
 
-    /// Appends a record, synced if `sync`. On failure the file is cut back to where it was,
-    /// so a half-written record is never followed by others.
-    pub fn append(&mut self, record: &mut Record, sync: bool) -> io::Result<()> {
+    /// Appends a record, synced if `sync`, and says how long the sync took. On failure the
+    /// file is cut back to where it was, so a half-written record is never followed by
+    /// others.
+    pub fn append(&mut self, record: &mut Record, sync: bool) -> io::Result<Option<Duration>> {
         if let Some(why) = &self.broken {
             return Err(io::Error::other(why.clone()));
         }
@@ -195,14 +197,17 @@ impl Journal {
             ));
         }
         let bytes = record.seal()?;
-        let written = self
-            .file
-            .write_all_at(bytes, self.len)
-            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
+        let written = self.file.write_all_at(bytes, self.len).and_then(|()| {
+            if !sync {
+                return Ok(None);
+            }
+            let started = Instant::now();
+            self.file.sync_data().map(|()| Some(started.elapsed()))
+        });
         match written {
-            Ok(()) => {
+            Ok(synced) => {
                 self.len += bytes.len() as u64;
-                Ok(())
+                Ok(synced)
             }
             Err(e) => {
                 self.cut(self.len);

@@ -47,7 +47,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use coords::CoordinateMap;
 pub use engine::{EngineStats, KeyspaceStats};
 pub use schema::Entry;
-pub use writer::CommitObserver;
+pub use writer::{CommitObserver, CommitStats, Syncs};
 use writer::{Op, Writer};
 
 /// Directory of the store inside the data directory.

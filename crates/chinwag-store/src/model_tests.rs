@@ -76,7 +76,7 @@ impl CommitListener for Receipts {
 }
 
 fn open(dir: &Path, receipts: &Arc<Receipts>) -> EmbeddedStore {
-    EmbeddedStore::open(dir, options(), receipts.clone(), Box::new(|_, _| {})).unwrap()
+    EmbeddedStore::open(dir, options(), receipts.clone(), Box::new(|_| {})).unwrap()
 }
 
 #[derive(Default)]

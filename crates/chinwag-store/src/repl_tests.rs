@@ -41,7 +41,7 @@ fn dc(name: &str) -> Dc {
         memory: crate::StoreMemory::default(),
         journal_dir: None,
     };
-    let store = EmbeddedStore::open(dir.path(), options, seen.clone(), Box::new(|_, _| {})).unwrap();
+    let store = EmbeddedStore::open(dir.path(), options, seen.clone(), Box::new(|_| {})).unwrap();
     Dc { _dir: dir, store, seen }
 }
 
@@ -153,14 +153,7 @@ async fn coordinates_replicate_and_restarts_retract_them() {
         memory: crate::StoreMemory::default(),
         journal_dir: None,
     };
-    let open = || {
-        EmbeddedStore::open(
-            dir.path(),
-            options.clone(),
-            Arc::new(Seen::default()),
-            Box::new(|_, _| {}),
-        )
-    };
+    let open = || EmbeddedStore::open(dir.path(), options.clone(), Arc::new(Seen::default()), Box::new(|_| {}));
     let east = open().unwrap();
     let at = Coordinate {
         dc: DcName::parse("east").unwrap(),

@@ -48,12 +48,12 @@ pub(crate) const SMALL_CHECKPOINTS: StoreMemory = StoreMemory {
 
 fn open(dir: &Path, max: u64) -> (EmbeddedStore, Arc<Recorder>) {
     let recorder = Arc::new(Recorder::default());
-    let store = EmbeddedStore::open(dir, options(max), recorder.clone(), Box::new(|_, _| {})).unwrap();
+    let store = EmbeddedStore::open(dir, options(max), recorder.clone(), Box::new(|_| {})).unwrap();
     (store, recorder)
 }
 
 pub(crate) fn try_open(dir: &Path, options: StoreOptions) -> Result<EmbeddedStore, OpenError> {
-    EmbeddedStore::open(dir, options, Arc::new(Recorder::default()), Box::new(|_, _| {}))
+    EmbeddedStore::open(dir, options, Arc::new(Recorder::default()), Box::new(|_| {}))
 }
 
 pub(crate) fn user(s: &str) -> UserId {
@@ -659,7 +659,7 @@ async fn reopening_keeps_messages_and_drops_old_coordinates() {
 
 async fn reopen(dir: &Path) -> (EmbeddedStore, Arc<Recorder>) {
     let recorder = Arc::new(Recorder::default());
-    let open = || EmbeddedStore::open(dir, options(100), recorder.clone(), Box::new(|_, _| {}));
+    let open = || EmbeddedStore::open(dir, options(100), recorder.clone(), Box::new(|_| {}));
     let store = open_when_free(open).await.unwrap_or_else(|e| panic!("{e}"));
     (store, recorder)
 }

@@ -63,7 +63,28 @@ pub enum Op {
 }
 
 /// Receives what one commit did, for metrics.
-pub type CommitObserver = Box<dyn Fn(Duration, usize) + Send + Sync>;
+pub type CommitObserver = Box<dyn Fn(&CommitStats) + Send + Sync>;
+
+/// One commit, as the metrics see it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommitStats {
+    /// From applying its first operation until all of it was durable (its answers go out
+    /// after).
+    pub took: Duration,
+    pub ops: usize,
+    pub syncs: Syncs,
+}
+
+/// The syncs a commit waited for, kept apart from its other work: on a shared or
+/// virtual disk they are most of a commit (docs/performance.md), and the part that
+/// depends on the disk rather than on the node.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Syncs {
+    /// The store's journal, on every commit that needs to be durable.
+    pub journal: Option<Duration>,
+    /// fjall's journal, at most every [`FJALL_SYNC_EVERY`].
+    pub fjall: Option<Duration>,
+}
 
 pub struct Writer {
     pub tables: Tables,
@@ -232,7 +253,7 @@ impl Writer {
             self.write(batch, &mut pending, durable)
         });
         match result {
-            Ok(()) => {
+            Ok(syncs) => {
                 if durable {
                     self.commits += 1;
                     if let Err(e) = self.watermark.record(self.commits) {
@@ -240,7 +261,11 @@ impl Writer {
                         tracing::warn!(error = %e, "cannot record the commit watermark");
                     }
                 }
-                (self.observer)(started.elapsed(), count);
+                (self.observer)(&CommitStats {
+                    took: started.elapsed(),
+                    ops: count,
+                    syncs,
+                });
                 self.shared.set_failure(None);
                 self.deferred.add(pending.dedup.drain(), pending.depths.keys());
                 self.numbered.add(pending.numbered.drain(), &self.tables.seqs);
@@ -321,36 +346,42 @@ impl Writer {
     /// fjall may hold a commit 100 ms at a time, and readers must not wait for that.
     /// Readers that need both parts of one commit compare commit counts
     /// (`EmbeddedStore::consistent_view`).
-    fn write(&mut self, batch: Batch, p: &mut Pending, durable: bool) -> Fallible<()> {
+    fn write(&mut self, batch: Batch, p: &mut Pending, durable: bool) -> Fallible<Syncs> {
         let Batch { fjall, mut record, .. } = batch;
         let appended = self.journal.append(&mut record, durable).map_err(fjall::Error::from);
-        let committed = appended.and_then(|()| self.commit_to_fjall(fjall, &record, p, durable));
+        let committed = appended.and_then(|journal| {
+            let fjall = self.commit_to_fjall(fjall, &record, p, durable)?;
+            Ok(Syncs { journal, fjall })
+        });
         self.buffer = record.into_buffer();
         committed
     }
 
-    /// The second half of [`Writer::write`].
+    /// The second half of [`Writer::write`]; returns how long fjall's sync took, if it
+    /// synced.
     fn commit_to_fjall(
         &mut self,
         fjall: fjall::OwnedWriteBatch,
         record: &Record,
         p: &mut Pending,
         durable: bool,
-    ) -> Fallible<()> {
+    ) -> Fallible<Option<Duration>> {
         let sync = durable && self.fjall_synced_at.elapsed() >= FJALL_SYNC_EVERY;
         let mode = if sync {
             PersistMode::SyncData
         } else {
             PersistMode::Buffer
         };
+        let started = Instant::now();
         if let Err(e) = fjall.durability(Some(mode)).commit() {
             // The caller forgets the batch, so the journal must too.
             self.journal.take_back(record);
             return Err(e);
         }
-        if sync {
+        let synced = sync.then(|| {
             self.fjall_synced_at = Instant::now();
-        }
+            self.fjall_synced_at - started
+        });
         let mut held = self.shared.held.write().expect("held lock");
         held.set_commits(self.commits + u64::from(durable));
         for ((user, seq), msg) in p.held.drain() {
@@ -359,7 +390,7 @@ impl Writer {
                 None => held.remove(&user, seq),
             }
         }
-        Ok(())
+        Ok(synced)
     }
 
     fn held_count(&self) -> usize {

@@ -279,13 +279,23 @@ async fn healthz_and_metrics() {
     ] {
         assert!(metrics.contains(name), "missing {name} in\n{metrics}");
     }
+    let value = |name: &str| -> f64 {
+        let line = metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' '));
+        line.and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in\n{metrics}"))
+    };
     // The journal holds the message, its idempotency record, its acknowledgement and the
     // logins.
-    let line = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("chinwag_store_journal_bytes "));
-    let bytes: u64 = line.and_then(|v| v.parse().ok()).unwrap_or(0);
-    assert!(bytes > 0, "journal bytes missing or 0 in\n{metrics}");
+    assert!(value("chinwag_store_journal_bytes") > 0.0);
+    // The send and the acknowledgement each waited for the journal's sync; commits of
+    // coordinates alone do not sync.
+    let syncs = value("chinwag_store_journal_sync_seconds_count");
+    assert!(
+        (1.0..=value("chinwag_store_commit_seconds_count")).contains(&syncs),
+        "{syncs} journal syncs in\n{metrics}"
+    );
+    assert!(value("chinwag_store_journal_sync_seconds_sum") <= value("chinwag_store_commit_seconds_sum"));
+    value("chinwag_store_fjall_sync_seconds_count");
 }
 
 #[tokio::test]
