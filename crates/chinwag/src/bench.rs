@@ -27,6 +27,8 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+mod store_metrics;
+
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 #[derive(clap::Args)]
@@ -147,6 +149,10 @@ struct Report {
     /// own queueing would show in the latencies; well below, they are the server's.
     #[serde(skip_serializing_if = "Option::is_none")]
     generator_load_cpu_percent: Option<f64>,
+    /// Each server's store over the run, from its metrics: how much of a commit, and so
+    /// of the latency, was the disk's sync.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    server_store: Vec<store_metrics::StoreReport>,
 }
 
 impl Report {
@@ -490,11 +496,16 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let progress = tokio::spawn(progress(run.clone()));
     let timeline = Arc::new(Mutex::new(Vec::new()));
     let sampler = run.args.pid.map(|pid| tokio::spawn(sample_rss(pid, timeline.clone())));
+    let metrics_before = scrape_all(&run.args.servers).await;
     let mut report = match run.args.scenario {
         Scenario::Idle => idle(&run).await?,
         Scenario::Pairs => pairs(&run).await?,
         Scenario::Offline => offline(&run).await?,
     };
+    let metrics_after = scrape_all(&run.args.servers).await;
+    report.server_store = (run.args.servers.iter().zip(metrics_before).zip(metrics_after))
+        .filter_map(|((server, before), after)| store_metrics::between(server, &before?, &after?))
+        .collect();
     progress.abort();
     eprintln!();
     if let Some(pid) = run.args.pid {
@@ -517,6 +528,15 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(2)
     })
+}
+
+/// Each server's metrics text, where it could be read.
+async fn scrape_all(servers: &[String]) -> Vec<Option<String>> {
+    let mut texts = Vec::with_capacity(servers.len());
+    for server in servers {
+        texts.push(store_metrics::scrape(server).await);
+    }
+    texts
 }
 
 /// Opens `users` connections at the ramp rate; returns them and the logins per second.
@@ -932,6 +952,17 @@ fn print_report(r: &Report, json: bool) {
     }
     if let Some(cpu) = r.generator_load_cpu_percent {
         println!("generator CPU     {cpu:.1}% while sending");
+    }
+    for s in &r.server_store {
+        println!("store of          {}", s.server);
+        println!(
+            "  commits         {}, mean {:.2} ms, p99 at most {:.2} ms",
+            s.commits, s.commit_ms.mean, s.commit_ms.p99_at_most
+        );
+        println!(
+            "  journal syncs   {}, mean {:.2} ms, p99 at most {:.2} ms",
+            s.journal_syncs, s.journal_sync_ms.mean, s.journal_sync_ms.p99_at_most
+        );
     }
 }
 

@@ -351,6 +351,7 @@ async fn the_load_generator_counts_every_message_against_a_real_node() {
             scenario.contains(&"pairs"),
             "{report}"
         );
+        assert_store_reported(&report, 1);
     }
 }
 

@@ -567,7 +567,9 @@ async fn the_load_generator_sends_every_message_across_dcs() {
     let mut sent = 0;
     for scenario in BENCH_SCENARIOS {
         let args: Vec<&str> = common.iter().chain(scenario).copied().collect();
-        sent += bench_without_loss(&args).await["sent"].as_u64().unwrap();
+        let report = bench_without_loss(&args).await;
+        assert_store_reported(&report, 2);
+        sent += report["sent"].as_u64().unwrap();
     }
     // Every message is stored in both DCs: each holds the other's as replicated entries.
     let replicated = "chinwag_mailbox_entries_replicated_total";

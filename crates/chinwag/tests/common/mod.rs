@@ -387,6 +387,21 @@ pub const BENCH_SCENARIOS: [&[&str]; 2] = [
     &["--scenario", "offline", "--messages", "200"],
 ];
 
+/// Checks that a bench report read each of its `servers`' store from their metrics: every
+/// scenario sends, so each store synced its journal, and each sync is part of a commit.
+pub fn assert_store_reported(report: &serde_json::Value, servers: usize) {
+    let stores = report["server_store"].as_array().unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(stores.len(), servers, "{report}");
+    for store in stores {
+        let syncs = store["journal_syncs"].as_u64().unwrap_or(0);
+        assert!(syncs > 0 && syncs <= store["commits"].as_u64().unwrap_or(0), "{report}");
+        assert!(
+            store["journal_sync_ms"]["mean"].as_f64().is_some_and(|ms| ms > 0.0),
+            "{report}"
+        );
+    }
+}
+
 /// Runs `chinwag bench --json` with `args` and checks it succeeded and counted every
 /// message it sent as delivered exactly once; returns its report.
 pub async fn bench_without_loss(args: &[&str]) -> serde_json::Value {
