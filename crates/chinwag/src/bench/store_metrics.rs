@@ -126,30 +126,39 @@ impl Histogram {
 mod tests {
     use super::*;
 
-    const BEFORE: &str = "# HELP x\n\
-        chinwag_store_commit_seconds_sum 0.5\n\
-        chinwag_store_commit_seconds_count 10\n\
-        chinwag_store_commit_seconds_bucket{le=\"0.001\"} 8\n\
-        chinwag_store_commit_seconds_bucket{le=\"0.002\"} 10\n\
-        chinwag_store_commit_seconds_bucket{le=\"+Inf\"} 10\n\
-        chinwag_store_journal_sync_seconds_sum 0.0\n\
-        chinwag_store_journal_sync_seconds_count 0\n\
-        chinwag_store_journal_sync_seconds_bucket{le=\"0.001\"} 0\n\
-        chinwag_store_journal_sync_seconds_bucket{le=\"+Inf\"} 0\n";
+    /// A histogram as the server's metrics show it: its sum, count and cumulative buckets.
+    type Shown<'a> = (f64, u64, &'a [(&'a str, u64)]);
 
-    const AFTER: &str = "chinwag_store_commit_seconds_sum 1.5\n\
-        chinwag_store_commit_seconds_count 110\n\
-        chinwag_store_commit_seconds_bucket{le=\"0.001\"} 8\n\
-        chinwag_store_commit_seconds_bucket{le=\"0.002\"} 109\n\
-        chinwag_store_commit_seconds_bucket{le=\"+Inf\"} 110\n\
-        chinwag_store_journal_sync_seconds_sum 0.05\n\
-        chinwag_store_journal_sync_seconds_count 100\n\
-        chinwag_store_journal_sync_seconds_bucket{le=\"0.001\"} 100\n\
-        chinwag_store_journal_sync_seconds_bucket{le=\"+Inf\"} 100\n";
+    /// The metrics text of a server whose commits and journal syncs are as given.
+    fn metrics(commits: Shown, syncs: Shown) -> String {
+        let mut text = String::from("# HELP chinwag_store_commit_seconds x\n");
+        for (name, (sum, count, buckets)) in [("commit", commits), ("journal_sync", syncs)] {
+            let name = format!("chinwag_store_{name}_seconds");
+            text += &format!("{name}_sum {sum}\n{name}_count {count}\n");
+            for (le, n) in buckets {
+                text += &format!("{name}_bucket{{le=\"{le}\"}} {n}\n");
+            }
+        }
+        text
+    }
+
+    fn before() -> String {
+        metrics(
+            (0.5, 10, &[("0.001", 8), ("0.002", 10), ("+Inf", 10)]),
+            (0.0, 0, &[("0.001", 0), ("+Inf", 0)]),
+        )
+    }
+
+    fn after() -> String {
+        metrics(
+            (1.5, 110, &[("0.001", 8), ("0.002", 109), ("+Inf", 110)]),
+            (0.05, 100, &[("0.001", 100), ("+Inf", 100)]),
+        )
+    }
 
     #[test]
     fn a_run_is_the_difference_of_two_scrapes() {
-        let r = between("ws://x", BEFORE, AFTER).unwrap();
+        let r = between("ws://x", &before(), &after()).unwrap();
         assert_eq!((r.commits, r.journal_syncs), (100, 100));
         assert!((r.commit_ms.mean - 10.0).abs() < 1e-9, "{r:?}");
         // 99 of the run's 100 commits took at most 2 ms and none at most 1 ms.
@@ -160,9 +169,9 @@ mod tests {
 
     #[test]
     fn servers_without_the_metrics_or_with_garbage_give_nothing() {
-        assert!(between("ws://x", "", AFTER).is_none());
-        assert!(between("ws://x", BEFORE, "chinwag_store_commit_seconds_sum nope\n").is_none());
-        let empty = between("ws://x", BEFORE, BEFORE).unwrap();
+        assert!(between("ws://x", "", &after()).is_none());
+        assert!(between("ws://x", &before(), "chinwag_store_commit_seconds_sum nope\n").is_none());
+        let empty = between("ws://x", &before(), &before()).unwrap();
         assert_eq!((empty.commits, empty.journal_sync_ms.mean), (0, 0.0));
         assert_eq!(empty.journal_sync_ms.p99_at_most, 0.0);
     }
