@@ -38,7 +38,11 @@ pub async fn scrape(ws_url: &str) -> Option<String> {
         let request = format!("GET /metrics HTTP/1.0\r\nHost: {authority}\r\n\r\n");
         tcp.write_all(request.as_bytes()).await.ok()?;
         let mut response = Vec::new();
-        tcp.read_to_end(&mut response).await.ok()?;
+        (&mut tcp)
+            .take(METRICS_MAX_BYTES)
+            .read_to_end(&mut response)
+            .await
+            .ok()?;
         let response = String::from_utf8(response).ok()?;
         let (head, body) = response.split_once("\r\n\r\n")?;
         let status = head.split(' ').nth(1)?;
@@ -48,6 +52,9 @@ pub async fn scrape(ws_url: &str) -> Option<String> {
 }
 
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Far above what a node's metrics take (a few KiB); a longer answer is cut and then
+/// most likely unreadable, which only leaves that server out of the report.
+const METRICS_MAX_BYTES: u64 = 4 << 20;
 
 /// What the store did between two scrapes of one server.
 pub fn between(server: &str, before: &str, after: &str) -> Option<StoreReport> {
