@@ -77,17 +77,19 @@ pub fn incarnation_key(node: &str) -> String {
     format!("incarnation/{node}")
 }
 
-pub fn user_prefix(user: &UserId) -> Vec<u8> {
+/// `user`'s key prefix (`length ++ user id`), with room for the `rest` bytes a key puts
+/// after it: every key is built in one allocation.
+pub fn user_prefix(user: &UserId, rest: usize) -> Vec<u8> {
     let bytes = user.as_str().as_bytes();
     let len = u8::try_from(bytes.len()).expect("user ids are at most 64 bytes");
-    let mut key = Vec::with_capacity(1 + bytes.len() + 8);
+    let mut key = Vec::with_capacity(1 + bytes.len() + rest);
     key.push(len);
     key.extend_from_slice(bytes);
     key
 }
 
 pub fn mailbox_key(user: &UserId, seq: u64) -> Vec<u8> {
-    let mut key = user_prefix(user);
+    let mut key = user_prefix(user, 8);
     key.extend_from_slice(&seq.to_be_bytes());
     key
 }
@@ -99,20 +101,17 @@ pub fn key_seq(key: &[u8]) -> Option<u64> {
 }
 
 pub fn dedup_key(sender: &UserId, client_id: &ClientMsgId) -> Vec<u8> {
-    let mut key = user_prefix(sender);
-    key.extend_from_slice(client_id.as_str().as_bytes());
+    let client_id = client_id.as_str().as_bytes();
+    let mut key = user_prefix(sender, client_id.len());
+    key.extend_from_slice(client_id);
     key
 }
 
 /// `device key ++ seq (big-endian)`: one numbered send's receipt in the journal, where the
 /// device key, `sender prefix ++ device`, is the key of the device's window in [`SEQS`].
-/// Built in one allocation: one per numbered send.
 pub fn seq_receipt_key(sender: &UserId, device: &DeviceId, seq: u64) -> Vec<u8> {
-    let (sender, device) = (sender.as_str().as_bytes(), device.as_str().as_bytes());
-    let len = u8::try_from(sender.len()).expect("user ids are at most 64 bytes");
-    let mut key = Vec::with_capacity(1 + sender.len() + device.len() + 8);
-    key.push(len);
-    key.extend_from_slice(sender);
+    let device = device.as_str().as_bytes();
+    let mut key = user_prefix(sender, device.len() + 8);
     key.extend_from_slice(device);
     key.extend_from_slice(&seq.to_be_bytes());
     key
@@ -166,8 +165,9 @@ pub struct StreamState {
 }
 
 pub fn coord_key(user: &UserId, at: &Coordinate) -> Vec<u8> {
-    let mut key = user_prefix(user);
-    key.extend_from_slice(&postcard::to_stdvec(at).expect("coordinates always encode"));
+    let at = postcard::to_stdvec(at).expect("coordinates always encode");
+    let mut key = user_prefix(user, at.len());
+    key.extend_from_slice(&at);
     key
 }
 
@@ -430,5 +430,23 @@ mod tests {
         let key = coord_key(&user("bob"), &c);
         assert_eq!(split_coord_key(&key), Some((user("bob"), c)));
         assert_eq!(split_coord_key(&[200, 1]), None);
+    }
+
+    /// Keys are built on the message path, one or more per message: each in one
+    /// allocation of exactly its size, never grown after the user's prefix.
+    #[test]
+    fn every_key_is_allocated_once_at_its_size() {
+        let sender = user("alice");
+        // A client id a little longer than a seq: grown after the prefix, its key would
+        // have twice the room it needs.
+        let keys = [
+            mailbox_key(&sender, 7),
+            dedup_key(&sender, &ClientMsgId::parse("0123456789").unwrap()),
+            seq_receipt_key(&sender, &DeviceId::parse("phone").unwrap(), 7),
+            user_prefix(&sender, 0),
+        ];
+        for key in keys {
+            assert_eq!(key.capacity(), key.len(), "{key:?}");
+        }
     }
 }

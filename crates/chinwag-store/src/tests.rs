@@ -754,7 +754,7 @@ async fn compaction_drops_expired_dedup_entries_and_keeps_the_rest() {
     drop(store);
     let store = try_open(dir.path(), options_with_window(1_000, Duration::from_secs(60))).unwrap();
     let dedup = &store.tables.dedup;
-    let count = |sender: &UserId| dedup.prefix(schema::user_prefix(sender)).count();
+    let count = |sender: &UserId| dedup.prefix(schema::user_prefix(sender, 0)).count();
     // Written in many small tables, some compacted (and the expired dropped) already.
     assert_eq!(count(&recent), 200);
     dedup.major_compact().unwrap();
@@ -782,7 +782,11 @@ async fn retries_are_recognised_wherever_their_records_are() {
         first.extend(alice_to_bob(&store, chunk, &text).await);
         store.settle().await;
     }
-    let in_fjall = store.tables.dedup.prefix(schema::user_prefix(&user("alice"))).count();
+    let in_fjall = store
+        .tables
+        .dedup
+        .prefix(schema::user_prefix(&user("alice"), 0))
+        .count();
     assert!(in_fjall >= 8, "{in_fjall} records written to fjall");
     retries_recognised(&store, &first).await;
     store.settle().await;
