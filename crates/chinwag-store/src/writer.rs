@@ -66,7 +66,7 @@ pub enum Op {
 pub type CommitObserver = Box<dyn Fn(&CommitStats) + Send + Sync>;
 
 /// One commit, as the metrics see it.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct CommitStats {
     /// From applying its first operation until all of it was durable (its answers go out
     /// after).
@@ -78,7 +78,7 @@ pub struct CommitStats {
 /// The syncs a commit waited for, kept apart from its other work: on a shared or
 /// virtual disk they are most of a commit (docs/performance.md), and the part that
 /// depends on the disk rather than on the node.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Syncs {
     /// The store's journal, on every commit that needs to be durable.
     pub journal: Option<Duration>,

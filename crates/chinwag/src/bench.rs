@@ -440,15 +440,19 @@ fn placement(user: usize, users: usize, servers: usize) -> usize {
     place % servers.max(1)
 }
 
+/// The `host:port` of a server URL.
+fn authority(url: &str) -> &str {
+    url.split("://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_default()
+}
+
 /// Opens the TCP connection for user `user`. Toward a loopback server, connections come
 /// from many loopback source addresses: tens of thousands of connections from one address
 /// make the kernel's search for a free local port the bottleneck of the benchmark itself.
 async fn connect_tcp(url: &str, user: usize) -> std::io::Result<TcpStream> {
-    let host = url
-        .split("://")
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .unwrap_or_default();
+    let host = authority(url);
     let Ok(std::net::SocketAddr::V4(addr)) = host.parse::<std::net::SocketAddr>() else {
         return TcpStream::connect(host).await;
     };

@@ -31,8 +31,10 @@ pub struct Timing {
 /// The metrics text of the server a WebSocket URL names, if it serves plain HTTP and
 /// answers within a second or two (`wss://` servers are skipped: no TLS client here).
 pub async fn scrape(ws_url: &str) -> Option<String> {
-    let rest = ws_url.strip_prefix("ws://")?;
-    let authority = rest.split('/').next()?;
+    if !ws_url.starts_with("ws://") {
+        return None;
+    }
+    let authority = super::authority(ws_url);
     let fetch = async {
         let mut tcp = TcpStream::connect(authority).await.ok()?;
         let request = format!("GET /metrics HTTP/1.0\r\nHost: {authority}\r\n\r\n");
