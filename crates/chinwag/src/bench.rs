@@ -685,6 +685,9 @@ async fn sender(
     let mut seq: u64 = 0;
     let mut outstanding: u64 = 0;
     let mut pace = rate.map(|r| Pace::new(run, me, r));
+    // When this sender's last write returned: a message due before then was held back by
+    // the server (its socket was full), and its latency starts when it was due.
+    let mut writable_since_ns: u64 = 0;
     let window = if rate.is_some() { u64::MAX } else { run.args.window };
     let done = |seq: u64| Instant::now() >= deadline || count.is_some_and(|c| seq >= c);
     loop {
@@ -693,9 +696,10 @@ async fn sender(
         }
         let can_send = !done(seq) && outstanding < window;
         tokio::select! {
-            (sent_ns, lag_ns) = async { pace.as_mut().expect("paced").next(seq).await }, if can_send && pace.is_some() => {
+            (sent_ns, lag_ns) = async { pace.as_mut().expect("paced").next(seq, writable_since_ns).await }, if can_send && pace.is_some() => {
                 run.on_due(lag_ns).await;
                 send_one(run, &mut ws, me, &to, seq, sent_ns).await?;
+                writable_since_ns = run.now_ns();
                 seq += 1;
                 outstanding += 1;
             }
@@ -728,8 +732,6 @@ async fn sender(
     Ok(())
 }
 
-const TIMER_RESOLUTION_NS: u64 = 1_000_000;
-
 /// An open-loop schedule for one sender: message `seq` is due at `phase + seq * period`.
 /// Senders' phases are spread evenly over one period, so the offered load arrives smoothly
 /// rather than in bursts of one message per sender.
@@ -751,19 +753,26 @@ impl Pace {
         }
     }
 
-    /// Waits until message `seq` is due and returns the time to stamp it with. A sender
-    /// that fell behind stamps the time it was due, not the time it left, so the queueing it
-    /// suffered is not hidden (coordinated omission). Lateness within the timer's 1 ms
-    /// resolution is the generator's own and is not charged to the server. Also returns
-    /// how late the message leaves.
-    async fn next(&self, seq: u64) -> (u64, u64) {
+    /// Waits until message `seq` is due and returns the time to stamp it with (see
+    /// [`stamp`]) and how late the message leaves. `writable_since_ns` is when the
+    /// sender's previous write returned.
+    async fn next(&self, seq: u64, writable_since_ns: u64) -> (u64, u64) {
         let due_ns = self.phase_ns + seq * self.period_ns;
         tokio::time::sleep_until((self.start + Duration::from_nanos(due_ns)).into()).await;
         let now_ns = self.start.elapsed().as_nanos() as u64;
-        let lag_ns = now_ns.saturating_sub(due_ns);
-        let stamp_ns = if lag_ns <= TIMER_RESOLUTION_NS { now_ns } else { due_ns };
-        (stamp_ns, lag_ns)
+        (stamp(due_ns, now_ns, writable_since_ns), now_ns.saturating_sub(due_ns))
     }
+}
+
+/// The time a paced message's latency starts. The senders never wait for answers, so the
+/// server can hold one back only by not reading: its socket fills and the previous write
+/// is still blocked when the next message is due. Then the message is stamped with the
+/// time it was due, so the queueing it suffered is not hidden (coordinated omission).
+/// Otherwise any lateness is the generator's own (its timer's 1 ms granularity, its one
+/// core busy with other connections; `send_lag_ms` reports it), and the latency starts
+/// when the message leaves.
+fn stamp(due_ns: u64, now_ns: u64, writable_since_ns: u64) -> u64 {
+    if writable_since_ns > due_ns { due_ns } else { now_ns }
 }
 
 fn send_frame(run: &Run, me: usize, to: &str, seq: u64, sent_ns: u64) -> WsMessage {
@@ -1025,7 +1034,21 @@ impl CpuWindow {
 
 #[cfg(test)]
 mod tests {
-    use super::{TIMELINE_MAX_SECONDS, placement, second_histogram};
+    use super::{TIMELINE_MAX_SECONDS, placement, second_histogram, stamp};
+
+    #[test]
+    fn only_a_sender_held_back_by_the_server_is_stamped_when_it_was_due() {
+        let (due, now) = (10_000_000, 13_000_000);
+        // The previous write returned before this message was due: the 3 ms were the
+        // generator's (a late timer, a busy core).
+        assert_eq!(stamp(due, now, due - 1), now);
+        assert_eq!(stamp(due, now, due), now);
+        // It was still blocked on a full socket when this one fell due: the server's.
+        assert_eq!(stamp(due, now, due + 1), due);
+        assert_eq!(stamp(due, now, now), due);
+        // On time, either way the stamp is the moment it leaves.
+        assert_eq!(stamp(due, due, 0), due);
+    }
 
     #[test]
     fn an_hour_of_latency_by_second_stays_under_8_mb() {
