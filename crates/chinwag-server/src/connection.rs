@@ -6,6 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
@@ -14,6 +15,7 @@ use chinwag_proto::ServerFrame;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::watch;
+use tokio::time::error::Elapsed;
 use tokio::time::{Instant, Sleep};
 
 use crate::node::NodeState;
@@ -117,14 +119,7 @@ impl<S: Store> Driver<'_, S> {
         tokio::pin!(timer);
         let mut armed: Option<Instant> = None;
         loop {
-            // A client that does not read fills its socket and then this write; rather than
-            // hold its frames, the connection is dropped. Its messages stay in the mailbox.
-            match tokio::time::timeout(
-                self.node.config.limits.send_timeout,
-                self.flush_outputs(&mut appends, &mut ops),
-            )
-            .await
-            {
+            match self.flush_in_time(&mut appends, &mut ops).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return End::Transport(e.to_string()),
                 Err(_) => {
@@ -174,8 +169,9 @@ impl<S: Store> Driver<'_, S> {
         let wants_input = self.session.wants_input();
         tokio::select! {
             frame = self.socket.recv(), if wants_input => Event::Frame(frame),
-            Some((client_id, result)) = appends.next() => Event::Appended(client_id, result),
-            Some(done) = ops.next() => Event::Done(done),
+            // Not polled when empty: an empty `FuturesUnordered` still registers the waker.
+            Some((client_id, result)) = appends.next(), if !appends.is_empty() => Event::Appended(client_id, result),
+            Some(done) = ops.next(), if !ops.is_empty() => Event::Done(done),
             delivery = self.inbox.recv() => Event::Delivery(delivery),
             () = expires(timer) => Event::Timeout,
             _ = shutdown.changed() => Event::Shutdown,
@@ -241,6 +237,24 @@ impl<S: Store> Driver<'_, S> {
             }
         }
         None
+    }
+
+    /// [`Self::flush_outputs`] within the send timeout. A client that does not read fills
+    /// its socket and then this write; rather than hold its frames, the connection is
+    /// dropped. Its messages stay in the mailbox. The timer is started only if the write
+    /// cannot finish at once: nearly every one can, and a timer costs a clock read and a
+    /// handle to the runtime's timer for every event.
+    async fn flush_in_time(
+        &mut self,
+        appends: &mut Appends,
+        ops: &mut Ops,
+    ) -> Result<Result<(), axum::Error>, Elapsed> {
+        let timeout = self.node.config.limits.send_timeout;
+        let mut flush = std::pin::pin!(self.flush_outputs(appends, ops));
+        match std::future::poll_fn(|cx| Poll::Ready(flush.as_mut().poll(cx))).await {
+            Poll::Ready(flushed) => Ok(flushed),
+            Poll::Pending => tokio::time::timeout(timeout, flush).await,
+        }
     }
 
     /// Carries out everything the session asked for, then flushes the socket once.

@@ -3,9 +3,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::Poll;
 
 use chinwag_core::{Coordinate, DcName, MessageId, NodeName, PushOutcome, Router, SharedMessage};
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 /// What the router hands a connection.
 pub enum Push {
@@ -24,10 +25,13 @@ pub enum Delivery {
 
 /// One connection's pushes, bounded. A tokio channel would allocate a block of slots
 /// for every connection, idle or not; this queue holds memory only while it holds pushes.
+/// One task reads it, so a single waker will do: a connection waits on its inbox every
+/// time it waits at all, and registering the same waker again is one compare, where a
+/// `Notify` takes and releases its lock twice.
 #[derive(Default)]
 struct Queue {
     state: Mutex<QueueState>,
-    ready: Notify,
+    ready: AtomicWaker,
 }
 
 #[derive(Default)]
@@ -57,13 +61,13 @@ impl Queue {
             if matches!(push, Push::Message(_)) {
                 state.dropped = true;
                 drop(state);
-                self.ready.notify_one();
+                self.ready.wake();
             }
             return PushOutcome::Overflowed;
         }
         state.pushes.push_back(push);
         drop(state);
-        self.ready.notify_one();
+        self.ready.wake();
         PushOutcome::Queued
     }
 }
@@ -88,15 +92,12 @@ impl Inbox {
 
     /// Waits for the next delivery. Cancel-safe: nothing is taken until it is returned.
     pub async fn recv(&self) -> Delivery {
-        loop {
-            // A push made after the look below leaves a permit in `ready` (`notify_one`
-            // stores one when no one waits), so the wait cannot miss it.
-            let ready = self.queue.ready.notified();
-            if let Some(delivery) = self.try_recv() {
-                return delivery;
-            }
-            ready.await;
-        }
+        std::future::poll_fn(|cx| {
+            // Registered before the look below, so a push made after the look wakes us.
+            self.queue.ready.register(cx.waker());
+            self.try_recv().map_or(Poll::Pending, Poll::Ready)
+        })
+        .await
     }
 }
 
