@@ -14,7 +14,6 @@ use chinwag_core::{ClientMsgId, Coordinate, Output, Receipt, Session, SharedMess
 use chinwag_proto::ServerFrame;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered};
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::sync::watch;
 use tokio::time::error::Elapsed;
 use tokio::time::{Instant, Sleep};
 
@@ -103,14 +102,12 @@ enum Event {
     Done(Done),
     Delivery(Delivery),
     Timeout,
-    Shutdown,
 }
 
 impl<S: Store> Driver<'_, S> {
     async fn run(mut self) -> End {
         let mut appends = Appends::new();
         let mut ops = Ops::new();
-        let mut shutdown = self.node.shutdown.clone();
         // The session's deadline (login, ping, idle) moves later with every frame heard.
         // Re-arming a timer on every event would touch the runtime's timer wheel each
         // time; instead the timer is moved only when the deadline comes earlier, and
@@ -138,7 +135,7 @@ impl<S: Store> Driver<'_, S> {
                 armed = Some(at);
             }
             let timer = deadline.map(|_| timer.as_mut());
-            let next = self.next_event(&mut appends, &mut ops, &mut shutdown, timer).await;
+            let next = self.next_event(&mut appends, &mut ops, timer).await;
             if matches!(next, Event::Timeout) {
                 armed = None;
             }
@@ -159,13 +156,7 @@ impl<S: Store> Driver<'_, S> {
     }
 
     /// Waits for the next event.
-    async fn next_event(
-        &mut self,
-        appends: &mut Appends,
-        ops: &mut Ops,
-        shutdown: &mut watch::Receiver<bool>,
-        timer: Option<Pin<&mut Sleep>>,
-    ) -> Event {
+    async fn next_event(&mut self, appends: &mut Appends, ops: &mut Ops, timer: Option<Pin<&mut Sleep>>) -> Event {
         let wants_input = self.session.wants_input();
         tokio::select! {
             frame = self.socket.recv(), if wants_input => Event::Frame(frame),
@@ -174,7 +165,6 @@ impl<S: Store> Driver<'_, S> {
             Some(done) = ops.next(), if !ops.is_empty() => Event::Done(done),
             delivery = self.inbox.recv() => Event::Delivery(delivery),
             () = expires(timer) => Event::Timeout,
-            _ = shutdown.changed() => Event::Shutdown,
         }
     }
 
@@ -231,7 +221,7 @@ impl<S: Store> Driver<'_, S> {
             Event::Delivery(Delivery::Push(Push::Receipt(ids))) => self.session.on_delivered(&ids),
             Event::Delivery(Delivery::Dropped) => self.session.on_push_dropped(),
             Event::Timeout => self.session.on_timeout(now_ms()),
-            Event::Shutdown => {
+            Event::Delivery(Delivery::ShuttingDown) => {
                 let _ = self.close(1001, "server shutting down").await;
                 return Some(End::Shutdown);
             }

@@ -210,6 +210,7 @@ impl Node {
         shutdown.await;
         // Stop accepting, and tell every connection to close.
         let _ = stop.send(true);
+        state.registry.shut_down();
         let _ = accepting.await;
         drain(&state).await;
         state.store.close().await;

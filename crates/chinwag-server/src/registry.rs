@@ -21,6 +21,9 @@ pub enum Delivery {
     /// A push had to be dropped because the inbox was full: the connection reads its
     /// mailbox instead. Taken before any push queued after the drop.
     Dropped,
+    /// The node is shutting down: the connection closes. Taken before anything else, and
+    /// again at every look.
+    ShuttingDown,
 }
 
 /// One connection's pushes, bounded. A tokio channel would allocate a block of slots
@@ -40,6 +43,7 @@ struct QueueState {
     dropped: bool,
     /// The connection's task has let go of its inbox.
     closed: bool,
+    shutting_down: bool,
 }
 
 /// Capacity an emptied queue may keep; a burst's larger buffer is given back.
@@ -70,6 +74,11 @@ impl Queue {
         self.ready.wake();
         PushOutcome::Queued
     }
+
+    fn shut_down(&self) {
+        self.lock().shutting_down = true;
+        self.ready.wake();
+    }
 }
 
 /// The receiving end of a connection's pushes.
@@ -80,6 +89,9 @@ pub struct Inbox {
 impl Inbox {
     pub fn try_recv(&self) -> Option<Delivery> {
         let mut state = self.queue.lock();
+        if state.shutting_down {
+            return Some(Delivery::ShuttingDown);
+        }
         if std::mem::take(&mut state.dropped) {
             return Some(Delivery::Dropped);
         }
@@ -124,6 +136,9 @@ pub struct Registry {
     next_conn: AtomicU64,
     queue_len: usize,
     conns: RwLock<HashMap<u64, Entry>>,
+    /// Set under the write lock of `conns`, so a connection opened as the node stops is
+    /// either told by [`Registry::shut_down`] or sees this when it opens.
+    shutting_down: AtomicBool,
 }
 
 impl Registry {
@@ -136,6 +151,7 @@ impl Registry {
             next_conn: AtomicU64::new(1),
             queue_len,
             conns: RwLock::new(HashMap::new()),
+            shutting_down: AtomicBool::new(false),
         }
     }
 
@@ -159,7 +175,12 @@ impl Registry {
             queue: queue.clone(),
             receipts: AtomicBool::new(false),
         };
-        self.conns.write().expect("registry lock").insert(conn, entry);
+        let mut conns = self.conns.write().expect("registry lock");
+        conns.insert(conn, entry);
+        if self.shutting_down.load(Ordering::Relaxed) {
+            queue.shut_down();
+        }
+        drop(conns);
         let coordinate = Coordinate {
             dc: self.dc.clone(),
             node: self.node.clone(),
@@ -173,6 +194,17 @@ impl Registry {
     pub fn set_receipts(&self, coordinate: &Coordinate, wanted: bool) {
         if let Some(entry) = self.conns.read().expect("registry lock").get(&coordinate.conn) {
             entry.receipts.store(wanted, Ordering::Relaxed);
+        }
+    }
+
+    /// Tells every connection, open now or opened from now on, to close. Through the
+    /// inbox each already waits on, rather than a signal of its own: a connection waits
+    /// on every event, and one more thing to wait on costs it a lock every time.
+    pub fn shut_down(&self) {
+        let conns = self.conns.write().expect("registry lock");
+        self.shutting_down.store(true, Ordering::Relaxed);
+        for entry in conns.values() {
+            entry.queue.shut_down();
         }
     }
 
@@ -284,6 +316,23 @@ mod tests {
         drop(inbox);
         // Still in the table until the connection's task closes it, but no longer queued.
         assert_eq!(r.push(&c, &msg(8)), PushOutcome::Gone);
+    }
+
+    #[tokio::test]
+    async fn shutting_down_reaches_waiting_busy_and_later_connections_first() {
+        let r = registry();
+        let (_, waiting) = r.open();
+        let (busy, queued) = r.open();
+        assert_eq!(r.push(&busy, &msg(1)), PushOutcome::Queued);
+        let waiting = tokio::spawn(async move { matches!(waiting.recv().await, Delivery::ShuttingDown) });
+        tokio::task::yield_now().await;
+        r.shut_down();
+        assert!(waiting.await.unwrap());
+        // Before the push queued earlier, and at every look: the connection closes.
+        assert!(matches!(queued.try_recv(), Some(Delivery::ShuttingDown)));
+        assert!(matches!(queued.try_recv(), Some(Delivery::ShuttingDown)));
+        let (_, later) = r.open();
+        assert!(matches!(later.try_recv(), Some(Delivery::ShuttingDown)));
     }
 
     #[test]
