@@ -171,10 +171,14 @@ impl<S: Store> Driver<'_, S> {
     /// An event that is ready now, if any, without waiting. Store answers and pushes come
     /// first: they only ever let the client make progress.
     fn ready_event(&mut self, appends: &mut Appends, ops: &mut Ops) -> Option<Event> {
-        if let Some(Some((client_id, result))) = appends.next().now_or_never() {
+        if !appends.is_empty()
+            && let Some(Some((client_id, result))) = appends.next().now_or_never()
+        {
             return Some(Event::Appended(client_id, result));
         }
-        if let Some(Some(done)) = ops.next().now_or_never() {
+        if !ops.is_empty()
+            && let Some(Some(done)) = ops.next().now_or_never()
+        {
             return Some(Event::Done(done));
         }
         if let Some(delivery) = self.inbox.try_recv() {
