@@ -181,8 +181,12 @@ impl<S: Store> Driver<'_, S> {
         {
             return Some(Event::Done(done));
         }
-        if let Some(delivery) = self.inbox.try_recv() {
-            return Some(Event::Delivery(delivery));
+        match self.inbox.try_recv() {
+            // Stays in the inbox: the wait after this batch's frames are written takes it,
+            // so the connection closes with nothing it has produced left unsent.
+            Some(Delivery::ShuttingDown) => return None,
+            Some(delivery) => return Some(Event::Delivery(delivery)),
+            None => {}
         }
         if self.session.wants_input() {
             return self.socket.recv().now_or_never().map(Event::Frame);

@@ -28,9 +28,9 @@ pub enum Delivery {
 
 /// One connection's pushes, bounded. A tokio channel would allocate a block of slots
 /// for every connection, idle or not; this queue holds memory only while it holds pushes.
-/// One task reads it, so a single waker will do: a connection waits on its inbox every
-/// time it waits at all, and registering the same waker again is one compare, where a
-/// `Notify` takes and releases its lock twice.
+/// One task reads it, so a single waker will do: a connection waits on its inbox
+/// whenever it waits for events, and registering the same waker again is a compare and
+/// two atomic swaps, where a `Notify` takes and releases its lock twice.
 #[derive(Default)]
 struct Queue {
     state: Mutex<QueueState>,

@@ -7,7 +7,7 @@
 //! an HDR histogram and account for every message by sender and sequence number, so lost
 //! and duplicated messages are counted, not guessed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -685,9 +685,7 @@ async fn sender(
     let mut seq: u64 = 0;
     let mut outstanding: u64 = 0;
     let mut pace = rate.map(|r| Pace::new(run, me, r));
-    // When this sender's last write returned: a message due before then was held back by
-    // the server (its socket was full), and its latency starts when it was due.
-    let mut writable_since_ns: u64 = 0;
+    let mut writes = Writes::default();
     let window = if rate.is_some() { u64::MAX } else { run.args.window };
     let done = |seq: u64| Instant::now() >= deadline || count.is_some_and(|c| seq >= c);
     loop {
@@ -696,10 +694,11 @@ async fn sender(
         }
         let can_send = !done(seq) && outstanding < window;
         tokio::select! {
-            (sent_ns, lag_ns) = async { pace.as_mut().expect("paced").next(seq, writable_since_ns).await }, if can_send && pace.is_some() => {
+            (sent_ns, lag_ns) = async { pace.as_mut().expect("paced").next(seq, &mut writes).await }, if can_send && pace.is_some() => {
                 run.on_due(lag_ns).await;
+                let started_ns = run.now_ns();
                 send_one(run, &mut ws, me, &to, seq, sent_ns).await?;
-                writable_since_ns = run.now_ns();
+                writes.record(started_ns, run.now_ns());
                 seq += 1;
                 outstanding += 1;
             }
@@ -753,26 +752,63 @@ impl Pace {
         }
     }
 
-    /// Waits until message `seq` is due and returns the time to stamp it with (see
-    /// [`stamp`]) and how late the message leaves. `writable_since_ns` is when the
-    /// sender's previous write returned.
-    async fn next(&self, seq: u64, writable_since_ns: u64) -> (u64, u64) {
+    /// Waits until message `seq` is due and returns the time to stamp it with and how late
+    /// the message leaves. The latency starts when the message leaves, moved earlier by
+    /// the time the sender spent in writes since it fell due (see [`Writes`]).
+    async fn next(&self, seq: u64, writes: &mut Writes) -> (u64, u64) {
         let due_ns = self.phase_ns + seq * self.period_ns;
         tokio::time::sleep_until((self.start + Duration::from_nanos(due_ns)).into()).await;
         let now_ns = self.start.elapsed().as_nanos() as u64;
-        (stamp(due_ns, now_ns, writable_since_ns), now_ns.saturating_sub(due_ns))
+        let held_ns = writes.since(due_ns);
+        (
+            now_ns.saturating_sub(held_ns).max(due_ns),
+            now_ns.saturating_sub(due_ns),
+        )
     }
 }
 
-/// The time a paced message's latency starts. The senders never wait for answers, so the
-/// server can hold one back only by not reading: its socket fills and the previous write
-/// is still blocked when the next message is due. Then the message is stamped with the
-/// time it was due, so the queueing it suffered is not hidden (coordinated omission).
-/// Otherwise any lateness is the generator's own (its timer's 1 ms granularity, its one
-/// core busy with other connections; `send_lag_ms` reports it), and the latency starts
-/// when the message leaves.
-fn stamp(due_ns: u64, now_ns: u64, writable_since_ns: u64) -> u64 {
-    if writable_since_ns > due_ns { due_ns } else { now_ns }
+/// When one sender was inside its writes. The senders never wait for answers, so the
+/// server can hold one back only by not reading: its socket fills and a write blocks.
+/// The time a message spent due while its sender was inside a write is the server's
+/// doing, and is charged to it, so the queueing a stalled server causes is not hidden
+/// (coordinated omission), even for a backlog that leaves only after the write returns.
+/// Any other lateness is the generator's own (its timer's 1 ms granularity, its one core
+/// busy with other connections; `send_lag_ms` reports it) and is not charged. A write
+/// that does not block lasts microseconds, so what it adds is as small.
+#[derive(Default)]
+struct Writes {
+    /// Each write since the earliest message not yet stamped fell due: its start, its
+    /// end, and the time spent in writes up to its end.
+    recent: VecDeque<(u64, u64, u64)>,
+    /// The time spent in writes up to the end of the last write dropped from `recent`.
+    dropped_total_ns: u64,
+}
+
+impl Writes {
+    fn record(&mut self, start_ns: u64, end_ns: u64) {
+        let total_ns = self.total_ns() + end_ns.saturating_sub(start_ns);
+        self.recent.push_back((start_ns, end_ns, total_ns));
+    }
+
+    fn total_ns(&self) -> u64 {
+        self.recent.back().map_or(self.dropped_total_ns, |&(_, _, total)| total)
+    }
+
+    /// The time spent in writes since `due_ns`; no write is in progress when asked, and
+    /// each message asks with a later `due_ns` than the one before.
+    fn since(&mut self, due_ns: u64) -> u64 {
+        while let Some(&(_, end_ns, total_ns)) = self.recent.front()
+            && end_ns <= due_ns
+        {
+            self.dropped_total_ns = total_ns;
+            self.recent.pop_front();
+        }
+        let at_due_ns = match self.recent.front() {
+            Some(&(start_ns, end_ns, total_ns)) if start_ns < due_ns => total_ns - (end_ns - due_ns),
+            _ => self.dropped_total_ns,
+        };
+        self.total_ns() - at_due_ns
+    }
 }
 
 fn send_frame(run: &Run, me: usize, to: &str, seq: u64, sent_ns: u64) -> WsMessage {
@@ -1034,20 +1070,34 @@ impl CpuWindow {
 
 #[cfg(test)]
 mod tests {
-    use super::{TIMELINE_MAX_SECONDS, placement, second_histogram, stamp};
+    use super::{TIMELINE_MAX_SECONDS, Writes, placement, second_histogram};
 
     #[test]
-    fn only_a_sender_held_back_by_the_server_is_stamped_when_it_was_due() {
-        let (due, now) = (10_000_000, 13_000_000);
-        // The previous write returned before this message was due: the 3 ms were the
-        // generator's (a late timer, a busy core).
-        assert_eq!(stamp(due, now, due - 1), now);
-        assert_eq!(stamp(due, now, due), now);
-        // It was still blocked on a full socket when this one fell due: the server's.
-        assert_eq!(stamp(due, now, due + 1), due);
-        assert_eq!(stamp(due, now, now), due);
-        // On time, either way the stamp is the moment it leaves.
-        assert_eq!(stamp(due, due, 0), due);
+    fn only_time_spent_in_writes_after_a_message_fell_due_is_charged_to_the_server() {
+        const MS: u64 = 1_000_000;
+        let mut writes = Writes::default();
+        // On time, writes of a few microseconds: nothing to charge.
+        writes.record(10 * MS, 10 * MS + 5_000);
+        assert_eq!(writes.since(20 * MS), 0);
+        // The generator itself was late: the message due at 30 ms left at 42 ms, and the
+        // next, due at 40 ms, goes out right behind it. Only the 10 µs of that write,
+        // which came after 40 ms, is the server's.
+        writes.record(42 * MS, 42 * MS + 10_000);
+        assert_eq!(writes.since(40 * MS), 10_000);
+        // A write blocked from 100 to 150 ms (the server not reading): every message that
+        // fell due meanwhile is charged from its due time, including those sent after it
+        // returned, and one due before the write began is charged the whole block.
+        writes.record(100 * MS, 150 * MS);
+        assert_eq!(writes.since(95 * MS), 50 * MS);
+        assert_eq!(writes.since(110 * MS), 40 * MS);
+        writes.record(150 * MS, 150 * MS + 10_000);
+        assert_eq!(writes.since(120 * MS), 30 * MS + 10_000);
+        // Two blocks in a row add up for a message that waited behind both.
+        writes.record(160 * MS, 200 * MS);
+        assert_eq!(writes.since(130 * MS), 20 * MS + 10_000 + 40 * MS);
+        // Due after every write ended: nothing, and what it no longer needs is let go.
+        assert_eq!(writes.since(300 * MS), 0);
+        assert!(writes.recent.is_empty());
     }
 
     #[test]
