@@ -65,6 +65,29 @@ impl Default for CommitMetrics {
 }
 
 impl CommitMetrics {
+    fn register(&self, registry: &mut Registry) {
+        for (name, help, histogram) in [
+            (
+                "store_commit_seconds",
+                "Time to make one batch of store writes durable",
+                &self.seconds,
+            ),
+            ("store_commit_ops", "Operations made durable per commit", &self.ops),
+            (
+                "store_journal_sync_seconds",
+                "Time a commit waited for the store's journal to sync (part of store_commit_seconds)",
+                &self.journal_sync,
+            ),
+            (
+                "store_fjall_sync_seconds",
+                "Time a commit took to hand its batch to fjall when it also synced fjall's journal, at most every 100 ms (part of store_commit_seconds)",
+                &self.fjall_sync,
+            ),
+        ] {
+            registry.register(name, help, histogram.clone());
+        }
+    }
+
     pub fn observe(&self, commit: &CommitStats) {
         self.seconds.observe(commit.took.as_secs_f64());
         self.ops.observe(commit.ops as f64);
@@ -129,26 +152,7 @@ impl Metrics {
         );
         let errors = Family::<CodeLabel, Counter>::default();
         registry.register("errors", "Error frames sent to clients, by code", errors.clone());
-        registry.register(
-            "store_commit_seconds",
-            "Time to make one batch of store writes durable",
-            commit.seconds.clone(),
-        );
-        registry.register(
-            "store_commit_ops",
-            "Operations made durable per commit",
-            commit.ops.clone(),
-        );
-        registry.register(
-            "store_journal_sync_seconds",
-            "Time a commit waited for the store's journal to sync (part of store_commit_seconds)",
-            commit.journal_sync.clone(),
-        );
-        registry.register(
-            "store_fjall_sync_seconds",
-            "Time a commit took to hand its batch to fjall when it also synced fjall's journal, at most every 100 ms (part of store_commit_seconds)",
-            commit.fjall_sync.clone(),
-        );
+        commit.register(&mut registry);
         let slow_clients = Counter::default();
         registry.register(
             "slow_clients",
