@@ -78,7 +78,7 @@ pub fn incarnation_key(node: &str) -> String {
 }
 
 /// `user`'s key prefix (`length ++ user id`), with room for the `rest` bytes a key puts
-/// after it: every key is built in one allocation.
+/// after it, so no key grows once its prefix is written.
 pub fn user_prefix(user: &UserId, rest: usize) -> Vec<u8> {
     let bytes = user.as_str().as_bytes();
     let len = u8::try_from(bytes.len()).expect("user ids are at most 64 bytes");
