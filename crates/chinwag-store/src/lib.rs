@@ -449,7 +449,11 @@ impl EmbeddedStore {
                 path: path.clone(),
                 detail: format!("cannot start the thread writing idempotency records: {e}"),
             })?,
-            fjall_synced_at: std::time::Instant::now(),
+            fjall: writer::FjallState {
+                commits: recovered.commits,
+                synced_at: std::time::Instant::now(),
+                unsynced: false,
+            },
         };
         // The thread ends by itself once the store is closed or dropped (its queue closes).
         std::thread::Builder::new()

@@ -120,12 +120,24 @@ pub struct Writer {
     pub numbered: Windows,
     /// When to try again after a failed checkpoint.
     pub retry_checkpoint_at: Option<Instant>,
-    /// When fjall's own journal was last synced (see [`FJALL_SYNC_EVERY`]).
-    pub fjall_synced_at: Instant,
+    /// What fjall has been given and synced of the commits.
+    pub fjall: FjallState,
     /// Log prefixes asked to be dropped (`Op::Truncate`): through which seq, per stream.
     /// Dropped a bounded part per commit (see [`Writer::drop_logs`]), so a long backlog is
     /// never one huge batch.
     pub truncating: HashMap<StreamId, u64>,
+}
+
+/// What fjall has of the commits: not all of them, since a commit that changes nothing
+/// but the counters leaves them in the store's journal alone ([`Writer::write_counters`]).
+pub struct FjallState {
+    /// The commit count fjall's `meta` holds: readers pair a snapshot of fjall with the
+    /// held messages of the same count (`EmbeddedStore::consistent_view`).
+    pub commits: u64,
+    /// When fjall's own journal was last synced (see [`FJALL_SYNC_EVERY`]).
+    pub synced_at: Instant,
+    /// Whether fjall's journal holds a batch written since.
+    pub unsynced: bool,
 }
 
 /// How often a commit also syncs fjall's journal, though the store's journal makes it
@@ -245,11 +257,7 @@ impl Writer {
         self.drop_logs(&mut batch, &mut pending);
         let result = result.and_then(|()| {
             self.write_depths(&mut batch, &pending);
-            batch.insert(Ks::Meta, schema::NEXT_SEQ, schema::encode_u64(self.next_seq));
-            batch.insert(Ks::Meta, schema::LOG_SEQ, schema::encode_u64(self.log_seq));
-            if durable {
-                batch.insert(Ks::Meta, schema::COMMITS, schema::encode_u64(self.commits + 1));
-            }
+            self.write_counters(&mut batch, self.commits + u64::from(durable));
             self.write(batch, &mut pending, durable)
         });
         match result {
@@ -340,6 +348,28 @@ impl Writer {
         (self.shared.window_receipts).store(window_receipts, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Adds the counters every commit moves. fjall receives them only with a commit that
+    /// writes to it anyway, and at every checkpoint; otherwise the journal alone holds
+    /// them until then, as it holds idempotency records. Most commits of a single DC
+    /// write nothing else to fjall, and a commit to fjall waits for its journal's lock,
+    /// which writing out idempotency records holds for the 5–7 ms of their sync.
+    fn write_counters(&self, batch: &mut Batch, commits: u64) {
+        let counters = [
+            (schema::NEXT_SEQ, self.next_seq),
+            (schema::LOG_SEQ, self.log_seq),
+            (schema::COMMITS, commits),
+        ];
+        let to_fjall = !batch.fjall.is_empty();
+        for (key, value) in counters {
+            let value = schema::encode_u64(value);
+            if to_fjall {
+                batch.insert(Ks::Meta, key, value);
+            } else {
+                batch.journal_only(Ks::Meta, key.as_bytes(), Some(&value));
+            }
+        }
+    }
+
     /// Makes the batch durable in the journal (synced, unless nothing in it needs to be:
     /// after a crash the node drops its own coordinates anyway), then hands it to fjall
     /// without a sync of its own, then updates the held messages. Not under one lock:
@@ -366,24 +396,37 @@ impl Writer {
         p: &mut Pending,
         durable: bool,
     ) -> Fallible<Option<Duration>> {
-        let sync = durable && self.fjall_synced_at.elapsed() >= FJALL_SYNC_EVERY;
+        let writes = !fjall.is_empty();
+        let sync = durable && (writes || self.fjall.unsynced) && self.fjall.synced_at.elapsed() >= FJALL_SYNC_EVERY;
         let mode = if sync {
             PersistMode::SyncData
         } else {
             PersistMode::Buffer
         };
         let started = Instant::now();
-        if let Err(e) = fjall.durability(Some(mode)).commit() {
+        let committed = if writes {
+            fjall.durability(Some(mode)).commit()
+        } else if sync {
+            // Nothing to write, but an earlier batch is still unsynced.
+            self.tables.db.persist(mode)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = committed {
             // The caller forgets the batch, so the journal must too.
             self.journal.take_back(record);
             return Err(e);
         }
+        if writes {
+            self.fjall.commits = self.commits + u64::from(durable);
+        }
+        self.fjall.unsynced = !sync && (writes || self.fjall.unsynced);
         let synced = sync.then(|| {
-            self.fjall_synced_at = Instant::now();
-            self.fjall_synced_at - started
+            self.fjall.synced_at = Instant::now();
+            self.fjall.synced_at - started
         });
         let mut held = self.shared.held.write().expect("held lock");
-        held.set_commits(self.commits + u64::from(durable));
+        held.set_commits(self.fjall.commits);
         for ((user, seq), msg) in p.held.drain() {
             match msg {
                 Some(msg) => held.insert(msg),
@@ -433,6 +476,10 @@ impl Writer {
         let windows = self.numbered.changed();
         self.numbered.write_changed(&mut batch, &self.tables.seqs);
         let meta = &self.tables.meta;
+        // The journal is about to be emptied, and it may be all that holds the latest.
+        batch.insert(meta, schema::NEXT_SEQ, schema::encode_u64(self.next_seq));
+        batch.insert(meta, schema::LOG_SEQ, schema::encode_u64(self.log_seq));
+        batch.insert(meta, schema::COMMITS, schema::encode_u64(self.commits));
         batch.insert(meta, schema::CHECKPOINT_COMMITS, schema::encode_u64(self.commits));
         let mut carried = Record::reusing(Vec::new());
         let receipts = self.deferred.carry(&mut carried);
@@ -444,7 +491,16 @@ impl Writer {
         }
         let synced_micros = started.elapsed().as_micros();
         // Only the writer changes the held messages, so these are exactly the ones written.
-        self.shared.held.write().expect("held lock").clear();
+        {
+            let mut held = self.shared.held.write().expect("held lock");
+            held.clear();
+            held.set_commits(self.commits);
+        }
+        self.fjall = FjallState {
+            commits: self.commits,
+            synced_at: Instant::now(),
+            unsynced: false,
+        };
         self.deferred.depths_written();
         self.numbered.written();
         if let Err(e) = next.and_then(|next| self.journal.replace(next)) {
