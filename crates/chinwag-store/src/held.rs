@@ -14,7 +14,8 @@ use rustc_hash::FxHashMap as HashMap;
 pub struct Held {
     by_user: HashMap<UserId, BTreeMap<u64, SharedMessage>>,
     len: usize,
-    /// The store's commit count these messages reflect.
+    /// The commit count fjall last received when these messages were current: a fjall
+    /// snapshot holding the same count pairs with them (`EmbeddedStore::consistent_view`).
     commits: u64,
 }
 

@@ -452,7 +452,7 @@ impl EmbeddedStore {
             fjall: writer::FjallState {
                 commits: recovered.commits,
                 synced_at: std::time::Instant::now(),
-                unsynced: false,
+                failing: false,
             },
         };
         // The thread ends by itself once the store is closed or dropped (its queue closes).

@@ -1003,35 +1003,64 @@ async fn crashed_with_held_messages() -> tempfile::TempDir {
 }
 
 /// A commit that holds its messages in memory changes nothing in fjall, not even the
-/// counters (see `Writer::write_counters`): the journal alone keeps them, so a crash must
-/// find them there and never hand out a seq twice.
+/// counters, unless fjall is due a sync (see `Writer::write_counters`): the journal alone
+/// keeps them, so a crash must find them there and never hand out a seq twice, before a
+/// checkpoint or after one.
 #[tokio::test]
 async fn counters_of_commits_that_leave_fjall_alone_come_back_from_the_journal() {
     let dir = tempfile::tempdir().unwrap();
+    let opened = std::time::Instant::now();
     let (store, _) = open(dir.path(), 100);
     let meta = |store: &EmbeddedStore| {
         let get = |key| store.tables.meta.get(key).unwrap().map(|v| v.to_vec());
         (get(schema::NEXT_SEQ), get(schema::COMMITS))
     };
     let before = meta(&store);
+    let seqs = append_to_bob(&store, 0..5).await;
+    if opened.elapsed() < writer::FJALL_SYNC_EVERY {
+        assert_eq!(meta(&store), before, "fjall's counters are untouched");
+    }
+    let copy = crash_copy(dir.path());
+    let (after, _) = open(copy.path(), 100);
+    seqs_continue(&after, &seqs, 5).await;
+    // Past a few checkpoints (every 8 held messages and recipients here), then a crash
+    // before the next.
+    let mut seqs = append_to_bob(&store, 5..25).await;
+    store.settle().await;
+    seqs.extend(append_to_bob(&store, 25..28).await);
+    let copy = crash_copy(dir.path());
+    let (after, _) = open(copy.path(), 100);
+    seqs_continue(&after, &seqs, 28).await;
+    // A clean close ends with a checkpoint and leaves the journal empty: fjall alone.
+    store.close().await;
+    drop(store);
+    let (reopened, _) = reopen(dir.path()).await;
+    seqs_continue(&reopened, &seqs, 28).await;
+}
+
+/// Messages from alice to bob with client ids `c{i}`; returns their seqs.
+async fn append_to_bob(store: &EmbeddedStore, ids: std::ops::Range<usize>) -> Vec<u64> {
     let mut seqs = Vec::new();
-    for i in 0..5 {
+    for i in ids {
         let receipt = store.append(new("alice", "bob", &format!("c{i}"), "m")).await.unwrap();
         seqs.push(receipt.id.seq);
     }
-    assert_eq!(meta(&store), before, "fjall's counters are untouched");
-    let copy = crash_copy(dir.path());
-    let (store, _) = open(copy.path(), 100);
-    let after = store.append(new("alice", "bob", "c5", "m")).await.unwrap();
+    seqs
+}
+
+/// A new message to bob gets a seq above all of `seqs`, and his mailbox holds
+/// `held` messages before it, each in its own place.
+async fn seqs_continue(store: &EmbeddedStore, seqs: &[u64], held: usize) {
+    let next = store.append(new("alice", "bob", "next", "m")).await.unwrap();
     assert!(
-        seqs.iter().all(|&seq| seq < after.id.seq),
+        seqs.iter().all(|&seq| seq < next.id.seq),
         "{seqs:?} then {}",
-        after.id.seq
+        next.id.seq
     );
-    let mailbox: Vec<u64> = (store.scan(user("bob"), 0, 10).await.unwrap().iter())
+    let mailbox: Vec<u64> = (store.scan(user("bob"), 0, 100).await.unwrap().iter())
         .map(|m| m.seq)
         .collect();
-    assert_eq!(mailbox.len(), 6, "each message in its own place: {mailbox:?}");
+    assert_eq!(mailbox.len(), held + 1, "{mailbox:?}");
 }
 
 #[tokio::test]

@@ -136,8 +136,9 @@ pub struct FjallState {
     pub commits: u64,
     /// When fjall's own journal was last synced (see [`FJALL_SYNC_EVERY`]).
     pub synced_at: Instant,
-    /// Whether fjall's journal holds a batch written since.
-    pub unsynced: bool,
+    /// Whether the last write to fjall failed: commits that leave fjall alone still
+    /// succeed, but the store is not healthy until one that writes to it does.
+    pub failing: bool,
 }
 
 /// How often a commit also syncs fjall's journal, though the store's journal makes it
@@ -145,7 +146,7 @@ pub struct FjallState {
 /// after a power loss any unsynced batch may; so only the batches of the last moment may
 /// be unsynced, as when fjall was synced on every commit. It also leaves a checkpoint
 /// little to sync.
-const FJALL_SYNC_EVERY: Duration = Duration::from_millis(100);
+pub(crate) const FJALL_SYNC_EVERY: Duration = Duration::from_millis(100);
 
 /// Log entries a commit drops for `Op::Truncate`, besides twice what it adds to the logs.
 pub(crate) const TRUNCATE_MAX: u64 = if cfg!(test) { 100 } else { 4_096 };
@@ -257,7 +258,7 @@ impl Writer {
         self.drop_logs(&mut batch, &mut pending);
         let result = result.and_then(|()| {
             self.write_depths(&mut batch, &pending);
-            self.write_counters(&mut batch, self.commits + u64::from(durable));
+            self.write_counters(&mut batch, durable);
             self.write(batch, &mut pending, durable)
         });
         match result {
@@ -274,7 +275,9 @@ impl Writer {
                     ops: count,
                     syncs,
                 });
-                self.shared.set_failure(None);
+                if !self.fjall.failing {
+                    self.shared.set_failure(None);
+                }
                 self.deferred.add(pending.dedup.drain(), pending.depths.keys());
                 self.numbered.add(pending.numbered.drain(), &self.tables.seqs);
                 self.publish(&mut pending);
@@ -348,18 +351,24 @@ impl Writer {
         (self.shared.window_receipts).store(window_receipts, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Adds the counters every commit moves. fjall receives them only with a commit that
-    /// writes to it anyway, and at every checkpoint; otherwise the journal alone holds
-    /// them until then, as it holds idempotency records. Most commits of a single DC
-    /// write nothing else to fjall, and a commit to fjall waits for its journal's lock,
-    /// which writing out idempotency records holds for the 5–7 ms of their sync.
-    fn write_counters(&self, batch: &mut Batch, commits: u64) {
+    /// Adds the counters every commit moves. Most commits of a single DC write nothing
+    /// else to fjall, and a commit to fjall waits for its journal's lock, which writing out
+    /// idempotency records holds for the 5–7 ms of their sync; so fjall receives them only
+    /// with a commit that writes to it anyway, with the durable commit that is due to sync
+    /// fjall (at most every [`FJALL_SYNC_EVERY`]: fjall's commit count, synced, is what
+    /// shows at open that a journal lost commits, as it did when every commit wrote it),
+    /// and at every checkpoint. Otherwise the journal alone holds them, as it holds
+    /// idempotency records. When replicating they always go: every commit that changes
+    /// the held messages or the log writes to fjall then (log entries, message ids), and
+    /// a snapshot reads the log's head from fjall.
+    fn write_counters(&self, batch: &mut Batch, durable: bool) {
+        let commits = self.commits + u64::from(durable);
         let counters = [
             (schema::NEXT_SEQ, self.next_seq),
             (schema::LOG_SEQ, self.log_seq),
             (schema::COMMITS, commits),
         ];
-        let to_fjall = !batch.fjall.is_empty();
+        let to_fjall = !batch.fjall.is_empty() || self.options.replicate || (durable && self.fjall_sync_due());
         for (key, value) in counters {
             let value = schema::encode_u64(value);
             if to_fjall {
@@ -370,9 +379,14 @@ impl Writer {
         }
     }
 
+    fn fjall_sync_due(&self) -> bool {
+        self.fjall.synced_at.elapsed() >= FJALL_SYNC_EVERY
+    }
+
     /// Makes the batch durable in the journal (synced, unless nothing in it needs to be:
-    /// after a crash the node drops its own coordinates anyway), then hands it to fjall
-    /// without a sync of its own, then updates the held messages. Not under one lock:
+    /// after a crash the node drops its own coordinates anyway), then hands what it has
+    /// for fjall to fjall, if anything, without a sync of its own but at most every
+    /// [`FJALL_SYNC_EVERY`], then updates the held messages. Not under one lock:
     /// fjall may hold a commit 100 ms at a time, and readers must not wait for that.
     /// Readers that need both parts of one commit compare commit counts
     /// (`EmbeddedStore::consistent_view`).
@@ -397,30 +411,25 @@ impl Writer {
         durable: bool,
     ) -> Fallible<Option<Duration>> {
         let writes = !fjall.is_empty();
-        let sync = durable && (writes || self.fjall.unsynced) && self.fjall.synced_at.elapsed() >= FJALL_SYNC_EVERY;
+        // A durable commit due to sync fjall wrote the counters to it (`write_counters`);
+        // one that fell due since may have nothing to sync with, and leaves it to the next.
+        let sync = durable && writes && self.fjall_sync_due();
         let mode = if sync {
             PersistMode::SyncData
         } else {
             PersistMode::Buffer
         };
         let started = Instant::now();
-        let committed = if writes {
-            fjall.durability(Some(mode)).commit()
-        } else if sync {
-            // Nothing to write, but an earlier batch is still unsynced.
-            self.tables.db.persist(mode)
-        } else {
-            Ok(())
-        };
-        if let Err(e) = committed {
+        if let Err(e) = fjall.durability(Some(mode)).commit() {
+            self.fjall.failing = true;
             // The caller forgets the batch, so the journal must too.
             self.journal.take_back(record);
             return Err(e);
         }
         if writes {
             self.fjall.commits = self.commits + u64::from(durable);
+            self.fjall.failing = false;
         }
-        self.fjall.unsynced = !sync && (writes || self.fjall.unsynced);
         let synced = sync.then(|| {
             self.fjall.synced_at = Instant::now();
             self.fjall.synced_at - started
@@ -499,7 +508,7 @@ impl Writer {
         self.fjall = FjallState {
             commits: self.commits,
             synced_at: Instant::now(),
-            unsynced: false,
+            failing: false,
         };
         self.deferred.depths_written();
         self.numbered.written();
