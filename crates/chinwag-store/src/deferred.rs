@@ -77,8 +77,12 @@ const PAUSE: Duration = Duration::from_millis(1);
 const CALM: Duration = Duration::from_secs(2);
 
 impl Pace {
+    fn hurried(&self) -> bool {
+        self.hurry.load(Ordering::Relaxed)
+    }
+
     fn step(&self) {
-        if !self.hurry.load(Ordering::Relaxed) {
+        if !self.hurried() {
             std::thread::sleep(PAUSE);
         }
     }
@@ -296,11 +300,13 @@ fn stopped() -> fjall::Error {
 /// paced by `pace`.
 fn write(dedup: &Keyspace, receipts: &Receipts, pace: &Pace) -> Result<usize, fjall::Error> {
     let mut entries: Vec<_> = receipts.iter().collect();
-    for run in entries.chunks_mut(STEP) {
+    // Runs only serve the pauses; merging them costs more comparisons than one sort.
+    let run = if pace.hurried() { entries.len().max(1) } else { STEP };
+    for run in entries.chunks_mut(run) {
         run.sort_unstable_by(|a, b| a.0.cmp(b.0));
         pace.step();
     }
-    let runs: Vec<_> = entries.chunks(STEP).collect();
+    let runs: Vec<_> = entries.chunks(run).collect();
     let mut ingestion = dedup.start_ingestion()?;
     for (n, (key, receipt)) in merged(&runs).enumerate() {
         if n > 0 && n % STEP == 0 {
