@@ -251,8 +251,15 @@ impl Sim {
                         .iter()
                         .map(|(stream, entries)| postcard::to_stdvec(&(stream, entries)).unwrap())
                         .collect();
+                    // What the items hold, as the store reads both from one snapshot of
+                    // its tables: entries whose apply is still in flight included, which
+                    // the replicator does not count as applied yet.
+                    let mut applied = d.replicator.applied().clone();
+                    for (stream, entries) in &d.state {
+                        applied.advance(stream, entries.len() as u64);
+                    }
                     let msg = Wire::Snapshot {
-                        applied: d.replicator.applied().clone(),
+                        applied,
                         items,
                         last: true,
                     };
