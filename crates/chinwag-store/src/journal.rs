@@ -5,8 +5,9 @@
 //! the same group without a sync of its own. There are exceptions, written only here and
 //! kept in memory: a new message (`crate::held`), because most are acknowledged within
 //! milliseconds and then never need to reach fjall at all; idempotency records and
-//! mailbox depths (`crate::deferred`), which reach fjall later and in bulk; and the
-//! counters of a commit that has nothing else for fjall (`Writer::write_counters`). A
+//! mailbox depths (`crate::deferred`), which reach fjall later and in bulk; and, most of
+//! the time, the counters of a commit that has nothing else for fjall
+//! (`Writer::write_counters`). A
 //! checkpoint (`Writer::checkpoint`) writes the held messages, depths and counters to
 //! fjall, syncs fjall and
 //! empties this file, carrying into the new one the idempotency records fjall does not

@@ -1023,7 +1023,7 @@ async fn counters_of_commits_that_leave_fjall_alone_come_back_from_the_journal()
     let copy = crash_copy(dir.path());
     let (after, _) = open(copy.path(), 100);
     seqs_continue(&after, &seqs, 5).await;
-    // Past a few checkpoints (every 8 held messages and recipients here), then a crash
+    // Past a few checkpoints (every 8 held messages, recipients and depths here), then a crash
     // before the next.
     let mut seqs = append_to_bob(&store, 5..25).await;
     store.settle().await;
