@@ -64,7 +64,8 @@ pub struct Deferred {
 /// for the spill, the batch filled in less than [`CALM`], or a quarter of the next batch
 /// has gathered before this one is written (at 10,000 messages/s a batch takes 6.5 s, and
 /// about 2,000 gather meanwhile). Under loads like those the node has no quiet moments
-/// to spare, and at saturation the pauses cost about 5 % of the messages delivered.
+/// to spare, and at saturation the pauses seemed to cost about 5 % of the messages
+/// delivered (3 alternated pairs).
 struct Pace {
     hurry: Arc<AtomicBool>,
 }

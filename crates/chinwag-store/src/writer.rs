@@ -258,8 +258,10 @@ impl Writer {
         self.drop_logs(&mut batch, &mut pending);
         let result = result.and_then(|()| {
             self.write_depths(&mut batch, &pending);
-            self.write_counters(&mut batch, durable);
-            self.write(batch, &mut pending, durable)
+            // Decided once: the counters go to fjall with the commit that syncs it.
+            let sync_fjall = durable && self.fjall_sync_due();
+            self.write_counters(&mut batch, durable, sync_fjall);
+            self.write(batch, &mut pending, durable, sync_fjall)
         });
         match result {
             Ok(syncs) => {
@@ -361,15 +363,9 @@ impl Writer {
     /// idempotency records. When replicating they always go: every commit that changes
     /// the held messages or the log writes to fjall then (log entries, message ids), and
     /// a snapshot reads the log's head from fjall.
-    fn write_counters(&self, batch: &mut Batch, durable: bool) {
-        let commits = self.commits + u64::from(durable);
-        let counters = [
-            (schema::NEXT_SEQ, self.next_seq),
-            (schema::LOG_SEQ, self.log_seq),
-            (schema::COMMITS, commits),
-        ];
-        let to_fjall = !batch.fjall.is_empty() || self.options.replicate || (durable && self.fjall_sync_due());
-        for (key, value) in counters {
+    fn write_counters(&self, batch: &mut Batch, durable: bool, sync_fjall: bool) {
+        let to_fjall = !batch.fjall.is_empty() || self.options.replicate || sync_fjall;
+        for (key, value) in self.counters(self.commits + u64::from(durable)) {
             let value = schema::encode_u64(value);
             if to_fjall {
                 batch.insert(Ks::Meta, key, value);
@@ -377,6 +373,16 @@ impl Writer {
                 batch.journal_only(Ks::Meta, key.as_bytes(), Some(&value));
             }
         }
+    }
+
+    /// The counters every commit moves, with the commit count `commits`, by their keys in
+    /// `meta`.
+    fn counters(&self, commits: u64) -> [(&'static str, u64); 3] {
+        [
+            (schema::NEXT_SEQ, self.next_seq),
+            (schema::LOG_SEQ, self.log_seq),
+            (schema::COMMITS, commits),
+        ]
     }
 
     fn fjall_sync_due(&self) -> bool {
@@ -390,30 +396,30 @@ impl Writer {
     /// fjall may hold a commit 100 ms at a time, and readers must not wait for that.
     /// Readers that need both parts of one commit compare commit counts
     /// (`EmbeddedStore::consistent_view`).
-    fn write(&mut self, batch: Batch, p: &mut Pending, durable: bool) -> Fallible<Syncs> {
+    fn write(&mut self, batch: Batch, p: &mut Pending, durable: bool, sync_fjall: bool) -> Fallible<Syncs> {
         let Batch { fjall, mut record, .. } = batch;
         let appended = self.journal.append(&mut record, durable).map_err(fjall::Error::from);
         let committed = appended.and_then(|journal| {
-            let fjall = self.commit_to_fjall(fjall, &record, p, durable)?;
+            let fjall = self.commit_to_fjall(fjall, &record, p, durable, sync_fjall)?;
             Ok(Syncs { journal, fjall })
         });
         self.buffer = record.into_buffer();
         committed
     }
 
-    /// The second half of [`Writer::write`]; returns how long fjall's sync took, if it
-    /// synced.
+    /// The second half of [`Writer::write`], syncing fjall if `sync` (the counters are
+    /// then in the batch: [`Writer::write_counters`]); returns how long fjall's sync took,
+    /// if it synced.
     fn commit_to_fjall(
         &mut self,
         fjall: fjall::OwnedWriteBatch,
         record: &Record,
         p: &mut Pending,
         durable: bool,
+        sync: bool,
     ) -> Fallible<Option<Duration>> {
         let writes = !fjall.is_empty();
-        // A durable commit due to sync fjall wrote the counters to it (`write_counters`);
-        // one that fell due since may have nothing to sync with, and leaves it to the next.
-        let sync = durable && writes && self.fjall_sync_due();
+        debug_assert!(writes || !sync, "a commit that syncs fjall writes the counters to it");
         let mode = if sync {
             PersistMode::SyncData
         } else {
@@ -486,9 +492,9 @@ impl Writer {
         self.numbered.write_changed(&mut batch, &self.tables.seqs);
         let meta = &self.tables.meta;
         // The journal is about to be emptied, and it may be all that holds the latest.
-        batch.insert(meta, schema::NEXT_SEQ, schema::encode_u64(self.next_seq));
-        batch.insert(meta, schema::LOG_SEQ, schema::encode_u64(self.log_seq));
-        batch.insert(meta, schema::COMMITS, schema::encode_u64(self.commits));
+        for (key, value) in self.counters(self.commits) {
+            batch.insert(meta, key, schema::encode_u64(value));
+        }
         batch.insert(meta, schema::CHECKPOINT_COMMITS, schema::encode_u64(self.commits));
         let mut carried = Record::reusing(Vec::new());
         let receipts = self.deferred.carry(&mut carried);
