@@ -1,8 +1,8 @@
 //! Prometheus metrics, served at `GET /metrics`. Names and meanings are listed in
 //! `docs/operations.md`.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::edge::Refusal;
 use chinwag_core::DeliveryStats;
@@ -40,8 +40,13 @@ pub struct Metrics {
 
 /// Store commit metrics. Created before the store, which reports into them from its
 /// writer thread.
-#[derive(Clone)]
+///
+/// One commit touches up to four histograms; `gate` makes a commit and a scrape exclude
+/// each other, so every scrape shows whole commits (a journal sync never counted without
+/// its commit), which is what lets readers compare the counts of two scrapes.
+#[derive(Clone, Debug)]
 pub struct CommitMetrics {
+    gate: Arc<Mutex<()>>,
     seconds: Histogram,
     ops: Histogram,
     journal_sync: Histogram,
@@ -56,6 +61,7 @@ fn seconds_histogram() -> Histogram {
 impl Default for CommitMetrics {
     fn default() -> Self {
         Self {
+            gate: Arc::default(),
             seconds: seconds_histogram(),
             ops: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             journal_sync: seconds_histogram(),
@@ -65,7 +71,23 @@ impl Default for CommitMetrics {
 }
 
 impl CommitMetrics {
-    fn register(&self, registry: &mut Registry) {
+    pub fn observe(&self, commit: &CommitStats) {
+        let _whole = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
+        self.seconds.observe(commit.took.as_secs_f64());
+        self.ops.observe(commit.ops as f64);
+        let Syncs { journal, fjall } = commit.syncs;
+        if let Some(took) = journal {
+            self.journal_sync.observe(took.as_secs_f64());
+        }
+        if let Some(took) = fjall {
+            self.fjall_sync.observe(took.as_secs_f64());
+        }
+    }
+}
+
+impl Collector for CommitMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let _whole = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
         for (name, help, histogram) in [
             (
                 "store_commit_seconds",
@@ -84,20 +106,9 @@ impl CommitMetrics {
                 &self.fjall_sync,
             ),
         ] {
-            registry.register(name, help, histogram.clone());
+            histogram.encode(encoder.encode_descriptor(name, help, None, histogram.metric_type())?)?;
         }
-    }
-
-    pub fn observe(&self, commit: &CommitStats) {
-        self.seconds.observe(commit.took.as_secs_f64());
-        self.ops.observe(commit.ops as f64);
-        let Syncs { journal, fjall } = commit.syncs;
-        if let Some(took) = journal {
-            self.journal_sync.observe(took.as_secs_f64());
-        }
-        if let Some(took) = fjall {
-            self.fjall_sync.observe(took.as_secs_f64());
-        }
+        Ok(())
     }
 }
 
@@ -152,7 +163,7 @@ impl Metrics {
         );
         let errors = Family::<CodeLabel, Counter>::default();
         registry.register("errors", "Error frames sent to clients, by code", errors.clone());
-        commit.register(&mut registry);
+        registry.register_collector(Box::new(commit));
         let slow_clients = Counter::default();
         registry.register(
             "slow_clients",
@@ -463,4 +474,48 @@ fn encode_peers(encoder: &mut DescriptorEncoder, status: &ClusterStatus) -> Resu
         ),
     ];
     encode_series(encoder, &series, &status.peers, |p| PeerLabel { peer: p.dc.clone() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn count(text: &str, name: &str) -> u64 {
+        let line = text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' '));
+        line.and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in\n{text}"))
+    }
+
+    /// Readers compare the counts of two scrapes (`chinwag bench` reports syncs per
+    /// commit), so a scrape taken while commits land must never show a sync without its
+    /// commit.
+    #[test]
+    fn a_scrape_taken_while_commits_land_shows_whole_commits() {
+        let metrics = CommitMetrics::default();
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(metrics.clone()));
+        let commit = CommitStats {
+            took: Duration::from_micros(300),
+            ops: 2,
+            syncs: Syncs {
+                journal: Some(Duration::from_micros(200)),
+                fjall: None,
+            },
+        };
+        let committer = std::thread::spawn(move || (0..20_000).for_each(|_| metrics.observe(&commit)));
+        let mut scrapes = 0;
+        while !committer.is_finished() || scrapes == 0 {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+            let commits = count(&text, "store_commit_seconds_count");
+            assert_eq!(
+                count(&text, "store_journal_sync_seconds_count"),
+                commits,
+                "scrape {scrapes}"
+            );
+            scrapes += 1;
+        }
+        committer.join().unwrap();
+    }
 }
