@@ -29,7 +29,7 @@ import threading
 import time
 import urllib.request
 
-THREADS = {"tokio-rt-worker": "tokio", "chinwag-store-w": "writer", "fjall:worker": "fjall"}
+THREADS = {"tokio-rt-worker": "tokio", "chinwag-store-w": "writer", "fjall:worker": "fjall", "chinwag-spill": "spill"}
 
 
 def thread_ticks(pid):
@@ -133,18 +133,23 @@ def main():
     ap.add_argument("--rate", help="messages/s offered; omit for saturation")
     ap.add_argument("--duration", type=int, default=30, help="seconds of sending")
     ap.add_argument("--users", type=int, default=1000)
+    ap.add_argument("--numbered", action="store_true", help="senders number their sends (`bench --numbered`)")
+    ap.add_argument("--log", help="write the server's log here (with a debug level in the config, the store's "
+                    "spill and checkpoint timings); the first line printed after the summary is the time "
+                    "sending began, in Unix seconds, to place the log's lines in the seconds below")
     args = ap.parse_args()
 
     subprocess.run(["rm", "-rf", args.data], check=True)
     os.makedirs(args.data)
     subprocess.run([args.bin, "token", "--user", "x", "--data", args.data], check=True, stdout=subprocess.DEVNULL)
     server = subprocess.Popen(["taskset", "-c", "0", args.bin, "serve", "--config", args.config],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL,
+                              stderr=open(args.log, "w") if args.log else subprocess.DEVNULL)
     try:
         time.sleep(1)
         bench = ["taskset", "-c", "1", args.bin, "bench", "--server", f"ws://{args.listen}", "--data", args.data,
                  "--pid", str(server.pid), "--json", "--scenario", "pairs", "--users", str(args.users),
-                 "--duration", f"{args.duration}s"] + (["--rate", args.rate] if args.rate else [])
+                 "--duration", f"{args.duration}s"] + (["--rate", args.rate] if args.rate else []) + (["--numbered"] if args.numbered else [])
         generator = subprocess.Popen(bench, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         started = [None]
         threading.Thread(target=follow_progress, args=(generator.stderr, started), daemon=True).start()
@@ -169,10 +174,12 @@ def main():
           f"sending-phase CPU {report.get('server_load_cpu_percent')} %")
     if started[0] is None:
         return
+    if args.log:
+        print(f"sending began at {started[0]:.3f}")
     by_second = {s["second"]: s for s in report.get("latency_by_second_ms", [])}
     for second in range(args.duration):
         inside, (commits, slow13, slow51) = per_second(sampler.samples, started[0], second)
-        ticks = {role: sum(s[1].get(role, 0) for s in inside) for role in ("tokio", "writer", "fjall")}
+        ticks = {role: sum(s[1].get(role, 0) for s in inside) for role in ("tokio", "writer", "fjall", "spill")}
         files = [f for s in inside for f in s[3]]
         engine = [s[4] for s in inside if s[4]]
         most = {key: max((e[key] for e in engine), default=0) for key in ("sealed", "l0", "queue")}
