@@ -900,7 +900,7 @@ fn recover(t: &Tables, options: &StoreOptions) -> Result<Recovered, Recovery> {
             true
         }
         Some(schema::FORMAT_VERSION) => true,
-        Some(schema::FORMAT_OWN_ROTATION | schema::FORMAT_NO_SEQS) => {
+        Some(schema::FORMAT_OWN_ROTATION | schema::FORMAT_NO_SEQS | schema::FORMAT_WHOLE_WINDOWS) => {
             batch.insert(&t.meta, schema::FORMAT, schema::encode_u64(schema::FORMAT_VERSION));
             true
         }

@@ -28,7 +28,9 @@ pub const STREAMS: &str = "streams";
 pub const IDS: &str = "ids";
 /// Keyspace `message id` → nothing: acknowledged before its mailbox entry arrived here.
 pub const GONE: &str = "gone";
-/// Keyspace [`device_key`] → a device's window of receipts (`crate::numbered::Window`).
+/// Keyspace `device key ++ block (u64 BE)` → the receipts of one block of 64 seqs of a
+/// device's window (`crate::numbered`); stores of format 5 hold windows whole under the
+/// device key alone.
 pub const SEQS: &str = "seqs";
 /// Keyspace [`seq_receipt_key`] → [`DedupRecord`]: receipts of numbered sends, only
 /// between a replay and its fold into [`SEQS`] (`crate::numbered::fold`).
@@ -51,14 +53,18 @@ pub const FORMAT: &str = "format";
 pub const OWN_ROTATION: &str = "own_rotation";
 /// The journal's directory, when it is not beside the tables (`crate::place`).
 pub const JOURNAL_DIR: &str = "journal_dir";
-/// Bumped whenever the layout changes incompatibly. 5: numbered sends have no
+/// Bumped whenever the layout changes incompatibly. 6: a device's window of numbered
+/// sends is in blocks, which a build before would not read. 5: numbered sends have no
 /// idempotency record, only their device's window in [`SEQS`], which a build without it
 /// would not consult. 4: new messages may be only in the
 /// store's own journal, so a build that does not replay it must refuse the store (3:
 /// fjall's own memtable rotation is off, so a build that does not seal memtables itself
 /// must refuse the store).
-pub const FORMAT_VERSION: u64 = 5;
-/// The format before, upgraded at open: nothing to change but the number.
+pub const FORMAT_VERSION: u64 = 6;
+/// The format before, upgraded at open: windows kept whole are read as they are and
+/// written in blocks at the next checkpoint that changes them.
+pub const FORMAT_WHOLE_WINDOWS: u64 = 5;
+/// The format before that, upgraded at open: nothing to change but the number.
 pub const FORMAT_NO_SEQS: u64 = 4;
 /// The format before, upgraded at open: fjall's own memtable rotation off, no journal.
 pub const FORMAT_OWN_ROTATION: u64 = 3;
