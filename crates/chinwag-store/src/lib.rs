@@ -385,17 +385,7 @@ impl EmbeddedStore {
             .open()
             .map_err(fail)?;
         let tables = Tables::open(db).map_err(fail)?;
-        let place = place::Place::choose(&path, options.journal_dir.as_deref(), &tables.meta)?;
-        let journal = replay(&path, &place.dir, &tables, options.memory.journal_max())?;
-        let folded = numbered::fold(&tables.seqs, &tables.seq_receipts, &tables.db, &options.dc).map_err(fail)?;
-        if folded > 0 {
-            tracing::info!(
-                folded,
-                "merged the journal's receipts of numbered sends into their windows"
-            );
-        }
-        place.record(&tables)?;
-        let recovered = recover(&tables, &options).map_err(|e| match e {
+        let refused = |e: Recovery| match e {
             Recovery::Storage(e) => fail(e),
             Recovery::Damaged(detail) => OpenError::Corrupt {
                 path: path.clone(),
@@ -406,7 +396,19 @@ impl EmbeddedStore {
                 found,
                 expected: schema::FORMAT_VERSION,
             },
-        })?;
+        };
+        upgrade_format(&tables).map_err(refused)?;
+        let place = place::Place::choose(&path, options.journal_dir.as_deref(), &tables.meta)?;
+        let journal = replay(&path, &place.dir, &tables, options.memory.journal_max())?;
+        let folded = numbered::fold(&tables.seqs, &tables.seq_receipts, &tables.db, &options.dc).map_err(fail)?;
+        if folded > 0 {
+            tracing::info!(
+                folded,
+                "merged the journal's receipts of numbered sends into their windows"
+            );
+        }
+        place.record(&tables)?;
+        let recovered = recover(&tables, &options).map_err(refused)?;
         let watermark = check_watermark(&path, recovered.commits)?;
         let depth_total = recovered.depths.values().sum();
         let shared = Arc::new(Shared {
@@ -890,6 +892,22 @@ fn read_u64(ks: &Keyspace, key: &str) -> Result<Option<u64>, Recovery> {
     }
 }
 
+/// Refuses a store of a newer format, and marks one of an older format this build
+/// upgrades in place as the current one, durably, before replay and [`numbered::fold`]
+/// write to it in the current layout: a crash between those writes and the mark would
+/// otherwise leave a store an older build opens without seeing what it cannot read.
+fn upgrade_format(t: &Tables) -> Result<(), Recovery> {
+    match read_u64(&t.meta, schema::FORMAT)? {
+        Some(schema::FORMAT_OWN_ROTATION | schema::FORMAT_NO_SEQS | schema::FORMAT_WHOLE_WINDOWS) => {
+            let mut batch = t.db.batch().durability(Some(PersistMode::SyncAll));
+            batch.insert(&t.meta, schema::FORMAT, schema::encode_u64(schema::FORMAT_VERSION));
+            Ok(batch.commit()?)
+        }
+        Some(found) if found > schema::FORMAT_VERSION => Err(Recovery::Format(found)),
+        _ => Ok(()),
+    }
+}
+
 /// Reads the counters, begins the incarnation and drops stale coordinates, in one durable
 /// batch.
 fn recover(t: &Tables, options: &StoreOptions) -> Result<Recovered, Recovery> {
@@ -899,11 +917,8 @@ fn recover(t: &Tables, options: &StoreOptions) -> Result<Recovered, Recovery> {
             batch.insert(&t.meta, schema::FORMAT, schema::encode_u64(schema::FORMAT_VERSION));
             true
         }
+        // Formats upgraded in place were marked by `upgrade_format` already.
         Some(schema::FORMAT_VERSION) => true,
-        Some(schema::FORMAT_OWN_ROTATION | schema::FORMAT_NO_SEQS | schema::FORMAT_WHOLE_WINDOWS) => {
-            batch.insert(&t.meta, schema::FORMAT, schema::encode_u64(schema::FORMAT_VERSION));
-            true
-        }
         Some(schema::FORMAT_FJALL_ROTATION) => read_u64(&t.meta, schema::OWN_ROTATION)?.is_some(),
         Some(found) => return Err(Recovery::Format(found)),
     };

@@ -177,10 +177,14 @@ async fn numbered_retries_are_recognised_after_crashes_before_and_after_checkpoi
     assert_eq!(store.tables.seqs.iter().count(), 0, "no checkpoint yet");
     recognised_after_a_crash(dir.path(), &first).await;
 
-    // Enough for several checkpoints, and a few after the last.
-    first.extend(send(&store, 4..=40).await);
+    // Enough for several checkpoints, and a few after the last; across three blocks.
+    first.extend(send(&store, 4..=150).await);
     store.settle().await;
-    assert_eq!(store.tables.seqs.iter().count(), 1, "checkpoints wrote the window");
+    assert_eq!(
+        store.tables.seqs.iter().count(),
+        3,
+        "checkpoints wrote the window's blocks"
+    );
     recognised_after_a_crash(dir.path(), &first).await;
 }
 
@@ -215,5 +219,58 @@ async fn recognised_after_a_crash(dir: &Path, first: &[MessageId]) {
         assert!(again.duplicate, "seq {seq} stored twice");
         assert_eq!(&again.id, id, "seq {seq}");
     }
-    assert_eq!(reopened.scan(user("bob"), 0, 100).await.unwrap().len(), first.len());
+    assert_eq!(reopened.scan(user("bob"), 0, 200).await.unwrap().len(), first.len());
+}
+
+/// A store of format 5 kept each window whole under its device key. Opened by this build
+/// it is marked format 6, its windows still answer retries, and the next checkpoint writes
+/// them in blocks and removes the whole one.
+#[tokio::test]
+async fn a_store_of_format_5_is_upgraded_and_its_windows_rewritten_in_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), false);
+    let first = send(&store, 1..=100).await;
+    store.close().await;
+    drop(store);
+    make_format_5(dir.path());
+
+    let store = open_when_free(|| try_open(dir.path(), options(100_000))).await.unwrap();
+    let format = store.tables.meta.get(schema::FORMAT).unwrap();
+    assert_eq!(
+        format.and_then(|v| schema::decode_u64(&v)),
+        Some(schema::FORMAT_VERSION)
+    );
+    for (seq, id) in (1..).zip(&first) {
+        let again = store.append(numbered("alice", "phone", seq, "retry")).await.unwrap();
+        assert!(again.duplicate && &again.id == id, "seq {seq}");
+    }
+    store.close().await;
+    let keys: Vec<usize> = store.tables.seqs.iter().map(|g| g.key().unwrap().len()).collect();
+    assert_eq!(keys.len(), 2, "blocks 0 and 1, the whole window gone: {keys:?}");
+    assert!(keys.iter().all(|&len| len == phone_key().len() + 8), "{keys:?}");
+}
+
+/// alice's phone's device key.
+fn phone_key() -> Vec<u8> {
+    let key = schema::seq_receipt_key(&user("alice"), &DeviceId::parse("phone").unwrap(), 0);
+    schema::split_seq_receipt_key(&key).unwrap().0.to_vec()
+}
+
+/// Rewrites the closed store in `dir` as format 5 left it: alice's phone's window whole
+/// under its device key.
+fn make_format_5(dir: &Path) {
+    let db = fjall::Database::builder(dir.join(crate::STORE_DIR)).open().unwrap();
+    let ks = |name| db.keyspace(name, fjall::KeyspaceCreateOptions::default).unwrap();
+    let (meta, seqs) = (ks(schema::META), ks(schema::SEQS));
+    let mut whole = crate::numbered::Window::new(chinwag_core::DcName::parse("local").unwrap());
+    let blocks: Vec<_> = seqs.prefix(phone_key()).map(|g| g.into_inner().unwrap()).collect();
+    assert_eq!(blocks.len(), 2, "checkpoints wrote blocks 0 and 1");
+    for (key, bytes) in blocks {
+        whole.merge(&crate::numbered::Window::decode(&bytes).unwrap());
+        seqs.remove(key).unwrap();
+    }
+    seqs.insert(phone_key(), whole.encode()).unwrap();
+    meta.insert(schema::FORMAT, schema::encode_u64(schema::FORMAT_WHOLE_WINDOWS))
+        .unwrap();
+    db.persist(fjall::PersistMode::SyncAll).unwrap();
 }

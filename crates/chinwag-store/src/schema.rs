@@ -61,8 +61,8 @@ pub const JOURNAL_DIR: &str = "journal_dir";
 /// fjall's own memtable rotation is off, so a build that does not seal memtables itself
 /// must refuse the store).
 pub const FORMAT_VERSION: u64 = 6;
-/// The format before, upgraded at open: windows kept whole are read as they are and
-/// written in blocks at the next checkpoint that changes them.
+/// The format before, upgraded at open: a window kept whole is read as it is and
+/// written in blocks at the first checkpoint after it is read.
 pub const FORMAT_WHOLE_WINDOWS: u64 = 5;
 /// The format before that, upgraded at open: nothing to change but the number.
 pub const FORMAT_NO_SEQS: u64 = 4;
