@@ -283,12 +283,21 @@ struct Stored {
     /// Whether `seqs` holds the window whole, under the device key, as stores of format
     /// 5 wrote it: replaced by blocks at the next checkpoint.
     whole: bool,
-    /// Whether the next checkpoint must write this window even if no receipt comes: it
-    /// is held whole, or a part of it could not be read (and is removed then).
-    rewrite: bool,
 }
 
 impl Stored {
+    fn insert(&mut self, seq: u64, receipt: &Receipt) {
+        self.window.insert(seq, receipt);
+        self.dirty.insert(seq / BLOCK);
+    }
+
+    /// Whether the next checkpoint must write this window even if no receipt comes:
+    /// `seqs` holds it whole, or holds a block it does not need (one that could not be
+    /// read, or that the window slid past), which is then removed.
+    fn stale(&self) -> bool {
+        self.whole || self.blocks != self.window.blocks()
+    }
+
     /// Adds to `batch` what makes `seqs` hold this window: its dirty blocks, and the
     /// removal of blocks (and of a whole window) it no longer needs.
     fn write(&self, device_key: &[u8], batch: &mut OwnedWriteBatch, seqs: &Keyspace) {
@@ -312,7 +321,6 @@ impl Stored {
         self.blocks = self.window.blocks();
         self.dirty.clear();
         self.whole = false;
-        self.rewrite = false;
     }
 }
 
@@ -336,7 +344,7 @@ impl Windows {
         if !self.resident.contains_key(device_key) {
             let stored = read(seqs, device_key, &self.origin)?;
             self.entries += stored.window.len();
-            if stored.rewrite {
+            if stored.stale() {
                 self.changed.insert(device_key.into());
             }
             self.resident.insert(device_key.into(), stored);
@@ -360,8 +368,7 @@ impl Windows {
                 }
             };
             let before = stored.window.len();
-            stored.window.insert(seq, &receipt);
-            stored.dirty.insert(seq / BLOCK);
+            stored.insert(seq, &receipt);
             let after = stored.window.len();
             self.entries = self.entries + after - before;
             if !self.changed.contains(device_key) {
@@ -424,7 +431,6 @@ fn read(seqs: &Keyspace, device_key: &[u8], origin: &DcName) -> Result<Stored, f
         blocks: Vec::new(),
         dirty: BTreeSet::new(),
         whole: false,
-        rewrite: false,
     };
     // Exactly the device key (a whole window of format 5) and the device key followed by
     // a block number, whose first byte is below 4: no key of another device, since
@@ -450,12 +456,10 @@ fn read(seqs: &Keyspace, device_key: &[u8], origin: &DcName) -> Result<Stored, f
             Ok(part) => stored.window.merge(&part),
             Err(error) => {
                 tracing::error!(%error, ?block, "unreadable part of a window of numbered sends; left out");
-                stored.rewrite = true;
             }
         }
     }
     if stored.whole {
-        stored.rewrite = true;
         stored.dirty = stored.window.blocks().into_iter().collect();
     }
     Ok(stored)
@@ -492,8 +496,7 @@ pub fn fold(
             at_ms: record.at_ms,
             duplicate: false,
         };
-        stored.window.insert(seq, &receipt);
-        stored.dirty.insert(seq / BLOCK);
+        stored.insert(seq, &receipt);
     }
     if folded == 0 {
         return Ok(0);
@@ -601,14 +604,16 @@ mod tests {
         (dir, db, seqs, Windows::new(east()))
     }
 
+    fn alice() -> chinwag_core::UserId {
+        chinwag_core::UserId::parse("alice").unwrap()
+    }
+
     fn receipt_key(device: &str, seq: u64) -> Vec<u8> {
-        let alice = chinwag_core::UserId::parse("alice").unwrap();
-        schema::seq_receipt_key(&alice, &chinwag_core::DeviceId::parse(device).unwrap(), seq)
+        schema::seq_receipt_key(&alice(), &chinwag_core::DeviceId::parse(device).unwrap(), seq)
     }
 
     fn device_key(device: &str) -> Vec<u8> {
-        let key = receipt_key(device, 0);
-        schema::split_seq_receipt_key(&key).unwrap().0.to_vec()
+        schema::device_key(&alice(), &chinwag_core::DeviceId::parse(device).unwrap(), 0)
     }
 
     /// Writes what changed as a checkpoint does; returns how many keys it wrote or removed.

@@ -252,8 +252,7 @@ async fn a_store_of_format_5_is_upgraded_and_its_windows_rewritten_in_blocks() {
 
 /// alice's phone's device key.
 fn phone_key() -> Vec<u8> {
-    let key = schema::seq_receipt_key(&user("alice"), &DeviceId::parse("phone").unwrap(), 0);
-    schema::split_seq_receipt_key(&key).unwrap().0.to_vec()
+    schema::device_key(&user("alice"), &DeviceId::parse("phone").unwrap(), 0)
 }
 
 /// Rewrites the closed store in `dir` as format 5 left it: alice's phone's window whole

@@ -113,13 +113,19 @@ pub fn dedup_key(sender: &UserId, client_id: &ClientMsgId) -> Vec<u8> {
     key
 }
 
-/// `device key ++ seq (big-endian)`: one numbered send's receipt in the journal, where the
-/// device key, `sender prefix ++ device`, is the key of the device's window in [`SEQS`].
+/// `device key ++ seq (big-endian)`: one numbered send's receipt in the journal.
 pub fn seq_receipt_key(sender: &UserId, device: &DeviceId, seq: u64) -> Vec<u8> {
-    let device = device.as_str().as_bytes();
-    let mut key = user_prefix(sender, device.len() + 8);
-    key.extend_from_slice(device);
+    let mut key = device_key(sender, device, 8);
     key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// `sender prefix ++ device`, with room for `rest` more bytes: what the keys of a device's
+/// window in [`SEQS`] start with.
+pub fn device_key(sender: &UserId, device: &DeviceId, rest: usize) -> Vec<u8> {
+    let device = device.as_str().as_bytes();
+    let mut key = user_prefix(sender, device.len() + rest);
+    key.extend_from_slice(device);
     key
 }
 
